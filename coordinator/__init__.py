@@ -1,0 +1,1 @@
+"""Ray coordinator (profiling, partitioning, routes). Arrives with the distributed issue."""

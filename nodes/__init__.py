@@ -1,0 +1,1 @@
+"""Worker nodes (shard actors serving blocks). Arrives with the distributed issue."""

@@ -1,0 +1,1 @@
+"""Versioned protobuf wire contract. Arrives with the distributed issue."""

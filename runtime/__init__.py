@@ -1,0 +1,1 @@
+"""Edge-side runtime: model loading, transformer blocks, PEFT methods, data, local training."""

@@ -1,0 +1,240 @@
+"""The adapter: a stack of PEFT methods and the master copy of their tensors.
+
+An `Adapter` is the thing that is trained and saved. It holds, for each method
+in its stack, the tensors of every targeted block plus any edge-only tensors.
+`for_blocks` hands each block a `BlockAdapter` -- that block's tensors and the
+rules that use them -- which is what `Block.forward` takes as an argument.
+
+Methods compose in stack order: e.g. the MAM adapter is
+`[PrefixTuning(...), ParallelAdapter(...)]` on the same blocks.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from edgetune.runtime.errors import AdapterError
+from edgetune.runtime.peft.base import HOOKS, Method, Tensors
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgetune.runtime.model import CausalLM
+
+
+class BlockAdapter:
+    """One block's view of the adapter: (method, tensors) pairs and the hook dispatch."""
+
+    def __init__(self, layer: int, entries: Sequence[tuple[Method, Tensors]], dropout_key: tuple | None) -> None:
+        self.layer = layer
+        self.dropout_key = dropout_key
+        # per hook, only the entries whose method overrides it
+        self._by_hook = {h: [(m, t) for m, t in entries if type(m).overrides(h)] for h in HOOKS}
+
+    def _key(self, name: str, method_index: int = 0) -> tuple | None:
+        if self.dropout_key is None:
+            return None
+        return (*self.dropout_key, self.layer, name, method_index)
+
+    def linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """y = x W^T + b, with every method's changes to this linear layer."""
+        x_in = x
+        for m, t in self._by_hook["pre_linear"]:
+            x_in = m.pre_linear(t, name, x_in)
+        y = F.linear(x_in, weight, bias)
+        for i, (m, t) in enumerate(self._by_hook["post_linear"]):
+            y = m.post_linear(t, name, x, y, weight, bias, self._key(name, i))
+        return y
+
+    def norm_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        for m, t in self._by_hook["norm_weight"]:
+            weight = m.norm_weight(t, name, weight)
+        return weight
+
+    def prefix_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for m, t in self._by_hook["prefix_kv"]:
+            k, v = m.prefix_kv(t, k, v)
+        return k, v
+
+    def after_attention(self, out: torch.Tensor) -> torch.Tensor:
+        for m, t in self._by_hook["after_attention"]:
+            out = m.after_attention(t, out)
+        return out
+
+    def after_mlp(self, out: torch.Tensor, mlp_in: torch.Tensor) -> torch.Tensor:
+        for i, (m, t) in enumerate(self._by_hook["after_mlp"]):
+            out = m.after_mlp(t, out, mlp_in, self._key("mlp", i))
+        return out
+
+
+class Adapter:
+    """A stack of methods with their trainable tensors (the edge's master copy).
+
+    tensors[k]["edge"] are method k's edge-only tensors; tensors[k][layer] its
+    tensors for one block. Names inside a block follow HF PEFT where it has the
+    method (e.g. "self_attn.q_proj.lora_A").
+    """
+
+    def __init__(self, methods: Sequence[Method], block_tensors: list[dict[int, Tensors]], edge_tensors: list[Tensors]) -> None:
+        if not (len(methods) == len(block_tensors) == len(edge_tensors)):
+            raise AdapterError("adapter: methods and tensor lists differ in length")
+        self.methods = list(methods)
+        self.block_tensors = block_tensors
+        self.edge_tensors = edge_tensors
+        self.training = False
+        self.merged = False
+
+    # -- creation --------------------------------------------------------------
+    @classmethod
+    def create(cls, model: CausalLM, methods: Sequence[Method], seed: int = 0) -> "Adapter":
+        """Fresh tensors for `model`'s blocks (and edge, when it has one), seeded."""
+        if not methods:
+            raise AdapterError("an adapter needs at least one PEFT method")
+        gen = torch.Generator().manual_seed(seed)
+        blocks, edges = [], []
+        for method in methods:
+            per_block = {}
+            for block in model.blocks():
+                t = method.init_block(model.config, block, gen)
+                if t:
+                    per_block[block.layer_idx] = t
+            blocks.append(per_block)
+            edges.append(method.init_edge(model.config, model, gen) if model.has_edge else {})
+        adapter = cls(methods, blocks, edges)
+        adapter.to(device=model.device, dtype=model.dtype)
+        for p in adapter.parameters():
+            p.requires_grad_(True)
+        if not any(True for _ in adapter.parameters()):
+            raise AdapterError("the adapter's methods target no module of this model; check target_modules / layers_to_transform")
+        return adapter
+
+    # -- tensors ----------------------------------------------------------------
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """('m{k}.edge.{name}' | 'm{k}.layers.{i}.{name}', tensor) over the whole stack."""
+        for k, (blocks, edge) in enumerate(zip(self.block_tensors, self.edge_tensors)):
+            for name, t in edge.items():
+                yield f"m{k}.edge.{name}", t
+            for layer in sorted(blocks):
+                for name, t in blocks[layer].items():
+                    yield f"m{k}.layers.{layer}.{name}", t
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        for _, t in self.named_tensors():
+            yield t
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.parameters())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: t.detach().clone() for name, t in self.named_tensors()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = dict(self.named_tensors())
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise AdapterError(f"adapter state does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, t in own.items():
+                if t.shape != state[name].shape:
+                    raise AdapterError(f"adapter tensor {name}: shape {tuple(state[name].shape)} != {tuple(t.shape)}")
+                t.copy_(state[name])
+
+    def to(self, device=None, dtype=None) -> "Adapter":
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device=device, dtype=dtype).requires_grad_(t.requires_grad)
+
+        self.block_tensors = [{l: {n: move(t) for n, t in ts.items()} for l, ts in b.items()} for b in self.block_tensors]
+        self.edge_tensors = [{n: move(t) for n, t in e.items()} for e in self.edge_tensors]
+        return self
+
+    def train(self, mode: bool = True) -> "Adapter":
+        self.training = mode
+        return self
+
+    def eval(self) -> "Adapter":
+        return self.train(False)
+
+    # -- use in forward ---------------------------------------------------------
+    def for_blocks(self, layers: Iterable[int], dropout_key: tuple | None) -> dict[int, BlockAdapter]:
+        """Each block's BlockAdapter for one forward pass (derived tensors computed once)."""
+        if self.merged:  # the weights already hold the adapter
+            return {}
+        layers = list(layers)
+        key = dropout_key if self.training else None
+        derived = [m.derive_blocks(e, layers) for m, e in zip(self.methods, self.edge_tensors)]
+        views = {}
+        for layer in layers:
+            entries = []
+            for method, blocks, extra in zip(self.methods, self.block_tensors, derived):
+                t = blocks.get(layer) if extra is None else extra.get(layer)
+                if t:
+                    entries.append((method, t))
+            views[layer] = BlockAdapter(layer, entries, key)
+        return views
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return sum(m.num_prefix_tokens() for m in self.methods)
+
+    @property
+    def position_offset(self) -> int:
+        return sum(m.position_offset() for m in self.methods)
+
+    def prepend_prompt(self, h: torch.Tensor, mask: torch.Tensor | None):
+        for m, e in zip(self.methods, self.edge_tensors):
+            h, mask = m.prepend_prompt(e, h, mask)
+        return h, mask
+
+    def edge_norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return weight
+        for m, e in zip(self.methods, self.edge_tensors):
+            weight = m.edge_norm_weight(e, weight)
+        return weight
+
+    # -- merging ---------------------------------------------------------------
+    def unmergeable_methods(self) -> list[str]:
+        return [type(m).__name__ for m in self.methods if not m.mergeable]
+
+    @torch.no_grad()
+    def merge_into(self, model: CausalLM) -> None:
+        """Fold every method into the model's weights; refuses if any method cannot merge exactly."""
+        bad = self.unmergeable_methods()
+        if bad:
+            raise AdapterError(f"cannot merge {', '.join(bad)}: not expressible as a change of the base weights")
+        if self.merged:
+            raise AdapterError("adapter is already merged")
+        self._undo = []
+        for method, blocks, edge in zip(self.methods, self.block_tensors, self.edge_tensors):
+            undo = {layer: method.merge(t, model.block(layer)) for layer, t in blocks.items()}
+            undo["edge"] = method.merge_edge(edge, model) if model.has_edge else {}
+            self._undo.append(undo)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge_from(self, model: CausalLM) -> None:
+        """Restore the base weights merge_into() changed."""
+        if not self.merged:
+            raise AdapterError("adapter is not merged")
+        stack = list(zip(self.methods, self.block_tensors, self.edge_tensors, self._undo))
+        for method, blocks, edge, undo in reversed(stack):
+            for layer, t in blocks.items():
+                method.unmerge(t, model.block(layer), undo[layer])
+            if model.has_edge:
+                method.unmerge_edge(edge, model, undo["edge"])
+        self.merged = False
+
+
+def attach_adapter(model: CausalLM, adapter: Adapter | Sequence[Method] | Method, seed: int = 0) -> Adapter:
+    """Attach an adapter (or create one from method configs) to `model`; returns it.
+
+        >>> adapter = attach_adapter(model, LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj")))
+    """
+    if isinstance(adapter, Method):
+        adapter = [adapter]
+    if not isinstance(adapter, Adapter):
+        adapter = Adapter.create(model, list(adapter), seed=seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.adapter = adapter
+    return adapter

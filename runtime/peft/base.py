@@ -1,0 +1,123 @@
+"""What every PEFT method is: a frozen config plus a rule, with its tensors passed in.
+
+A method never owns tensors. `init_block` / `init_edge` create them, the
+`Adapter` (adapter.py) holds the master copy, and the hooks below receive the
+block's tensors explicitly -- so a node can run a block with tensors that
+arrived over the wire, and the edge can run the same code locally.
+
+Hooks default to "do nothing"; a method overrides only the ones it needs.
+`BlockAdapter` calls only overridden hooks, so an unused hook costs nothing.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Sequence
+
+import torch
+
+from edgetune.runtime.config import ModelConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgetune.runtime.model import Block, CausalLM
+
+Tensors = dict[str, torch.Tensor]
+
+HOOKS = ("pre_linear", "post_linear", "norm_weight", "prefix_kv", "after_attention", "after_mlp")
+LINEAR_SHORT_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def matches_target(target_modules: str | Sequence[str], layer: int, name: str) -> bool:
+    """Whether block module `name` (e.g. "self_attn.q_proj") of `layer` is targeted.
+
+    A list matches by module-name suffix (as HF PEFT does: "q_proj" matches
+    "model.layers.3.self_attn.q_proj"); "all-linear" matches every linear of a
+    block; any other string is a regex matched against the full name.
+    """
+    full = f"model.layers.{layer}.{name}"
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            return name.rsplit(".", 1)[-1] in LINEAR_SHORT_NAMES
+        return re.fullmatch(target_modules, full) is not None
+    return any(full == t or full.endswith("." + t) for t in target_modules)
+
+
+@dataclass(frozen=True)
+class Method:
+    """Base of every method config. Subclasses are frozen dataclasses."""
+
+    peft_type: ClassVar[str] = ""
+    # True when folding into the base weights is exact (see merge()).
+    mergeable: ClassVar[bool] = False
+
+    # -- tensors ----------------------------------------------------------
+    def init_block(self, config: ModelConfig, block: Block, generator: torch.Generator) -> Tensors:
+        """Trainable tensors for one block ({} when the block is not targeted)."""
+        return {}
+
+    def init_edge(self, config: ModelConfig, model: CausalLM, generator: torch.Generator) -> Tensors:
+        """Trainable tensors that live on the edge only (prompt embeddings, final-norm weight)."""
+        return {}
+
+    def derive_blocks(self, edge: Tensors, layers: Sequence[int]) -> dict[int, Tensors] | None:
+        """Block tensors computed from edge tensors (prefix projection), or None."""
+        return None
+
+    # -- block hooks (override what you need) -----------------------------
+    def pre_linear(self, t: Tensors, name: str, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def post_linear(self, t: Tensors, name: str, x: torch.Tensor, y: torch.Tensor,
+                    weight: torch.Tensor, bias: torch.Tensor | None, dropout_key: tuple | None) -> torch.Tensor:
+        return y
+
+    def norm_weight(self, t: Tensors, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def prefix_kv(self, t: Tensors, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return k, v
+
+    def after_attention(self, t: Tensors, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def after_mlp(self, t: Tensors, out: torch.Tensor, mlp_in: torch.Tensor, dropout_key: tuple | None) -> torch.Tensor:
+        return out
+
+    # -- edge hooks ----------------------------------------------------------
+    def num_prefix_tokens(self) -> int:
+        return 0
+
+    def position_offset(self) -> int:
+        """How far the new tokens' positions shift (HF prefix tuning counts the prefix)."""
+        return 0
+
+    def prepend_prompt(self, edge: Tensors, h: torch.Tensor, mask: torch.Tensor | None):
+        return h, mask
+
+    def edge_norm_weight(self, edge: Tensors, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    # -- merging -------------------------------------------------------------
+    def merge(self, t: Tensors, block: Block) -> Tensors:
+        """Fold this method into the block's weights in place (mergeable methods only).
+
+        Returns what unmerge() needs beyond the adapter tensors (often nothing).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def unmerge(self, t: Tensors, block: Block, undo: Tensors) -> None:
+        """Undo merge() in place."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def merge_edge(self, edge: Tensors, model: CausalLM) -> Tensors:
+        if edge:
+            raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
+        return {}
+
+    def unmerge_edge(self, edge: Tensors, model: CausalLM, undo: Tensors) -> None:
+        if edge:
+            raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    @classmethod
+    def overrides(cls, hook: str) -> bool:
+        return getattr(cls, hook) is not getattr(Method, hook)
