@@ -1,21 +1,155 @@
-"""The `edgetune` command. Parsing imports nothing heavy; each subcommand
-imports its implementation (and torch) only when it runs."""
+"""The `edgetune` command.
+
+Parsing imports nothing heavy: each subcommand imports its implementation
+(and torch) only when it runs, so `edgetune --help` works on a device with
+only the base install.
+"""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
+
+# finetune options: (flag, type, help). Defaults come from TrainConfig so the
+# CLI, config files and the Python API cannot drift apart; --help shows them.
+_FINETUNE_OPTIONS: list[tuple[str, type, str]] = [
+    ("model", str, "base model: a Hugging Face folder, a .gguf file, or 'embedded' (SmolLM2-135M-Instruct)"),
+    ("data", str, "training data, JSONL: {text} | {prompt, completion} | {messages: [{role, content}, ...]}"),
+    ("out", str, "run folder: config, metrics.jsonl, checkpoints/, adapter/"),
+    ("method", str, "PEFT method: lora, dora, ia3, prefix, prompt, ln_tuning, serial_adapter, parallel_adapter, bitfit"),
+    ("rank", int, "LoRA/DoRA rank r"),
+    ("alpha", float, "LoRA/DoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with --use-rslora)"),
+    ("dropout", float, "LoRA dropout probability"),
+    ("target_modules", str, "comma-separated module names (q_proj,v_proj), 'all-linear', or a regex"),
+    ("layers_to_transform", str, "comma-separated block indices to adapt (default: all)"),
+    ("num_virtual_tokens", int, "prefix/prompt tuning: number of virtual tokens"),
+    ("bottleneck_size", int, "serial/parallel adapters: bottleneck width"),
+    ("adapter_scaling", float, "parallel adapter: output scaling s"),
+    ("lr", float, "peak learning rate (AdamW)"),
+    ("weight_decay", float, "AdamW weight decay"),
+    ("warmup_steps", int, "linear warmup steps before the cosine decay"),
+    ("min_lr_ratio", float, "final learning rate as a fraction of the peak"),
+    ("steps", int, "optimizer steps"),
+    ("batch_size", int, "sequences per micro-batch"),
+    ("grad_accum", int, "micro-batches per optimizer step"),
+    ("max_grad_norm", float, "gradient clipping norm (0 disables)"),
+    ("max_seq_len", int, "truncate examples to this many tokens"),
+    ("seed", int, "seed for adapter init, data order and dropout masks"),
+    ("eval_fraction", float, "fraction of examples held out for eval loss"),
+    ("eval_every", int, "eval every N steps (0: only at the end)"),
+    ("save_every", int, "checkpoint every N steps (0: only at the end)"),
+    ("keep_checkpoints", int, "how many recent checkpoints to keep"),
+    ("device", str, "cpu, cuda, cuda:N or auto"),
+    ("threads", int, "torch CPU threads (0: torch's default)"),
+]
+_FINETUNE_FLAGS = {"use_rslora": "use rsLoRA scaling alpha / sqrt(r)", "prefix_projection": "prefix tuning through an MLP projection"}
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a model (locally with --local)",
+                       description="Fine-tune a PEFT adapter. Options may come from --config (YAML or TOML); flags override it.")
+    p.add_argument("--local", action="store_true", help="train in this process (the distributed mode arrives later)")
+    p.add_argument("--config", type=Path, default=None, help="YAML or TOML file with finetune options")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    defaults = _train_defaults()
+    for name, typ, help_text in _FINETUNE_OPTIONS:
+        shown = defaults.get(name)
+        if isinstance(shown, tuple):
+            shown = ",".join(map(str, shown))
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                       help=f"{help_text} (default: {shown})")
+    for name, help_text in _FINETUNE_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None,
+                       help=f"{help_text} (default: off)")
+    p.set_defaults(func=_run_finetune)
+
+
+def _train_defaults() -> dict:
+    from edgetune.runtime.train_options import TRAIN_DEFAULTS
+
+    return TRAIN_DEFAULTS
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a model (+ adapter)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="embedded", help="Hugging Face folder, .gguf file, or 'embedded'")
+    p.add_argument("--adapter", default=None, help="adapter folder (HF PEFT layout) to apply")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the model's chat template")
+    p.add_argument("--system", default=None, help="with --chat: a system message")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (default unless --temperature is given)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.set_defaults(func=_run_generate)
+
+
+def _add_prepare_model(sub) -> None:
+    p = sub.add_parser("prepare-model", help="convert a GGUF (default: the embedded SmolLM2) into a cached HF folder and print its path")
+    p.add_argument("model", nargs="?", default="embedded", help="a .gguf file, a folder, or 'embedded'")
+    p.set_defaults(func=_run_prepare_model)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgetune", description=__doc__)
-    parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="edgetune", description="Fine-tune LLMs from a weak device; run adapters on the edge.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_finetune(sub)
+    _add_generate(sub)
+    _add_prepare_model(sub)
     return parser
+
+
+# ---------------------------------------------------------------- handlers
+def _run_finetune(args: argparse.Namespace) -> int:
+    from edgetune.runtime.train_options import train_config_from
+
+    if not args.local:
+        print("edgetune finetune: only --local training is available in this release; "
+              "distributed fine-tuning (--coordinator) arrives with the coordinator", file=sys.stderr)
+        return 2
+    cfg = train_config_from(args)
+    from edgetune.runtime.train import finetune
+
+    result = finetune(cfg)
+    print(f"adapter saved to {result.adapter_dir}")
+    if result.eval_loss is not None:
+        print(f"final eval loss {result.eval_loss:.4f}")
+    return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from edgetune.runtime.generate_cli import run_generate
+
+    return run_generate(args)
+
+
+def _run_prepare_model(args: argparse.Namespace) -> int:
+    from edgetune.runtime.embedded import resolve_model_path
+
+    print(resolve_model_path(args.model))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from edgetune.runtime.errors import EdgetuneError
+
+    try:
+        return args.func(args)
+    except EdgetuneError as e:
+        print(f"edgetune {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"edgetune {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -73,14 +73,14 @@ class Source:
 @dataclass(frozen=True)
 class TextRecord:
     text: str
-    source: Source
+    source: Source | None = None  # None for records built in code
 
 
 @dataclass(frozen=True)
 class PromptCompletionRecord:
     prompt: str
     completion: str
-    source: Source
+    source: Source | None = None  # None for records built in code
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class ChatMessage:
 @dataclass(frozen=True)
 class ChatRecord:
     messages: tuple[ChatMessage, ...]
-    source: Source
+    source: Source | None = None  # None for records built in code
 
 
 Record = Union[TextRecord, PromptCompletionRecord, ChatRecord]
@@ -127,6 +127,10 @@ def load_records(path: str | Path) -> list[Record]:
     if not records:
         raise DataError(f"{path}: no training records (the file is empty or blank); {_ACCEPTED}")
     return records
+
+
+def _where(source: Source | None) -> str:
+    return str(source) if source is not None else "<record>"
 
 
 def _bad(source: Source, what: str) -> DataError:
@@ -192,6 +196,11 @@ def _parse_messages(value: Any, source: Source) -> tuple[ChatMessage, ...]:
                                     _string_field(message, "content", source, where)))
     if not any(m.role == "assistant" for m in messages):
         raise _bad(source, 'no message has role "assistant", so there is nothing to learn from')
+    if messages[0].role == "assistant":
+        # Its loss mask starts where the template's rendering of the messages before it ends,
+        # and chat templates (like transformers) cannot render an empty conversation.
+        raise _bad(source, 'messages[0] has role "assistant"; a conversation must open with another role '
+                           '(e.g. "system" or "user")')
     return tuple(messages)
 
 
@@ -254,11 +263,11 @@ def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, max_se
     kept = [example for example in examples if example.num_supervised > 0]
     dropped = [example for example in examples if example.num_supervised == 0]
     if dropped and not kept:
-        raise DataError(f"{dropped[0].source}: all {len(examples)} examples have no supervised token within "
+        raise DataError(f"{_where(dropped[0].source)}: all {len(examples)} examples have no supervised token within "
                         f"max_seq_len={max_seq_len}; raise max_seq_len or shorten the prompts")
     if dropped:
         warnings.warn(f"dropped {len(dropped)} of {len(examples)} examples with no supervised token within "
-                      f"max_seq_len={max_seq_len} (first: {dropped[0].source})", stacklevel=2)
+                      f"max_seq_len={max_seq_len} (first: {_where(dropped[0].source)})", stacklevel=2)
     return kept
 
 
@@ -315,15 +324,17 @@ def _tokenize_chat(record: ChatRecord, tokenizer: TokenizerLike) -> tuple[list[i
     return ids, labels
 
 
-def _render(tokenizer: TokenizerLike, messages: list[dict], add_generation_prompt: bool, source: Source) -> str:
+def _render(tokenizer: TokenizerLike, messages: list[dict], add_generation_prompt: bool, source: Source | None) -> str:
     try:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     except TokenizerError as e:
-        raise DataError(f"{source}: the chat template could not render this conversation "
+        raise DataError(f"{_where(source)}: the chat template could not render this conversation "
                         f"(first {len(messages)} messages): {e}") from e
 
 
-def _token_boundary(tokenizer: TokenizerLike, prefix: str, full_text: str, full_ids: list[int], source: Source) -> int:
+def _token_boundary(
+    tokenizer: TokenizerLike, prefix: str, full_text: str, full_ids: list[int], source: Source | None
+) -> int:
     """Number of leading tokens of ``full_ids`` that encode the character prefix ``prefix``.
 
     If the prefix's own ids are not a prefix of ``full_ids`` (a token merges across the
@@ -332,7 +343,7 @@ def _token_boundary(tokenizer: TokenizerLike, prefix: str, full_text: str, full_
     with a warning naming the record.
     """
     if not full_text.startswith(prefix):
-        raise DataError(f"{source}: the chat template renders a part of the conversation differently from the "
+        raise DataError(f"{_where(source)}: the chat template renders a part of the conversation differently from the "
                         "whole, so the assistant turns cannot be located; use a template that renders "
                         "earlier turns the same way whatever follows them")
     prefix_ids = tokenizer.encode(prefix, add_special_tokens=False)
@@ -342,7 +353,7 @@ def _token_boundary(tokenizer: TokenizerLike, prefix: str, full_text: str, full_
             break
         common += 1
     if common != len(prefix_ids):
-        warnings.warn(f"{source}: a chat turn boundary falls inside a token; the loss mask is placed at the "
+        warnings.warn(f"{_where(source)}: a chat turn boundary falls inside a token; the loss mask is placed at the "
                       f"nearest token boundary before it (token {common})", stacklevel=5)
     return common
 

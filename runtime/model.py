@@ -339,8 +339,8 @@ class CausalLM(nn.Module):
         h = self.embed(input_ids)
         past = 0 if cache is None else cache.length
         adapter = self.adapter
-        if adapter is not None and past == 0:
-            h, attention_mask = adapter.prepend_prompt(h, attention_mask)  # prompt tuning (edge only)
+        if adapter is not None:  # prompt tuning (edge only): virtual tokens on the first call
+            h, attention_mask = adapter.prepend_prompt(h, attention_mask, first=past == 0)
         B, T, _ = h.shape
         prefix, offset = (0, 0) if adapter is None else (adapter.num_prefix_tokens, adapter.position_offset)
         ctx = self.make_context(B, T, h.device, attention_mask, past, prefix, offset, dropout_key)

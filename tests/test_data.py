@@ -8,6 +8,7 @@ from the code under test.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from edgetune.runtime.data import (
     tokenize_records,
 )
 from edgetune.runtime.errors import CheckpointError, DataError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers is a local reference here, never a download
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -122,6 +125,10 @@ def _supervised_spans(example: Example) -> list[list[int]]:
     return spans + ([current] if current else [])
 
 
+def _messages(dicts: list[dict]) -> tuple[ChatMessage, ...]:
+    return tuple(ChatMessage(d["role"], d["content"]) for d in dicts)
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -165,6 +172,8 @@ GOOD_CHAT = json.dumps({"messages": CONVERSATION})
      "messages[0]: unexpected keys ['name']"),
     (GOOD_CHAT, '{"messages": ["hi"]}', "messages[0]: expected an object"),
     (GOOD_CHAT, '{"messages": [{"role": "user", "content": "no answer"}]}', 'no message has role "assistant"'),
+    (GOOD_CHAT, '{"messages": [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Hi"}]}',
+     'messages[0] has role "assistant"'),
     (GOOD, GOOD_CHAT, "chat format but"),  # a file mixing formats
 ])
 def test_malformed_record_names_file_line_problem_and_formats(tmp_path, first, bad, fragment):
@@ -197,7 +206,7 @@ def test_missing_and_empty_files_are_data_errors(tmp_path):
 
 
 def test_text_record_is_encoded_with_eos_and_supervised_everywhere(tok, backend):
-    record = TextRecord("The quick brown fox.", None)
+    record = TextRecord("The quick brown fox.")
     example = tokenize_record(record, tok, max_seq_len=512)
     expected = backend.encode("The quick brown fox.").ids + [backend.token_to_id("<|im_end|>")]
     assert expected[0] == backend.token_to_id("<s>")
@@ -206,12 +215,12 @@ def test_text_record_is_encoded_with_eos_and_supervised_everywhere(tok, backend)
     assert not example.truncated
 
     # A text that already ends with an end token gets no second one.
-    ended = tokenize_record(TextRecord("Paris.<|endoftext|>", None), tok, 512)
+    ended = tokenize_record(TextRecord("Paris.<|endoftext|>"), tok, 512)
     assert ended.input_ids == backend.encode("Paris.<|endoftext|>").ids
 
 
 def test_prompt_completion_supervises_exactly_the_completion_and_eos(tok, backend):
-    record = PromptCompletionRecord("What is the capital of France?", " The capital is Paris.", None)
+    record = PromptCompletionRecord("What is the capital of France?", " The capital is Paris.")
     example = tokenize_record(record, tok, max_seq_len=512)
     prompt_ids = backend.encode(record.prompt).ids
     completion_ids = backend.encode(record.completion, add_special_tokens=False).ids
@@ -223,7 +232,7 @@ def test_prompt_completion_supervises_exactly_the_completion_and_eos(tok, backen
 
 
 def test_chat_supervises_exactly_the_assistant_contents_and_their_end_of_turn(tok):
-    example = tokenize_record(ChatRecord(_messages(CONVERSATION), None), tok, max_seq_len=512)
+    example = tokenize_record(ChatRecord(_messages(CONVERSATION)), tok, max_seq_len=512)
     assert example.input_ids == tok.encode(tok.apply_chat_template(CONVERSATION), add_special_tokens=False)
     spans = [tok.decode(span) for span in _supervised_spans(example)]
     assert spans == [m["content"] + "<|im_end|>\n" for m in CONVERSATION if m["role"] == "assistant"]
@@ -234,9 +243,34 @@ def test_chat_mask_equals_transformers_assistant_token_mask(backend):
     reference = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>")
     out = reference.apply_chat_template(CONVERSATION, chat_template=CHATML_GENERATION, tokenize=True,
                                         return_dict=True, return_assistant_tokens_mask=True)
-    example = tokenize_record(ChatRecord(_messages(CONVERSATION), None), TinyTokenizer(backend), 512)
+    example = tokenize_record(ChatRecord(_messages(CONVERSATION)), TinyTokenizer(backend), 512)
     assert example.input_ids == list(out["input_ids"])
     assert [int(label != IGNORE_INDEX) for label in example.labels] == list(out["assistant_masks"])
+
+
+def test_edgetune_tokenizer_folder_gives_transformers_ids_and_masks(backend, tmp_path):
+    """End to end with edgetune's own tokenizer loaded from a folder transformers wrote."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer_module = pytest.importorskip("edgetune.runtime.tokenizer")
+    writer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(backend.to_str()),
+                                                  bos_token="<s>", eos_token="<|im_end|>",
+                                                  chat_template=CHATML_GENERATION)
+    writer.save_pretrained(tmp_path)
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    tok = tokenizer_module.load_tokenizer(tmp_path)
+
+    chat = tokenize_record(ChatRecord(_messages(CONVERSATION)), tok, 512)
+    out = reference.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    assert chat.input_ids == list(out["input_ids"])
+    assert [int(label != IGNORE_INDEX) for label in chat.labels] == list(out["assistant_masks"])
+
+    pc = tokenize_record(PromptCompletionRecord("Hello world?", " Fine, thank you."), tok, 512)
+    expected = (reference("Hello world?")["input_ids"]
+                + reference(" Fine, thank you.", add_special_tokens=False)["input_ids"] + [reference.eos_token_id])
+    assert pc.input_ids == expected
+    [span] = _supervised_spans(pc)
+    assert reference.decode(span) == " Fine, thank you.<|im_end|>"
 
 
 def test_chat_boundary_inside_a_token_falls_back_to_the_common_prefix_with_a_warning(backend):
@@ -246,7 +280,7 @@ def test_chat_boundary_inside_a_token_falls_back_to_the_common_prefix_with_a_war
     tok = TinyTokenizer(backend, template)
     messages = [{"role": "user", "content": "Where?"}, {"role": "assistant", "content": "Paris"}]
     with pytest.warns(UserWarning, match="turn boundary falls inside a token"):
-        example = tokenize_record(ChatRecord(_messages(messages), None), tok, 512)
+        example = tokenize_record(ChatRecord(_messages(messages)), tok, 512)
     [span] = _supervised_spans(example)
     assert tok.decode(span) == " Paris\n"  # the boundary token, holding the answer, stays supervised
 
@@ -265,7 +299,7 @@ def test_chat_template_that_rewrites_earlier_turns_is_refused(backend, tmp_path)
 def test_truncation_keeps_the_start(tok, backend):
     text = " ".join(CORPUS[:4])
     full = backend.encode(text).ids + [backend.token_to_id("<|im_end|>")]
-    example = tokenize_record(TextRecord(text, None), tok, max_seq_len=7)
+    example = tokenize_record(TextRecord(text), tok, max_seq_len=7)
     assert example.input_ids == full[:7]
     assert example.labels == [IGNORE_INDEX] + full[1:7]
     assert example.truncated
@@ -290,10 +324,6 @@ def test_nothing_is_dropped_or_warned_when_everything_fits(tok, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(tokenize_records(records, tok, max_seq_len=512)) == 3
-
-
-def _messages(dicts: list[dict]) -> tuple[ChatMessage, ...]:
-    return tuple(ChatMessage(d["role"], d["content"]) for d in dicts)
 
 
 # ---------------------------------------------------------------- split and batches

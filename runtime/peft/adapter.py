@@ -180,9 +180,9 @@ class Adapter:
     def position_offset(self) -> int:
         return sum(m.position_offset() for m in self.methods)
 
-    def prepend_prompt(self, h: torch.Tensor, mask: torch.Tensor | None):
+    def prepend_prompt(self, h: torch.Tensor, mask: torch.Tensor | None, first: bool):
         for m, e in zip(self.methods, self.edge_tensors):
-            h, mask = m.prepend_prompt(e, h, mask)
+            h, mask = m.prepend_prompt(e, h, mask, first)
         return h, mask
 
     def edge_norm_weight(self, weight: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,8 @@ class Method:
         """How far the new tokens' positions shift (HF prefix tuning counts the prefix)."""
         return 0
 
-    def prepend_prompt(self, edge: Tensors, h: torch.Tensor, mask: torch.Tensor | None):
+    def prepend_prompt(self, edge: Tensors, h: torch.Tensor, mask: torch.Tensor | None, first: bool):
+        """Prompt tuning: add virtual tokens on the first call (first=True) and to every mask."""
         return h, mask
 
     def edge_norm_weight(self, edge: Tensors, weight: torch.Tensor) -> torch.Tensor:

@@ -39,12 +39,14 @@ class PromptTuningConfig(Method):
             emb = torch.randn(P, config.hidden_size, generator=generator)
         return {"prompt_embeddings": emb}  # (P, D)
 
-    def prepend_prompt(self, edge: Tensors, h: torch.Tensor, mask: torch.Tensor | None):
+    def prepend_prompt(self, edge: Tensors, h: torch.Tensor, mask: torch.Tensor | None, first: bool):
+        """Prepend the virtual tokens on the first call; callers' masks never include them."""
         prompt = edge.get("prompt_embeddings")
         if prompt is None:
             return h, mask
         B = h.shape[0]
-        h = torch.cat([prompt.to(h.dtype)[None].expand(B, -1, -1), h], dim=1)  # (B, P + T, D)
+        if first:
+            h = torch.cat([prompt.to(h.dtype)[None].expand(B, -1, -1), h], dim=1)  # (B, P + T, D)
         if mask is not None:
             ones = torch.ones(B, prompt.shape[0], dtype=mask.dtype, device=mask.device)
             mask = torch.cat([ones, mask], dim=1)

@@ -1,0 +1,205 @@
+"""Local fine-tuning in one process: setup -> train -> save, as one explicit loop.
+
+    >>> from edgetune.runtime.train import TrainConfig, finetune
+    >>> result = finetune(TrainConfig(model="embedded", data="examples/data/assistant.jsonl", out="runs/demo"))
+
+The run folder (`out`) receives `config.json` (the resolved TrainConfig),
+`metrics.jsonl` (one line per step and per eval), `checkpoints/step-N/`
+(written atomically, see checkpointing.py) and the final `adapter/` in the
+Hugging Face PEFT layout.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from edgetune.runtime.errors import ConfigError
+from edgetune.runtime.train_options import TrainConfig
+
+__all__ = ["TrainConfig", "finetune", "train_step", "evaluate", "lr_lambda", "token_loss_sum"]
+
+log = logging.getLogger("edgetune.train")
+
+def lr_lambda(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to the peak, then cosine decay to min_lr_ratio * peak at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    decay_steps = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy: logits[:, t] predicts labels[:, t + 1] (-100 ignored).
+
+    logits (B, T', V) may carry leading prompt-tuning positions (T' > T); they are dropped.
+    """
+    T = labels.shape[1]
+    logits = logits[:, -T:]  # (B, T, V)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    out: Path
+    adapter_dir: Path
+    losses: list[float]
+    eval_loss: float | None
+    steps: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(model, examples, batch_size: int, pad_id: int, device: torch.device) -> float | None:
+    """Mean next-token loss over the supervised tokens of `examples`."""
+    from edgetune.runtime.data import collate
+
+    if not examples:
+        return None
+    adapter = model.adapter
+    adapter.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i:i + batch_size], pad_id).to(device)
+        total += float(token_loss_sum(model(batch.input_ids), batch.labels))  # right padding: see train_step
+        count += batch.num_tokens
+    adapter.train()
+    return total / max(1, count)
+
+
+def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None, stop_after: int | None = None) -> RunResult:
+    """Run (or resume) local fine-tuning; returns where the adapter landed and the losses.
+
+    `stop_after` ends the run early after that step, as an interruption would
+    (used by tests of --resume).
+    """
+    from edgetune.runtime import checkpointing
+    from edgetune.runtime.data import BatchStream, load_records, resolve_pad_id, split_train_eval, tokenize_records
+    from edgetune.runtime.model_io import load_model, resolve_model_folder
+    from edgetune.runtime.peft import attach_adapter
+    from edgetune.runtime.peft.hf_format import save_adapter
+    from edgetune.runtime.tokenizer import load_tokenizer
+
+    # -- setup --------------------------------------------------------------
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    folder = resolve_model_folder(cfg.model)
+    tokenizer = load_tokenizer(folder)
+    examples = tokenize_records(load_records(cfg.data), tokenizer, cfg.max_seq_len)
+    train_examples, eval_examples = split_train_eval(examples, cfg.eval_fraction, cfg.seed)
+    pad_id = resolve_pad_id(tokenizer)
+    stream = BatchStream(train_examples, cfg.batch_size, cfg.seed, pad_id)
+    model = load_model(folder, device=device)
+    adapter = attach_adapter(model, cfg.methods(tokenizer), seed=cfg.seed)
+    adapter.train()
+    params = list(adapter.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg))
+    state = TrainState()
+    checkpoints = checkpointing.CheckpointDir(out / "checkpoints", keep=cfg.keep_checkpoints)
+    if cfg.resume:
+        checkpoints.restore_latest(cfg, adapter, optimizer, scheduler, stream, state)
+    else:
+        checkpoints.refuse_existing()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "model_folder": str(folder)}, indent=2))
+    metrics = (out / "metrics.jsonl").open("a", encoding="utf-8")
+    log.info("training %s (%d trainable parameters) on %d examples (%d eval), %d steps",
+             cfg.method, adapter.num_parameters(), len(train_examples), len(eval_examples), cfg.steps)
+
+    # -- train ----------------------------------------------------------------
+    bar = _progress(cfg, state.step)
+    eval_loss = None
+    try:
+        while state.step < cfg.steps:
+            record = train_step(model, params, optimizer, scheduler, stream, cfg, state, device)
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+                record["eval_loss"] = evaluate(model, eval_examples, cfg.batch_size, pad_id, device)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if on_step is not None:
+                on_step(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
+                checkpoints.save(cfg, adapter, optimizer, scheduler, stream, state)
+            if stop_after is not None and state.step >= stop_after:
+                break
+        finished = state.step >= cfg.steps
+        if finished:
+            eval_loss = evaluate(model, eval_examples, cfg.batch_size, pad_id, device)
+            metrics.write(json.dumps({"step": state.step, "eval_loss": eval_loss}) + "\n")
+        checkpoints.save(cfg, adapter, optimizer, scheduler, stream, state)
+    finally:
+        metrics.close()
+        if bar is not None:
+            bar.close()
+
+    # -- save -------------------------------------------------------------------
+    adapter_dir = out / "adapter"
+    save_adapter(adapter, adapter_dir, base_model_name_or_path=str(folder))
+    tokenizer.save(adapter_dir)  # so the adapter folder is self-contained for chat templates
+    return RunResult(out, adapter_dir, [h["loss"] for h in state.history], eval_loss, state.step)
+
+
+def train_step(model, params, optimizer, scheduler, stream, cfg: TrainConfig, state: TrainState, device) -> dict[str, Any]:
+    """One optimizer step over `grad_accum` micro-batches; the loss is the mean over all their supervised tokens."""
+    start = time.perf_counter()
+    batches = [stream.next_batch().to(device) for _ in range(cfg.grad_accum)]
+    total_tokens = sum(b.num_tokens for b in batches)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for micro, batch in enumerate(batches):
+        # Right padding needs no attention mask: real tokens never attend to later
+        # positions, and padded positions carry no loss. Plain causal attention is faster.
+        logits = model(batch.input_ids, dropout_key=(cfg.seed, state.step, micro))
+        loss = token_loss_sum(logits, batch.labels) / max(1, total_tokens)
+        loss.backward()
+        loss_sum += float(loss)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    state.step += 1
+    seen = sum(int(b.attention_mask.sum()) for b in batches)
+    state.tokens_seen += seen
+    elapsed = time.perf_counter() - start
+    record = {"step": state.step, "loss": loss_sum, "lr": lr, "tokens": seen, "tokens_per_s": seen / elapsed,
+              "grad_norm": None if grad_norm is None else float(grad_norm), "time_s": elapsed}
+    state.history.append(record)
+    return record
+
+
+def _progress(cfg: TrainConfig, initial: int):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=initial, desc="finetune", unit="step", dynamic_ncols=True)

@@ -1,0 +1,198 @@
+"""Options of a fine-tuning run: one frozen dataclass, filled from CLI flags and config files.
+
+Torch-free, so `edgetune finetune --help` can show every default without
+importing torch. Config files are YAML (.yaml/.yml) or TOML (.toml) with the
+same option names as the flags (underscores or dashes); flags override them.
+
+    # finetune.yaml
+    model: embedded
+    data: examples/data/assistant.jsonl
+    method: lora
+    rank: 8
+    target_modules: [q_proj, v_proj]
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from edgetune.runtime.errors import ConfigError
+
+METHOD_NAMES = ("lora", "dora", "ia3", "prefix", "prompt", "ln_tuning", "serial_adapter", "parallel_adapter", "bitfit")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of a local fine-tuning run; CLI flags and config files fill it."""
+
+    data: str = ""
+    out: str = "runs/finetune"
+    model: str = "embedded"
+    # method
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
+    layers_to_transform: tuple[int, ...] | None = None
+    use_rslora: bool = False
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False
+    bottleneck_size: int = 64
+    adapter_scaling: float = 4.0
+    # optimisation
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    max_seq_len: int = 512
+    seed: int = 0
+    # evaluation / checkpoints
+    eval_fraction: float = 0.1
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 50  # 0: only at the end
+    keep_checkpoints: int = 2
+    resume: bool = False
+    # hardware
+    device: str = "cpu"
+    threads: int = 0  # 0: torch's default
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if isinstance(self.layers_to_transform, list):
+            object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
+        problems = []
+        if not self.data:
+            problems.append("data: a JSONL file is required")
+        if self.method not in METHOD_NAMES:
+            problems.append(f"method {self.method!r} not in {', '.join(METHOD_NAMES)}")
+        for name in ("steps", "batch_size", "grad_accum", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.eval_fraction < 1:
+            problems.append(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            problems.append(f"warmup_steps must be in [0, steps], got {self.warmup_steps}")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            problems.append(f"device {self.device!r} not in cpu, cuda, cuda:N, auto")
+        if problems:
+            raise ConfigError("finetune config: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def methods(self, tokenizer=None) -> list:
+        """The PEFT method configs this run trains."""
+        from edgetune.runtime import peft
+
+        targets = self.target_modules
+        if self.method in ("lora", "dora"):
+            return [peft.LoraConfig(r=self.rank, alpha=self.alpha, dropout=self.dropout, target_modules=targets,
+                                    layers_to_transform=self.layers_to_transform, use_rslora=self.use_rslora,
+                                    use_dora=self.method == "dora")]
+        if self.method == "ia3":
+            return [peft.IA3Config(layers_to_transform=self.layers_to_transform)]
+        if self.method == "prefix":
+            return [peft.PrefixTuningConfig(num_virtual_tokens=self.num_virtual_tokens, prefix_projection=self.prefix_projection)]
+        if self.method == "prompt":
+            return [peft.PromptTuningConfig(num_virtual_tokens=self.num_virtual_tokens)]
+        if self.method == "ln_tuning":
+            return [peft.LNTuningConfig(layers_to_transform=self.layers_to_transform)]
+        if self.method == "serial_adapter":
+            return [peft.SerialAdapterConfig(bottleneck_size=self.bottleneck_size, layers_to_transform=self.layers_to_transform)]
+        if self.method == "parallel_adapter":
+            return [peft.ParallelAdapterConfig(bottleneck_size=self.bottleneck_size, scaling=self.adapter_scaling,
+                                               layers_to_transform=self.layers_to_transform)]
+        return [peft.BitFitConfig(layers_to_transform=self.layers_to_transform)]
+
+
+TRAIN_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig)}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Options from a YAML or TOML file, keys normalised to underscores."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable config file ({e})") from None
+    if path.suffix == ".toml":
+        import tomllib
+
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML ({e})") from None
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    else:
+        raise ConfigError(f"{path}: config files must end in .yaml, .yml or .toml")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values, got {type(raw).__name__}")
+    raw = raw.get("finetune", raw) if isinstance(raw.get("finetune"), dict) else raw
+    return {str(k).replace("-", "_"): v for k, v in raw.items()}
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str) and "," in value:
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return value
+
+
+def _coerce(values: dict[str, Any]) -> dict[str, Any]:
+    out = dict(values)
+    if "target_modules" in out:
+        tm = _split_csv(out["target_modules"])
+        # a single plain module name is a one-element list; "all-linear" and regexes stay strings
+        if isinstance(tm, str) and tm != "all-linear" and tm.replace("_", "").isalnum():
+            tm = (tm,)
+        out["target_modules"] = tuple(tm) if isinstance(tm, list) else tm
+    if out.get("layers_to_transform") is not None:
+        ltt = _split_csv(out["layers_to_transform"])
+        if isinstance(ltt, (str, int)):
+            ltt = (ltt,)
+        try:
+            out["layers_to_transform"] = tuple(int(v) for v in ltt)
+        except (TypeError, ValueError):
+            raise ConfigError(f"layers_to_transform must be block indices, got {out['layers_to_transform']!r}") from None
+    return out
+
+
+def train_config_from(args: Any) -> TrainConfig:
+    """TrainConfig from parsed CLI args: config file first, then every flag that was given."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None) is not None:
+        values.update(load_config_file(args.config))
+    for name in TRAIN_DEFAULTS:
+        flag = getattr(args, name, None)
+        if flag is not None and name != "resume":
+            values[name] = flag
+    if getattr(args, "resume", False):
+        values["resume"] = True
+    if getattr(args, "no_progress", False):
+        values["progress"] = False
+    return TrainConfig.from_dict(_coerce(values), source=str(getattr(args, "config", None) or "command line"))
