@@ -182,7 +182,7 @@ def train_step(model, params, optimizer, scheduler, stream, cfg: TrainConfig, st
         logits = model(batch.input_ids, dropout_key=(cfg.seed, state.step, micro))
         loss = token_loss_sum(logits, batch.labels) / max(1, total_tokens)
         loss.backward()
-        loss_sum += float(loss)
+        loss_sum += float(loss.detach())
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
     lr = scheduler.get_last_lr()[0]
     optimizer.step()

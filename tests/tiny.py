@@ -55,3 +55,43 @@ def make_tiny_model(arch: str, folder: Path, seed: int = 0, **overrides):
                 p.normal_(0, 0.1)
     model.save_pretrained(folder)
     return model
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog.",
+    "what is edgetune? a runtime that fine-tunes models from a weak device.",
+    "hello world, how are you today? fine, thanks!",
+    "adapters live on the edge; the backbone lives on the nodes.",
+] * 20
+
+
+def make_tiny_tokenizer(folder: Path, vocab_size: int = 96) -> None:
+    """A small BPE tokenizer (ids 0..2: <|pad|>, <|im_start|>, <|im_end|> = eos) with a ChatML template."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, limit_alphabet=50, show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer)
+    assert tok.get_vocab_size() <= vocab_size
+    folder = Path(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": CHATML_TEMPLATE, "eos_token": "<|im_end|>", "pad_token": "<|pad|>",
+        "bos_token": None, "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast",
+    }))
+
+
+def make_tiny_folder(arch: str, folder: Path, seed: int = 0, **overrides):
+    """make_tiny_model plus a tokenizer: a folder edgetune can fine-tune and chat with."""
+    model = make_tiny_model(arch, folder, seed=seed, **overrides)
+    make_tiny_tokenizer(folder, model.config.vocab_size)
+    return model
