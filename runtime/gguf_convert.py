@@ -122,7 +122,7 @@ def file_sha256(path: str | Path, cache_root: str | Path | None = None) -> str:
     key = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     entry = root / "hashes" / (hashlib.sha256(str(path).encode("utf-8")).hexdigest()[:32] + ".json")
-    with contextlib.suppress(OSError, ValueError, TypeError):
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):  # no or a corrupt entry
         cached = json.loads(entry.read_text(encoding="utf-8"))
         if {k: cached.get(k) for k in key} == key and isinstance(cached.get("sha256"), str):
             return cached["sha256"]
@@ -138,7 +138,11 @@ def _convert(src: Path, out: Path, sha256: str | None) -> Path:
     fingerprint = _Fingerprint(src, sha256)
     if _is_complete(out, fingerprint):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgetuneError(f"{out.parent}: cannot create the conversion folder ({e}); "
+                            "set EDGETUNE_CACHE to a writable folder or choose another output folder") from None
     with _exclusive_lock(out.parent / f".{out.name}.lock"):
         if _is_complete(out, fingerprint):  # another process finished while we waited
             return out
@@ -168,7 +172,8 @@ class _Fingerprint:
         return self._sha256 or _hash_file(self._src)
 
     def marker(self) -> dict[str, Any]:
-        return {"format": FORMAT_VERSION, "source": self.name, "size": self.size, "mtime_ns": self.mtime_ns, "sha256": self.sha256}
+        return {"format": FORMAT_VERSION, "source": self.name, "size": self.size, "mtime_ns": self.mtime_ns,
+                "sha256": self.sha256}
 
 
 def _read_marker(folder: Path) -> dict[str, Any] | None:
@@ -280,7 +285,8 @@ def _f32(value: Any) -> float:
 def _model_config(meta: dict[str, Any], tensor_names: set[str], path: Path) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        raise UnsupportedModelError(f"{path}: architecture {arch!r} is not supported (supported: {supported})")
     _refuse_unsupported_features(meta, tensor_names, path)
 
     def need(key: str) -> Any:
@@ -293,8 +299,9 @@ def _model_config(meta: dict[str, Any], tensor_names: set[str], path: Path) -> M
     if int(meta.get("llama.attention.value_length", head_dim)) != head_dim:
         raise UnsupportedModelError(f"{path}: attention.value_length != key_length is not supported")
     if int(meta.get("llama.rope.dimension_count", head_dim)) != head_dim:
-        raise UnsupportedModelError(f"{path}: partial rotary embeddings (rope.dimension_count {meta['llama.rope.dimension_count']} "
-                                    f"< head_dim {head_dim}) are not supported")
+        rotary = meta["llama.rope.dimension_count"]
+        raise UnsupportedModelError(
+            f"{path}: partial rotary embeddings (rope.dimension_count {rotary} < head_dim {head_dim}) are not supported")
     tokens = meta.get("tokenizer.ggml.tokens") or ()
     eos_ids = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
     try:
@@ -325,7 +332,8 @@ def _refuse_unsupported_features(meta: dict[str, Any], tensor_names: set[str], p
     if scaling not in ("none", "linear") or (scaling == "linear" and factor != 1.0):
         raise UnsupportedModelError(f"{path}: rope scaling {scaling!r} (factor {factor}) is not supported")
     if "rope_freqs.weight" in tensor_names:  # llama 3.1-style scaled rope, stored as per-frequency factors
-        raise UnsupportedModelError(f"{path}: rope frequency factors (tensor 'rope_freqs.weight', Llama 3.1 rope scaling) are not supported")
+        raise UnsupportedModelError(
+            f"{path}: rope frequency factors (tensor 'rope_freqs.weight', Llama 3.1 rope scaling) are not supported")
     if int(meta.get("llama.expert_count", 0) or 0) > 0:
         raise UnsupportedModelError(f"{path}: mixture-of-experts models (llama.expert_count) are not supported")
 
@@ -364,7 +372,8 @@ def _hf_tensors(reader: Any, config: ModelConfig, path: Path) -> dict[str, np.nd
         raise UnsupportedModelError(f"{path}: unsupported tensors {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
     bad_types = sorted({t.tensor_type.name for t in reader.tensors} - set(SUPPORTED_TENSOR_TYPES))
     if bad_types:
-        raise UnsupportedModelError(f"{path}: tensor types {bad_types} are not supported (supported: {', '.join(SUPPORTED_TENSOR_TYPES)})")
+        supported = ", ".join(SUPPORTED_TENSOR_TYPES)
+        raise UnsupportedModelError(f"{path}: tensor types {bad_types} are not supported (supported: {supported})")
     missing = sorted(set(expected) - {_hf_name(n) for n in named})
     if missing:
         raise ModelLoadError(f"{path}: tensors missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")

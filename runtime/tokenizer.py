@@ -3,8 +3,10 @@
 Reads a Hugging Face tokenizer folder without transformers (and without torch):
 
 - `tokenizer.json` (required): the fast-tokenizer serialization;
-- `tokenizer_config.json` (optional): named special tokens, `add_bos_token` /
-  `add_eos_token`, `added_tokens_decoder`, `chat_template`;
+- `tokenizer_config.json` (optional): named special tokens,
+  `added_tokens_decoder`, `chat_template` (its `add_bos_token` / `add_eos_token`
+  are ignored, as transformers 5 ignores them next to a tokenizer.json: the
+  tokenizer.json post-processor decides whether BOS/EOS are added);
 - `chat_template.jinja` (optional, written by transformers 5): the chat
   template, which wins over the config's, like in transformers; named extra
   templates in `additional_chat_templates/*.jinja`.
@@ -53,10 +55,12 @@ class Tokenizer:
 
     `backend` is a `tokenizers.Tokenizer`. `special_tokens` maps the names in
     `SPECIAL_TOKEN_NAMES` to token strings. `add_bos_token` / `add_eos_token`
-    (None: keep the backend's post-processor) rebuild the post-processor the way
-    transformers does when a tokenizer_config.json sets them. `chat_template` is
-    one template, or a dict of named ones with the main one under "default".
-    `source` names where it came from in error messages.
+    (None: keep the backend's post-processor) rebuild the post-processor to add
+    BOS / EOS the way transformers' `update_post_processor` does; they are for
+    building a tokenizer (see gguf_convert) -- when reading a folder,
+    tokenizer.json's post-processor decides, as in transformers 5.
+    `chat_template` is one template, or a dict of named ones with the main one
+    under "default". `source` names where it came from in error messages.
     """
 
     def __init__(
@@ -81,7 +85,7 @@ class Tokenizer:
         self._add_bos_token = add_bos_token
         self._add_eos_token = add_eos_token
         self._register_special_tokens()
-        if add_bos_token is not None or add_eos_token is not None or backend.post_processor is None:
+        if add_bos_token is not None or add_eos_token is not None:
             self._set_post_processor(bool(add_bos_token), bool(add_eos_token))
 
     # ------------------------------------------------------------ setup
@@ -104,7 +108,7 @@ class Tokenizer:
 
     # ------------------------------------------------------------ encode / decode
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; with `add_special_tokens`, BOS/EOS as the model's config asks."""
+        """Token ids of `text`; with `add_special_tokens`, the BOS/EOS tokenizer.json's post-processor adds."""
         return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -189,10 +193,9 @@ class Tokenizer:
         elif self._chat_template is not None:
             config["chat_template"] = self._chat_template
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        # A chat_template.jinja left in the folder would win over the config's template on reading.
-        stale = folder / TEMPLATE_FILE
-        if stale.exists():
-            stale.unlink()
+        # Template files left in the folder would win over the config's template on reading.
+        for stale in [folder / TEMPLATE_FILE, *(folder / EXTRA_TEMPLATES_DIR).glob("*.jinja")]:
+            stale.unlink(missing_ok=True)
         return folder
 
 
@@ -213,8 +216,6 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     return Tokenizer(
         backend,
         special_tokens={name: _token_content(config.get(name), folder / CONFIG_FILE) for name in SPECIAL_TOKEN_NAMES},
-        add_bos_token=_optional_bool(config, "add_bos_token", folder / CONFIG_FILE),
-        add_eos_token=_optional_bool(config, "add_eos_token", folder / CONFIG_FILE),
         chat_template=template,
         source=str(folder),
         template_source=template_source,
@@ -242,18 +243,13 @@ def _token_content(value: Any, path: Path) -> str | None:
     raise TokenizerError(f"{path}: a special token must be a string or {{'content': ...}}, got {value!r}")
 
 
-def _optional_bool(config: dict[str, Any], key: str, path: Path) -> bool | None:
-    value = config.get(key)
-    if value is not None and not isinstance(value, bool):
-        raise TokenizerError(f"{path}: '{key}' must be true or false, got {value!r}")
-    return value
-
-
 def _add_config_tokens(backend: Any, config: dict[str, Any], path: Path) -> None:
     """Add the `added_tokens_decoder` entries tokenizer.json lacks, as transformers does."""
     entries = config.get("added_tokens_decoder") or {}
     if not isinstance(entries, dict):
         raise TokenizerError(f"{path}: 'added_tokens_decoder' must be an object of id -> token")
+    if not all(str(key).isdigit() for key in entries):
+        raise TokenizerError(f"{path}: 'added_tokens_decoder' keys must be token ids, got {sorted(entries)[:5]}")
     present = {t.content for t in backend.get_added_tokens_decoder().values()}
     missing = []
     for _, entry in sorted(entries.items(), key=lambda kv: int(kv[0])):
@@ -296,7 +292,8 @@ def _template_messages(messages: Any, source: str) -> list[dict]:
     chat = []
     for message in messages:
         if not isinstance(message, Mapping):
-            raise TokenizerError(f"{source}: a chat message must be a dict like {{'role': 'user', 'content': ...}}, got {message!r}")
+            raise TokenizerError(
+                f"{source}: a chat message must be a dict like {{'role': 'user', 'content': ...}}, got {message!r}")
         plain = {k: _plain(v) for k, v in message.items() if v is not None}
         reasoning = next((plain[k] for k in _REASONING_FIELDS if plain.get(k) is not None), None)
         if reasoning is not None:  # the same aliasing transformers applies

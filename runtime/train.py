@@ -29,12 +29,15 @@ __all__ = ["TrainConfig", "finetune", "train_step", "evaluate", "lr_lambda", "to
 log = logging.getLogger("edgetune.train")
 
 def lr_lambda(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to the peak, then cosine decay to min_lr_ratio * peak at the last step."""
+    """Learning-rate multiplier: linear warmup from 0, then cosine decay to min_lr_ratio.
+
+    The same curve as transformers' get_cosine_schedule_with_warmup when min_lr_ratio = 0.
+    """
     if step < cfg.warmup_steps:
-        return (step + 1) / (cfg.warmup_steps + 1)
-    decay_steps = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return step / max(1, cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

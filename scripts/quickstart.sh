@@ -19,18 +19,23 @@ VENV="${EDGETUNE_VENV:-.venv}"
 EDGETUNE="$VENV/bin/edgetune"
 OUT="${EDGETUNE_QUICKSTART_OUT:-runs/quickstart}"
 
+PROMPT="What is edgetune?"
+echo "[quickstart] the base model's answer, before fine-tuning:"
+"$EDGETUNE" generate --model embedded --chat --prompt "$PROMPT" --greedy --max-new-tokens 48
+
 echo "[quickstart] fine-tuning (LoRA) the embedded SmolLM2-135M-Instruct -> $OUT"
+rm -rf "$OUT"  # a fresh run each time (use `edgetune finetune --resume` to continue one)
 "$EDGETUNE" finetune --local \
   --model embedded \
   --data examples/data/assistant.jsonl \
-  --method lora --rank 8 --alpha 16 \
-  --lr 1e-3 --steps 60 --batch-size 4 --max-seq-len 128 --seed 0 \
+  --method lora --rank 8 --alpha 16 --target-modules q_proj,k_proj,v_proj,o_proj \
+  --lr 2e-3 --warmup-steps 5 --steps 60 --batch-size 4 --max-seq-len 128 --seed 0 \
   --out "$OUT" \
   "$@"
 
-echo "[quickstart] generating with the adapter in $OUT/adapter"
+echo "[quickstart] the fine-tuned answer (adapter in $OUT/adapter):"
 "$EDGETUNE" generate \
   --model embedded \
   --adapter "$OUT/adapter" \
-  --chat --prompt "What can you help me with?" \
+  --chat --prompt "$PROMPT" \
   --greedy --max-new-tokens 48

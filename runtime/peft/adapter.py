@@ -30,6 +30,9 @@ class BlockAdapter:
         self.dropout_key = dropout_key
         # per hook, only the entries whose method overrides it
         self._by_hook = {h: [(m, t) for m, t in entries if type(m).overrides(h)] for h in HOOKS}
+        # methods touching linear layers, in stack order (linear() needs their interleaving)
+        self._linear_entries = [(m, t) for m, t in entries
+                                if type(m).overrides("pre_linear") or type(m).overrides("post_linear")]
 
     def _key(self, name: str, method_index: int = 0) -> tuple | None:
         if self.dropout_key is None:
@@ -37,13 +40,25 @@ class BlockAdapter:
         return (*self.dropout_key, self.layer, name, method_index)
 
     def linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """y = x W^T + b, with every method's changes to this linear layer."""
-        x_in = x
-        for m, t in self._by_hook["pre_linear"]:
-            x_in = m.pre_linear(t, name, x_in)
-        y = F.linear(x_in, weight, bias)
-        for i, (m, t) in enumerate(self._by_hook["post_linear"]):
-            y = m.post_linear(t, name, x, y, weight, bias, self._key(name, i))
+        """y = x W^T + b, with every method's changes to this linear layer.
+
+        Methods wrap the linear in stack order: method k changes the linear as
+        methods < k left it, so an input rescaling by a later method ((IA)^3 on
+        a feed-forward module) also feeds an earlier method's branch (LoRA).
+        That is what merging in stack order computes, so merges stay exact.
+        """
+        entries = self._linear_entries
+        inputs = []  # what each method's (wrapped) linear receives, outermost first
+        for m, t in reversed(entries):
+            inputs.append(x)
+            x = m.pre_linear(t, name, x)
+        inputs.reverse()
+        y = F.linear(x, weight, bias)
+        i = 0  # dropout-key index among the post_linear methods
+        for (m, t), x_j in zip(entries, inputs):
+            if type(m).overrides("post_linear"):
+                y = m.post_linear(t, name, x_j, y, weight, bias, self._key(name, i))
+                i += 1
         return y
 
     def norm_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -83,6 +98,7 @@ class Adapter:
         self.edge_tensors = edge_tensors
         self.training = False
         self.merged = False
+        self.model_config = None  # the base model's ModelConfig (set by create(); save_adapter needs it)
 
     # -- creation --------------------------------------------------------------
     @classmethod
@@ -101,6 +117,7 @@ class Adapter:
             blocks.append(per_block)
             edges.append(method.init_edge(model.config, model, gen) if model.has_edge else {})
         adapter = cls(methods, blocks, edges)
+        adapter.model_config = model.config
         adapter.to(device=model.device, dtype=model.dtype)
         for p in adapter.parameters():
             p.requires_grad_(True)
