@@ -1,9 +1,11 @@
 """Counter-based randomness for dropout masks.
 
-A mask is a pure function of its key (seed, step, micro_batch, layer, module...):
-the key is hashed to a 64-bit seed for a fresh Philox/MT generator. A replayed
-or recomputed micro-batch (e.g. on a node that lost its saved activations)
-therefore draws exactly the same masks, wherever it runs.
+A mask is a pure function of its key (seed, step, micro_batch, layer, module,
+...): the key is hashed to a 64-bit seed, and element i of the mask comes from
+SplitMix64(seed + i * golden), computed with integer tensor ops on the tensor's
+own device. So a replayed or recomputed micro-batch draws exactly the same
+mask, on whatever node and device (CPU or CUDA) it runs, with no generator
+state to carry around.
 """
 from __future__ import annotations
 
@@ -11,6 +13,18 @@ import hashlib
 import struct
 
 import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(u: int) -> int:
+    """A uint64 constant as the int64 torch stores (same bits)."""
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MUL1 = _signed(0xBF58476D1CE4E5B9)
+_MUL2 = _signed(0x94D049BB133111EB)
 
 
 def key_seed(key: tuple[int | str, ...]) -> int:
@@ -23,11 +37,35 @@ def key_seed(key: tuple[int | str, ...]) -> int:
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
 
+def _shift_right(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def keyed_uniform(shape: torch.Size | tuple[int, ...], key: tuple[int | str, ...], device: torch.device | str) -> torch.Tensor:
+    """Uniform [0, 1) float32 values of `shape`, a pure function of `key` (device-independent)."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    z = torch.arange(numel, dtype=torch.int64, device=device) * _GOLDEN + key_seed(key)  # wraps mod 2^64
+    z = (z ^ _shift_right(z, 30)) * _MUL1
+    z = (z ^ _shift_right(z, 27)) * _MUL2
+    z = z ^ _shift_right(z, 31)
+    return (_shift_right(z, 40).to(torch.float32) * (1.0 / (1 << 24))).view(shape)  # top 24 bits
+
+
+def splitmix64_reference(seed: int, index: int) -> float:
+    """Plain-Python value of keyed_uniform's element `index` for a key seed (for tests)."""
+    z = (seed + index * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z = z ^ (z >> 31)
+    return (z >> 40) / float(1 << 24)
+
+
 def keyed_dropout(x: torch.Tensor, p: float, key: tuple[int | str, ...]) -> torch.Tensor:
     """Inverted dropout of x with probability p, mask drawn from `key` alone."""
     if p <= 0.0:
         return x
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(key_seed(key))
-    keep = torch.rand(x.shape, generator=gen, device=x.device, dtype=torch.float32) >= p
+    keep = keyed_uniform(x.shape, key, x.device) >= p
     return x * keep.to(x.dtype) / (1.0 - p)
