@@ -340,6 +340,7 @@ def methods_from_hf_config(cfg: dict[str, Any], source: str = CONFIG_NAME) -> li
     """The method stack of an `adapter_config.json` dict: one method, or every method of an EDGETUNE_STACK."""
     if _peft_type(cfg, source) != STACK:
         return [method_from_hf_config(cfg, source)]
+    _refuse_unknown(cfg, {"methods"}, source)
     subs = cfg.get("methods")
     if not isinstance(subs, list) or not subs:
         raise AdapterError(f"{source}: an {STACK} config needs a non-empty list 'methods'")
