@@ -121,7 +121,8 @@ class Adapter:
         adapter.to(device=model.device, dtype=model.dtype)
         for p in adapter.parameters():
             p.requires_grad_(True)
-        if not any(True for _ in adapter.parameters()):
+        whole = model.has_edge and model.start == 0 and model.end == model.config.num_layers
+        if whole and not any(True for _ in adapter.parameters()):  # a node's part may hold none of them
             raise AdapterError("the adapter's methods target no module of this model; check target_modules / layers_to_transform")
         return adapter
 

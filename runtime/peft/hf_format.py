@@ -141,7 +141,7 @@ def _ln_hf(m: LNTuningConfig, mc: ModelConfig | None) -> dict[str, Any]:
     targets = _json_targets(m.target_modules)
     if m.layers_to_transform is not None:  # PEFT's LNTuningConfig has no layers_to_transform
         pairs = _targeted(m.target_modules, m.layers_to_transform, _need(mc, m).num_layers, NORM_NAMES)
-        targets = [_full(l, n) for l, n in pairs] + (["model.norm"] if m._targets_final_norm() else [])
+        targets = [_full(l, n) for l, n in pairs] + (["model.norm"] if m.targets_final_norm() else [])
     return {"target_modules": targets, "exclude_modules": None, "modules_to_save": None}
 
 

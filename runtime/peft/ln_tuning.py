@@ -27,7 +27,7 @@ class LNTuningConfig(Method):
             if isinstance(getattr(self, field), list):
                 object.__setattr__(self, field, tuple(getattr(self, field)))
 
-    def _targets_final_norm(self) -> bool:
+    def targets_final_norm(self) -> bool:
         if isinstance(self.target_modules, str):
             import re
 
@@ -41,7 +41,7 @@ class LNTuningConfig(Method):
                 for name in NORM_NAMES if matches_target(self.target_modules, block.layer_idx, name)}
 
     def init_edge(self, config, model, generator) -> Tensors:
-        if not self._targets_final_norm():
+        if not self.targets_final_norm():
             return {}
         return {"norm.weight": model.norm.weight.detach().float().cpu().clone()}
 
