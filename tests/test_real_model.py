@@ -87,3 +87,19 @@ def test_short_finetune_and_generate_via_cli(folder, tmp_path):
         capture_output=True, text=True, env=env, timeout=300)
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert len(gen.stdout.strip()) > 0
+
+
+def test_readme_python_api_example_runs(tmp_path, monkeypatch):
+    """The README's Python API block, executed as written (so it cannot rot)."""
+    import re
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 -- our own documentation
+    assert (tmp_path / "my-adapter" / "adapter_config.json").exists()
+    assert namespace["logits"].shape[-1] == 49152
+    prompt_len = len(namespace["tok"].encode(namespace["prompt"], add_special_tokens=False))
+    assert namespace["out"].shape[1] > prompt_len  # it generated
