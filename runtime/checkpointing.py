@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from edgetune.runtime.atomic import atomic_write_text
 from edgetune.runtime.errors import CheckpointError, EdgetuneError
 
 log = logging.getLogger("edgetune.checkpoint")
@@ -33,15 +34,6 @@ log = logging.getLogger("edgetune.checkpoint")
 # Options that may change between an interrupted run and its resumption
 # without changing the result.
 _RESUMABLE_CHANGES = {"resume", "progress", "threads", "device", "save_every", "eval_every", "keep_checkpoints", "out"}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class CheckpointDir:

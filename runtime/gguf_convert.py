@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from edgetune.runtime.atomic import atomic_write_text
 from edgetune.runtime.config import ModelConfig
 from edgetune.runtime.errors import ConfigError, EdgetuneError, ModelLoadError, UnsupportedModelError
 from edgetune.runtime.tokenizer import Tokenizer
@@ -128,7 +129,7 @@ def file_sha256(path: str | Path, cache_root: str | Path | None = None) -> str:
             return cached["sha256"]
     digest = _hash_file(path)
     with contextlib.suppress(OSError):  # an unwritable cache only costs hashing again next time
-        _write_atomic(entry, json.dumps({**key, "sha256": digest}, sort_keys=True))
+        atomic_write_text(entry, json.dumps({**key, "sha256": digest}, sort_keys=True))
     return digest
 
 
@@ -150,7 +151,7 @@ def _convert(src: Path, out: Path, sha256: str | None) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             _write_hf_folder(src, tmp)
-            _write_atomic(tmp / MARKER_FILE, json.dumps(fingerprint.marker(), indent=2, sort_keys=True))
+            atomic_write_text(tmp / MARKER_FILE, json.dumps(fingerprint.marker(), indent=2, sort_keys=True))
             _fsync_tree(tmp)
             _replace_folder(tmp, out)
         except BaseException:
@@ -518,19 +519,6 @@ def _generation_config(config: ModelConfig) -> dict[str, Any]:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -38,8 +38,7 @@ from edgetune.runtime.peft.hf_format import (
     methods_from_hf_config,
     save_adapter,
 )
-from edgetune.tests.test_peft_methods import hf_model, max_diff, randomize, tiny_dir, token_ids  # noqa: F401 (fixture)
-from edgetune.tests.tiny import make_tiny_model
+from edgetune.tests.tiny import hf_model, make_tiny_model, max_diff, randomize, token_ids
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Unsupported layer type:UserWarning")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -30,53 +29,11 @@ from edgetune.runtime.peft import (
     SerialAdapterConfig,
     attach_adapter,
 )
-from edgetune.tests.tiny import make_tiny_model
+from edgetune.tests.tiny import VOCAB, hf_model, max_diff, randomize, token_ids
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers / peft are local references, never downloads
 # the references' own deprecation chatter and peft's note that LN tuning wraps RMSNorm
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Unsupported layer type:UserWarning")
-
-VOCAB = 96  # tests/tiny.py
-
-
-# ------------------------------------------------------------ shared helpers
-# (test_hf_format.py imports these)
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Callable[[str], Path]:
-    """arch -> folder of a tiny random HF checkpoint (made once per session)."""
-    made: dict[str, Path] = {}
-
-    def get(arch: str) -> Path:
-        if arch not in made:
-            made[arch] = tmp_path_factory.mktemp(f"tiny_{arch}")
-            make_tiny_model(arch, made[arch])
-        return made[arch]
-
-    return get
-
-
-def hf_model(folder: Path):
-    """A fresh transformers model of the tiny checkpoint (fp32, eval): peft changes the one it wraps."""
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def token_ids(batch: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def randomize(adapter: Adapter, seed: int = 0, scale: float = 0.2) -> None:
-    """Move every adapter tensor off its initial value (so zero-initialised B / up do matter)."""
-    gen = torch.Generator().manual_seed(seed)
-    for _, t in adapter.named_tensors():
-        t.add_(scale * torch.randn(t.shape, generator=gen).to(t.dtype))
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 # ------------------------------------------- edgetune tensor <-> peft parameter

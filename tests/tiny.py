@@ -95,3 +95,31 @@ def make_tiny_folder(arch: str, folder: Path, seed: int = 0, **overrides):
     model = make_tiny_model(arch, folder, seed=seed, **overrides)
     make_tiny_tokenizer(folder, model.config.vocab_size)
     return model
+
+
+# ------------------------------------------------ helpers shared by the PEFT tests
+VOCAB = 96  # the tiny configs' vocabulary
+
+
+def hf_model(folder: Path):
+    """A fresh transformers model of a tiny checkpoint (fp32, eval): peft changes the one it wraps."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def token_ids(batch: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def randomize(adapter, seed: int = 0, scale: float = 0.2) -> None:
+    """Move every adapter tensor off its initial value (so zero-initialised B / up do matter)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, t in adapter.named_tensors():
+        t.add_(scale * torch.randn(t.shape, generator=gen).to(t.dtype))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()

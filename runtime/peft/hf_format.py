@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
+from edgetune.runtime.atomic import atomic_write
 from edgetune.runtime.config import ModelConfig
 from edgetune.runtime.errors import AdapterError, ConfigError
 from edgetune.runtime.model import LINEAR_NAMES, NORM_NAMES
@@ -497,20 +496,6 @@ def _fill(adapter: Adapter, k: int, loaded: dict[str, torch.Tensor], source: str
 
 
 # =============================================================== files
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) then rename over `path`: a reader sees the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _model_config_for(adapter: Adapter, model_config: ModelConfig | None, base: str | None) -> ModelConfig | None:
     if model_config is not None:
         return model_config
@@ -543,9 +528,9 @@ def save_adapter(adapter: Adapter, out_dir: str | Path, *, base_model_name_or_pa
         for key, t in _encode(method, blocks, edge, mc).items():
             tensors[f"m{k}.{key}" if stacked else key] = t.detach().to("cpu").contiguous()
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(out / CONFIG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write(out / CONFIG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
     return out
 
 
