@@ -149,6 +149,12 @@ class ModelConfig:
         if model_type == "llama":
             out["attention_bias"] = self.attention_bias
             out["mlp_bias"] = self.mlp_bias
+        out.update(self.special_token_fields())
+        return out
+
+    def special_token_fields(self) -> dict[str, Any]:
+        """bos/eos/pad ids as config.json and generation_config.json spell them (unset ones omitted)."""
+        out: dict[str, Any] = {}
         if self.bos_token_id is not None:
             out["bos_token_id"] = self.bos_token_id
         if self.eos_token_ids:

@@ -507,14 +507,7 @@ def _token_at(meta: dict[str, Any], key: str, spelled: list[str], path: Path) ->
 
 # ================================================================ small file helpers
 def _generation_config(config: ModelConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if config.bos_token_id is not None:
-        out["bos_token_id"] = config.bos_token_id
-    if config.eos_token_ids:
-        out["eos_token_id"] = config.eos_token_ids[0] if len(config.eos_token_ids) == 1 else list(config.eos_token_ids)
-    if config.pad_token_id is not None:
-        out["pad_token_id"] = config.pad_token_id
-    return out
+    return config.special_token_fields()
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
