@@ -121,8 +121,14 @@ def _hf_step(cfg: BenchConfig) -> Callable[[], float]:
 
 
 def _import_side(side: str) -> None:
-    """Import what a side needs before measuring the baseline RSS."""
+    """Import what a side needs before measuring the baseline RSS.
+
+    torch._dynamo (~70 MB RSS, ~1 s) is part of the shared baseline: every
+    torch.optim optimizer imports it on construction, and transformers imports
+    it eagerly, so leaving it out would charge it to edgetune's increase only.
+    """
     import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401
 
     if side == "hf":
         import peft  # noqa: F401
@@ -133,8 +139,22 @@ def _import_side(side: str) -> None:
         import edgetune.runtime.train  # noqa: F401
 
 
-def run_worker(side: str, cfg: BenchConfig) -> dict:
-    """Measure one side in this process; returns a JSON-ready record."""
+def _profile_table(step: Callable[[], float], rows: int) -> str:
+    """torch.profiler's top ops (by self CPU time) over one more training step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    averages = prof.key_averages(group_by_input_shape=True)
+    return averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
+
+
+def run_worker(side: str, cfg: BenchConfig, profile_rows: int = 0) -> dict:
+    """Measure one side in this process; returns a JSON-ready record.
+
+    With profile_rows > 0, one extra (untimed) step is profiled and its top
+    ops are printed to stderr.
+    """
     _import_side(side)
     import torch
 
@@ -152,7 +172,9 @@ def run_worker(side: str, cfg: BenchConfig) -> dict:
         losses.append(step())
         step_s.append(time.perf_counter() - t)
     tokens = cfg.steps * cfg.batch_size * cfg.seq_len
-    rss_peak = _max_rss_mb()
+    rss_peak = _max_rss_mb()  # before any profiling, which allocates on its own
+    if profile_rows > 0:
+        print(_profile_table(step, profile_rows), file=sys.stderr)
     return {
         "side": side, "threads": torch.get_num_threads(), "load_s": load_s,
         "tokens_per_s": tokens / sum(step_s), "step_s_median": statistics.median(step_s), "step_s": step_s,
@@ -169,12 +191,16 @@ def _worker_command(side: str, cfg: BenchConfig) -> list[str]:
     return cmd
 
 
-def spawn_worker(side: str, cfg: BenchConfig) -> dict:
+def spawn_worker(side: str, cfg: BenchConfig, profile_rows: int = 0) -> dict:
     """Run one side in a fresh interpreter; its last stdout line is the JSON record."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(_worker_command(side, cfg), capture_output=True, text=True, env=env)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONWARNINGS": "ignore::FutureWarning"}
+    cmd = _worker_command(side, cfg) + (["--profile", str(profile_rows)] if profile_rows > 0 else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{side} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    if profile_rows > 0:
+        print(f"--- profile of one {side} step (top {profile_rows} ops by self CPU time)\n{proc.stderr}", file=sys.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -206,11 +232,12 @@ def format_table(cfg: BenchConfig, runs: list[dict], summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run_parent(cfg: BenchConfig, repeats: int, json_path: str | None) -> dict:
+def run_parent(cfg: BenchConfig, repeats: int, json_path: str | None, profile_rows: int = 0) -> dict:
+    """Alternate the sides for `repeats` rounds, print the table, optionally write JSON."""
     runs = []
     for i in range(repeats):
         for side in SIDES:
-            runs.append(spawn_worker(side, cfg))
+            runs.append(spawn_worker(side, cfg, profile_rows if i == 0 else 0))  # profile the first round only
             print(f"round {i + 1}/{repeats} {side}: {runs[-1]['tokens_per_s']:.0f} tok/s, "
                   f"peak RSS {runs[-1]['rss_peak_mb']:.0f} MB", file=sys.stderr, flush=True)
     summary = summarize(runs)
@@ -237,6 +264,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads on both sides; 0 = torch.get_num_threads()")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write runs and summary to this file")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="print torch.profiler's top ROWS ops of one extra step per side (first round only)")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -244,21 +273,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     threads, model = args.threads, args.model
-    if args.worker is None:  # resolve defaults once, in the parent, so both sides get the same values
-        if threads <= 0:
-            import torch
+    # The parent resolves the defaults and passes them explicitly, so both sides get the same values.
+    if threads <= 0:
+        import torch
 
-            threads = torch.get_num_threads()
-        if model is None:
-            from edgetune.runtime.embedded import embedded_model_path
+        threads = torch.get_num_threads()
+    if model is None:
+        from edgetune.runtime.embedded import embedded_model_path
 
-            model = str(embedded_model_path())
+        model = str(embedded_model_path())
     cfg = BenchConfig(model=model, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
                       seq_len=args.seq_len, rank=args.rank, alpha=args.alpha, lr=args.lr, threads=threads, seed=args.seed)
     if args.worker is not None:
-        print(json.dumps(run_worker(args.worker, cfg)))
+        print(json.dumps(run_worker(args.worker, cfg, args.profile)))
     else:
-        run_parent(cfg, args.repeats, args.json)
+        run_parent(cfg, args.repeats, args.json, args.profile)
 
 
 if __name__ == "__main__":

@@ -44,12 +44,12 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy: logits[:, t] predicts labels[:, t + 1] (-100 ignored).
 
     logits (B, T', V) may carry leading prompt-tuning positions (T' > T); they are dropped.
+    The labels are shifted (not the logits), so the (B, T, V) logits are never copied.
     """
     T = labels.shape[1]
-    logits = logits[:, -T:]  # (B, T, V)
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-    )
+    logits = logits[:, -T:]  # (B, T, V); a view
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): the last position predicts nothing
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1), ignore_index=-100, reduction="sum")
 
 
 @dataclass
