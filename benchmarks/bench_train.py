@@ -11,8 +11,14 @@ machine load; the parent prints medians and the ratios edgetune / hf.
 
 Throughput is tokens/s over the timed steps (B * T tokens per step, warmup
 steps excluded). Memory is the worker's peak RSS (`ru_maxrss`), also reported
-as the increase over the RSS right after imports, because importing torch is
-shared while importing transformers + peft is not.
+as the increase over the RSS right after imports (torch, torch._dynamo, and
+the side's own packages), because importing torch is shared while importing
+transformers + peft is not. The first-step losses must agree (LoRA B starts
+at zero, so both sides start from the same base model); the last ones differ
+slightly because the two sides draw different random LoRA A matrices.
+
+On a loaded machine, prefer --threads 1: with more threads than free cores,
+OpenMP spin-waits make step times swing by several times.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
+
+from edgetune.runtime.errors import ConfigError
 
 SIDES = ("edgetune", "hf")
 TARGET_MODULES = ("q_proj", "v_proj")
@@ -54,7 +62,7 @@ class BenchConfig:
         if self.warmup < 0:
             problems.append(f"warmup must be >= 0, got {self.warmup}")
         if problems:
-            raise ValueError("bench_train: " + "; ".join(problems))
+            raise ConfigError("bench_train: " + "; ".join(problems))
 
 
 # ------------------------------------------------------------------ worker side
@@ -228,7 +236,7 @@ def format_table(cfg: BenchConfig, runs: list[dict], summary: dict) -> str:
     lines.append(f"throughput ratio edgetune/hf = {ratio['tokens_per_s']:.3f} (target >= 1.0)")
     lines.append(f"peak RSS ratio   edgetune/hf = {ratio['rss_peak_mb']:.3f} (target <= 1.0); "
                  f"increase over imports {ratio['rss_increase_mb']:.3f}")
-    lines.append("per run tokens/s: " + ", ".join(f"{r['side']}={r['tokens_per_s']:.0f}" for r in runs))
+    lines.append("tokens/s per run, in run order: " + ", ".join(f"{r['side']}={r['tokens_per_s']:.0f}" for r in runs))
     return "\n".join(lines)
 
 
@@ -271,7 +279,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parse(argv)
+    try:
+        _main(_parse(argv))
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _main(args: argparse.Namespace) -> None:
+    if args.repeats <= 0:
+        raise ConfigError(f"bench_train: --repeats must be positive, got {args.repeats}")
     threads, model = args.threads, args.model
     # The parent resolves the defaults and passes them explicitly, so both sides get the same values.
     if threads <= 0:

@@ -45,7 +45,7 @@ NORM_NAMES = ("input_layernorm", "post_attention_layernorm")
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """Inverse frequencies (head_dim/2,), with llama3 scaling when configured."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     s = config.rope_scaling
     if s is None:
         return inv_freq
@@ -156,14 +156,13 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, KVH, past + T, hd)
         if adapter is not None:
             k, v = adapter.prefix_kv(k, v)  # (B, KVH, prefix + past + T, hd)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:  # grouped-query attention: share each KV head across `groups` query heads
-            k = k[:, :, None].expand(-1, -1, groups, -1, -1).reshape(B, self.num_heads, -1, self.head_dim)
-            v = v[:, :, None].expand(-1, -1, groups, -1, -1).reshape(B, self.num_heads, -1, self.head_dim)
+        # grouped-query attention: SDPA shares each KV head across its query heads
+        # itself (no copies of k/v, nor of their gradients)
+        gqa = self.num_heads != self.num_kv_heads
         if ctx.attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)  # (B, H, T, hd)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*hd)
         return _linear(adapter, "self_attn.o_proj", self.o_proj, out)
 
@@ -232,10 +231,13 @@ class CausalLM(nn.Module):
         self.has_edge = edge
         self.layers = nn.ModuleList(Block(config, i) for i in range(self.start, self.end))
         if edge:
-            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+            # _weight skips the random init (the checkpoint overwrites it; on the meta device
+            # the init would only pull in torch._dynamo)
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                             _weight=torch.empty(config.vocab_size, config.hidden_size))
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # on CPU even under torch.device("meta")
         self.adapter: Adapter | None = None  # attached by peft.adapter.attach_adapter
 
     # -- names -----------------------------------------------------------
