@@ -84,7 +84,7 @@ def _edgetune_step(cfg: BenchConfig) -> Callable[[], float]:
 
     from edgetune.runtime.model_io import load_model
     from edgetune.runtime.peft import LoraConfig, attach_adapter
-    from edgetune.runtime.train import token_loss_sum
+    from edgetune.runtime.train import batch_loss_sum
 
     model = load_model(cfg.model)
     adapter = attach_adapter(model, LoraConfig(r=cfg.rank, alpha=cfg.alpha, target_modules=TARGET_MODULES))
@@ -95,7 +95,7 @@ def _edgetune_step(cfg: BenchConfig) -> Callable[[], float]:
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = token_loss_sum(model(input_ids), input_ids) / n_tokens
+        loss = batch_loss_sum(model, input_ids, input_ids) / n_tokens  # what finetune's train_step runs
         loss.backward()
         optimizer.step()
         return float(loss.detach())

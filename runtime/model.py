@@ -264,11 +264,17 @@ class CausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)  # (B, T, D)
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         norm_w = self.norm.weight if self.adapter is None else self.adapter.edge_norm_weight(self.norm.weight)
-        h = self.norm(h, norm_w)
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight)  # (B, T, V)
+        return self.norm(h, norm_w)  # (B, T, D)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head (V, D): the embedding matrix when embeddings are tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.final_norm(h), self.head_weight)  # (B, T, V)
 
     # -- context ---------------------------------------------------------
     def make_context(
@@ -335,6 +341,16 @@ class CausalLM(nn.Module):
         dropout_key: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         """Logits (B, T', V); T' = T plus any prompt-tuning virtual tokens on the first call."""
+        return self.head(self.last_hidden(input_ids, attention_mask, cache, dropout_key))
+
+    def last_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        dropout_key: tuple[int, ...] | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, T', D) after the last block, before the final norm (see forward)."""
         if not (self.has_edge and self.start == 0 and self.end == self.config.num_layers):
             raise RuntimeError("forward() needs a whole model; this part holds blocks "
                                f"[{self.start}, {self.end}) edge={self.has_edge}")
@@ -349,7 +365,7 @@ class CausalLM(nn.Module):
         h = self.forward_blocks(h, ctx, cache)
         if cache is not None:
             cache.length += T
-        return self.head(h)
+        return h
 
     # -- generation -----------------------------------------------------
     @torch.no_grad()

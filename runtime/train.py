@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from edgetune.runtime.errors import ConfigError
+from edgetune.runtime.loss import head_loss_sum
 from edgetune.runtime.train_options import TrainConfig
 
-__all__ = ["TrainConfig", "finetune", "train_step", "evaluate", "lr_lambda", "token_loss_sum"]
+__all__ = ["TrainConfig", "finetune", "train_step", "evaluate", "lr_lambda", "batch_loss_sum"]
 
 log = logging.getLogger("edgetune.train")
 
@@ -40,16 +41,15 @@ def lr_lambda(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy: logits[:, t] predicts labels[:, t + 1] (-100 ignored).
+def batch_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor, dropout_key: tuple | None = None) -> torch.Tensor:
+    """Summed next-token loss of one micro-batch (labels unshifted, -100 ignored).
 
-    logits (B, T', V) may carry leading prompt-tuning positions (T' > T); they are dropped.
-    The labels are shifted (not the logits), so the (B, T, V) logits are never copied.
+    Right padding needs no attention mask: real tokens never attend to later
+    positions, and padded positions carry no loss, so plain causal attention
+    (the fast path) is exact. The LM head and loss run chunked (loss.py).
     """
-    T = labels.shape[1]
-    logits = logits[:, -T:]  # (B, T, V); a view
-    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): the last position predicts nothing
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1), ignore_index=-100, reduction="sum")
+    hidden = model.final_norm(model.last_hidden(input_ids, dropout_key=dropout_key))
+    return head_loss_sum(hidden, model.head_weight, labels)
 
 
 @dataclass
@@ -88,7 +88,7 @@ def evaluate(model, examples, batch_size: int, pad_id: int, device: torch.device
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i:i + batch_size], pad_id).to(device)
-        total += float(token_loss_sum(model(batch.input_ids), batch.labels))  # right padding: see train_step
+        total += float(batch_loss_sum(model, batch.input_ids, batch.labels))
         count += batch.num_tokens
     adapter.train()
     return total / max(1, count)
@@ -180,10 +180,7 @@ def train_step(model, params, optimizer, scheduler, stream, cfg: TrainConfig, st
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
     for micro, batch in enumerate(batches):
-        # Right padding needs no attention mask: real tokens never attend to later
-        # positions, and padded positions carry no loss. Plain causal attention is faster.
-        logits = model(batch.input_ids, dropout_key=(cfg.seed, state.step, micro))
-        loss = token_loss_sum(logits, batch.labels) / max(1, total_tokens)
+        loss = batch_loss_sum(model, batch.input_ids, batch.labels, (cfg.seed, state.step, micro)) / max(1, total_tokens)
         loss.backward()
         loss_sum += float(loss.detach())
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
