@@ -42,8 +42,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             if grad_h is not None:
                 probs = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
                 probs[torch.arange(len(t), device=h.device), safe_t] -= 1.0
-                probs *= valid[:, None]
-                grad_h[rows] = (probs.to(h.dtype) @ weight)  # (c, D)
+                # zero the ignored rows after the matmul: (c, D) is far smaller than (c, V)
+                grad_h[rows] = (probs.to(h.dtype) @ weight) * valid[:, None].to(h.dtype)  # (c, D)
         ctx.save_for_backward(grad_h)
         return total
 
