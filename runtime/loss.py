@@ -34,13 +34,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             valid = t != IGNORE  # (c,)
             if not bool(valid.any()):
                 continue
-            logits = (h[rows] @ weight.T).float()  # (c, V)
+            logp = torch.log_softmax((h[rows] @ weight.T).float(), dim=-1)  # (c, V)
             safe_t = t.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            picked = logits.gather(1, safe_t[:, None]).squeeze(1)  # (c,)
-            total += ((lse - picked) * valid).sum()
+            total -= (logp.gather(1, safe_t[:, None]).squeeze(1) * valid).sum()
             if grad_h is not None:
-                probs = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+                probs = logp.exp_()  # softmax, in place
                 probs[torch.arange(len(t), device=h.device), safe_t] -= 1.0
                 # zero the ignored rows after the matmul: (c, D) is far smaller than (c, V)
                 grad_h[rows] = (probs.to(h.dtype) @ weight) * valid[:, None].to(h.dtype)  # (c, D)
