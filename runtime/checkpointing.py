@@ -36,6 +36,10 @@ log = logging.getLogger("edgetune.checkpoint")
 _RESUMABLE_CHANGES = {"resume", "progress", "threads", "device", "save_every", "eval_every", "keep_checkpoints", "out"}
 
 
+class ConfigMismatch(CheckpointError):
+    """The checkpoint belongs to a run with other options: resuming would not reproduce it."""
+
+
 class CheckpointDir:
     def __init__(self, root: Path, keep: int = 2) -> None:
         self.root = Path(root)
@@ -91,9 +95,9 @@ class CheckpointDir:
                 self._restore(ckpt, cfg, adapter, optimizer, scheduler, stream, state)
                 log.info("resumed from %s (step %d)", ckpt, state.step)
                 return ckpt
+            except ConfigMismatch:
+                raise  # an older checkpoint of the same run would differ the same way
             except CheckpointError as e:
-                if "config differs" in str(e):
-                    raise
                 errors.append(str(e))
                 log.warning("checkpoint %s is unreadable (%s); trying an older one", ckpt, e)
         raise CheckpointError("--resume: no readable checkpoint: " + " | ".join(errors))
@@ -109,7 +113,7 @@ class CheckpointDir:
                          if k not in _RESUMABLE_CHANGES and _norm(current.get(k)) != _norm(saved_cfg.get(k)))
         if differs:
             detail = ", ".join(f"{k}: {saved_cfg.get(k)!r} -> {current.get(k)!r}" for k in differs)
-            raise CheckpointError(f"{ckpt}: the run config differs from the checkpoint's ({detail}); "
+            raise ConfigMismatch(f"{ckpt}: the run config differs from the checkpoint's ({detail}); "
                                   "resume with the same options or start a new --out")
         try:
             tensors = load_file(str(ckpt / "adapter.safetensors"))

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from edgetune.runtime.errors import ConfigError
 from edgetune.runtime.loss import head_loss_sum

@@ -10,6 +10,7 @@ Hooks default to "do nothing"; a method overrides only the ones it needs.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Sequence
@@ -49,6 +50,13 @@ class Method:
     peft_type: ClassVar[str] = ""
     # True when folding into the base weights is exact (see merge()).
     mergeable: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        # Configs stay hashable and JSON-faithful: lists (from JSON/YAML) become tuples.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                object.__setattr__(self, f.name, tuple(value))
 
     # -- tensors ----------------------------------------------------------
     def init_block(self, config: ModelConfig, block: Block, generator: torch.Generator) -> Tensors:

@@ -23,11 +23,6 @@ class BitFitConfig(Method):
     peft_type = "EDGETUNE_BITFIT"
     mergeable = True
 
-    def __post_init__(self) -> None:
-        for field in ("target_modules", "layers_to_transform"):
-            if isinstance(getattr(self, field), list):
-                object.__setattr__(self, field, tuple(getattr(self, field)))
-
     def init_block(self, config, block, generator) -> Tensors:
         if self.layers_to_transform is not None and block.layer_idx not in self.layers_to_transform:
             return {}

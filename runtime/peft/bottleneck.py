@@ -48,6 +48,7 @@ class _BottleneckBase(Method):
     layers_to_transform: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         problems = []
         if self.bottleneck_size <= 0:
             problems.append(f"bottleneck_size must be positive, got {self.bottleneck_size}")
@@ -55,8 +56,6 @@ class _BottleneckBase(Method):
             problems.append(f"activation {self.activation!r} not in {sorted(_ACTIVATIONS)}")
         if problems:
             raise ConfigError(f"{type(self).__name__}: " + "; ".join(problems))
-        if isinstance(self.layers_to_transform, list):
-            object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
 
     def _applies(self, layer: int) -> bool:
         return self.layers_to_transform is None or layer in self.layers_to_transform

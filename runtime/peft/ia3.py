@@ -26,9 +26,7 @@ class IA3Config(Method):
     mergeable = True
 
     def __post_init__(self) -> None:
-        for field in ("target_modules", "feedforward_modules", "layers_to_transform"):
-            if isinstance(getattr(self, field), list):
-                object.__setattr__(self, field, tuple(getattr(self, field)))
+        super().__post_init__()
         ff_not_target = [m for m in (self.feedforward_modules if not isinstance(self.feedforward_modules, str) else [])
                          if isinstance(self.target_modules, tuple) and m not in self.target_modules]
         if ff_not_target:

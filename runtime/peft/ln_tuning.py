@@ -22,11 +22,6 @@ class LNTuningConfig(Method):
     peft_type = "LN_TUNING"
     mergeable = True
 
-    def __post_init__(self) -> None:
-        for field in ("target_modules", "layers_to_transform"):
-            if isinstance(getattr(self, field), list):
-                object.__setattr__(self, field, tuple(getattr(self, field)))
-
     def targets_final_norm(self) -> bool:
         if isinstance(self.target_modules, str):
             import re

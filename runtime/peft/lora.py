@@ -38,6 +38,7 @@ class LoraConfig(Method):
     mergeable = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         problems = []
         if self.r <= 0:
             problems.append(f"rank r must be positive, got {self.r}")
@@ -47,10 +48,6 @@ class LoraConfig(Method):
             problems.append("target_modules is empty")
         if problems:
             raise ConfigError("LoRA config: " + "; ".join(problems))
-        if isinstance(self.target_modules, list):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        if isinstance(self.layers_to_transform, list):
-            object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
 
     @property
     def scaling(self) -> float:

@@ -37,6 +37,7 @@ class PrefixTuningConfig(Method):
     peft_type = "PREFIX_TUNING"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_virtual_tokens <= 0:
             raise ConfigError(f"prefix tuning: num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
 

@@ -24,10 +24,9 @@ class PromptTuningConfig(Method):
     peft_type = "PROMPT_TUNING"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_virtual_tokens <= 0:
             raise ConfigError(f"prompt tuning: num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
-        if isinstance(self.init_token_ids, list):
-            object.__setattr__(self, "init_token_ids", tuple(self.init_token_ids))
 
     def init_edge(self, config, model, generator) -> Tensors:
         P = self.num_virtual_tokens
