@@ -106,3 +106,10 @@ def test_missing_adapter_is_a_clear_error(tiny_folder, tmp_path, capsys):
 def test_distributed_finetune_is_not_silently_local(capsys):
     assert main(["finetune", "--data", "d"]) == 2
     assert "--local" in capsys.readouterr().err
+
+
+def test_prepare_model_prints_the_folder(tiny_folder, tmp_path, capsys):
+    assert main(["prepare-model", str(tiny_folder)]) == 0
+    assert capsys.readouterr().out.strip() == str(tiny_folder)
+    assert main(["prepare-model", str(tmp_path / "absent.gguf")]) == 1
+    assert "absent.gguf" in capsys.readouterr().err
