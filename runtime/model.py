@@ -241,18 +241,21 @@ class CausalLM(nn.Module):
         self.adapter: Adapter | None = None  # attached by peft.adapter.attach_adapter
 
     # -- names -----------------------------------------------------------
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """Parameters under their Hugging Face checkpoint names."""
+    def hf_names(self) -> dict[str, str]:
+        """Module parameter name -> Hugging Face checkpoint name (block indices made absolute)."""
         out = {}
-        for name, p in self.named_parameters():
+        for name, _ in self.named_parameters():
             if name.startswith("layers."):
                 idx, rest = name[len("layers."):].split(".", 1)
-                out[f"model.layers.{int(idx) + self.start}.{rest}"] = p
-            elif name.startswith("lm_head."):
-                out[name] = p
-            elif not name.startswith("adapter"):
-                out[f"model.{name}"] = p
+                out[name] = f"model.layers.{int(idx) + self.start}.{rest}"
+            else:  # lm_head.* keeps its name; embed_tokens / norm live under model.
+                out[name] = name if name.startswith("lm_head.") else f"model.{name}"
         return out
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters under their Hugging Face checkpoint names."""
+        params = dict(self.named_parameters())
+        return {hf: params[name] for name, hf in self.hf_names().items()}
 
     def block(self, layer: int) -> Block:
         return self.layers[layer - self.start]

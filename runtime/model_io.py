@@ -42,10 +42,11 @@ def load_model(
         raise ValueError(f"block range [{start}, {end}) is outside the model's {config.num_layers} blocks")
     with torch.device("meta"):
         model = CausalLM(config, start, end, edge)
-    named = model.hf_state_dict()
-    tensors = SafetensorsCheckpoint(folder).read({n: tuple(p.shape) for n, p in named.items()}, dtype, device)
-    hf_to_param = dict(zip(named, (n for n, _ in model.named_parameters())))
-    model.load_state_dict({hf_to_param[n]: t for n, t in tensors.items()}, strict=False, assign=True)
+    names = model.hf_names()  # param name -> checkpoint name
+    params = dict(model.named_parameters())
+    tensors = SafetensorsCheckpoint(folder).read({hf: tuple(params[n].shape) for n, hf in names.items()}, dtype, device)
+    # read() returned every expected tensor, so the load is complete (strict would trip on buffers)
+    model.load_state_dict({n: tensors[hf] for n, hf in names.items()}, strict=False, assign=True)
     model.inv_freq = rope_inv_freq(config).to(device)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, ClassVar, Sequence
 import torch
 
 from edgetune.runtime.config import ModelConfig
+from edgetune.runtime.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgetune.runtime.model import Block, CausalLM
@@ -130,3 +131,15 @@ class Method:
     @classmethod
     def overrides(cls, hook: str) -> bool:
         return getattr(cls, hook) is not getattr(Method, hook)
+
+
+@dataclass(frozen=True)
+class VirtualTokenMethod(Method):
+    """Base of the methods that add P virtual tokens (prefix and prompt tuning)."""
+
+    num_virtual_tokens: int = 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_virtual_tokens <= 0:
+            raise ConfigError(f"{self.peft_type.lower()}: num_virtual_tokens must be positive, got {self.num_virtual_tokens}")

@@ -16,8 +16,7 @@ from typing import Sequence
 
 import torch
 
-from edgetune.runtime.errors import ConfigError
-from edgetune.runtime.peft.base import Method, Tensors
+from edgetune.runtime.peft.base import Tensors, VirtualTokenMethod
 
 
 def _linear_init(out_dim: int, in_dim: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,17 +28,11 @@ def _linear_init(out_dim: int, in_dim: int, gen: torch.Generator) -> tuple[torch
 
 
 @dataclass(frozen=True)
-class PrefixTuningConfig(Method):
-    num_virtual_tokens: int = 20
+class PrefixTuningConfig(VirtualTokenMethod):
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None  # default: kv_dim, as in HF PEFT
 
     peft_type = "PREFIX_TUNING"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.num_virtual_tokens <= 0:
-            raise ConfigError(f"prefix tuning: num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
 
     def init_block(self, config, block, generator) -> Tensors:
         if self.prefix_projection:

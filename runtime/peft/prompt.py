@@ -10,23 +10,16 @@ from dataclasses import dataclass
 
 import torch
 
-from edgetune.runtime.errors import ConfigError
-from edgetune.runtime.peft.base import Method, Tensors
+from edgetune.runtime.peft.base import Tensors, VirtualTokenMethod
 
 
 @dataclass(frozen=True)
-class PromptTuningConfig(Method):
-    num_virtual_tokens: int = 20
+class PromptTuningConfig(VirtualTokenMethod):
     # Optional "text" initialisation: the embeddings of these token ids,
     # repeated to fill P rows (HF PEFT's PromptTuningInit.TEXT); else N(0, 1).
     init_token_ids: tuple[int, ...] | None = None
 
     peft_type = "PROMPT_TUNING"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.num_virtual_tokens <= 0:
-            raise ConfigError(f"prompt tuning: num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
 
     def init_edge(self, config, model, generator) -> Tensors:
         P = self.num_virtual_tokens
