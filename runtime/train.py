@@ -107,6 +107,7 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     from edgetune.runtime.tokenizer import load_tokenizer
 
     # -- setup --------------------------------------------------------------
+    methods = cfg.methods()  # validates the method options before any long work starts
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -118,7 +119,7 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     pad_id = resolve_pad_id(tokenizer)
     stream = BatchStream(train_examples, cfg.batch_size, cfg.seed, pad_id)
     model = load_model(folder, device=device)
-    adapter = attach_adapter(model, cfg.methods(tokenizer), seed=cfg.seed)
+    adapter = attach_adapter(model, methods, seed=cfg.seed)
     adapter.train()
     params = list(adapter.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

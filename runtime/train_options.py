@@ -98,7 +98,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def methods(self, tokenizer=None) -> list:
+    def methods(self) -> list:
         """The PEFT method configs this run trains."""
         from edgetune.runtime import peft
 
