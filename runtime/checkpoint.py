@@ -85,3 +85,13 @@ class SafetensorsCheckpoint:
 
     def names(self) -> Iterable[str]:
         return self.shapes.keys()
+
+    def read_raw(self, name: str) -> torch.Tensor:
+        """One tensor exactly as stored (its own dtype), on the CPU."""
+        if name not in self.shapes:
+            raise ModelLoadError(f"{self.folder}: no tensor {name!r} in the checkpoint")
+        with self._open(self.file_of[name]) as f:
+            try:
+                return f.get_tensor(name)
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ModelLoadError(f"{self.file_of[name]}: cannot read tensor {name!r} ({e})") from None

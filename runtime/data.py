@@ -373,6 +373,11 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device), self.num_tokens)
 
+    def split(self, parts: int) -> list[Batch]:
+        """Split the rows into `parts` micro-batches (as even as possible; empty ones dropped)."""
+        pieces = zip(*(t.tensor_split(parts) for t in (self.input_ids, self.labels, self.attention_mask)))
+        return [Batch(ids, labels, mask, int((labels != IGNORE_INDEX).sum())) for ids, labels, mask in pieces if len(ids)]
+
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:
     """Pad examples on the right to the longest one; used for training and evaluation."""

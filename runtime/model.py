@@ -321,17 +321,25 @@ class CausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        p = next(self.parameters(), None)  # a part may hold no parameters at all
+        return torch.float32 if p is None else p.dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        p = next(self.parameters(), None)
+        return self.inv_freq.device if p is None else p.device
 
     # -- forward ---------------------------------------------------------
-    def forward_blocks(self, h: torch.Tensor, ctx: ForwardContext, cache: KVCache | None = None, adapter: Adapter | None = None) -> torch.Tensor:
-        """Run this part's blocks on hidden states (B, T, D)."""
-        adapter = self.adapter if adapter is None else adapter
-        views = {} if adapter is None else adapter.for_blocks(range(self.start, self.end), ctx.dropout_key)
+    def forward_blocks(self, h: torch.Tensor, ctx: ForwardContext, cache: KVCache | None = None, adapter: Adapter | None = None,
+                       views: dict[int, BlockAdapter] | None = None) -> torch.Tensor:
+        """Run this part's blocks on hidden states (B, T, D).
+
+        `views` gives each block's adapter directly (a node builds them from the
+        tensors the edge pushed); otherwise they come from `adapter` or the attached one.
+        """
+        if views is None:
+            adapter = self.adapter if adapter is None else adapter
+            views = {} if adapter is None else adapter.for_blocks(range(self.start, self.end), ctx.dropout_key)
         for block in self.layers:
             h = block(h, ctx, views.get(block.layer_idx), cache)
         return h

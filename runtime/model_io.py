@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from edgetune.runtime.checkpoint import SafetensorsCheckpoint
 from edgetune.runtime.config import ModelConfig
+from edgetune.runtime.errors import ModelLoadError
 from edgetune.runtime.model import CausalLM, rope_inv_freq
 
 
@@ -37,6 +39,28 @@ def load_model(
     """
     folder = resolve_model_folder(path)
     config = ModelConfig.from_file(folder / "config.json")
+    checkpoint = SafetensorsCheckpoint(folder)
+    model = build_part(config, start, end, edge, lambda shapes: checkpoint.read(shapes, dtype, device), device)
+    model.source_path = folder
+    return model
+
+
+def part_shapes(config: ModelConfig, start: int = 0, end: int | None = None, edge: bool = True) -> dict[str, tuple[int, ...]]:
+    """Checkpoint name -> shape of every tensor a part [start, end) (+ edge) loads."""
+    with torch.device("meta"):
+        model = CausalLM(config, start, config.num_layers if end is None else end, edge)
+    params = dict(model.named_parameters())
+    return {hf: tuple(params[n].shape) for n, hf in model.hf_names().items()}
+
+
+def build_part(config: ModelConfig, start: int, end: int | None, edge: bool,
+               read: Callable[[dict[str, tuple[int, ...]]], dict[str, torch.Tensor]],
+               device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> CausalLM:
+    """A frozen part whose tensors come from `read(checkpoint name -> shape)`.
+
+    load_model reads from a local checkpoint; a node without the model file gets
+    the same tensors from the coordinator (Ray's object store) and passes them in.
+    """
     end = config.num_layers if end is None else end
     if not 0 <= start <= end <= config.num_layers:
         raise ValueError(f"block range [{start}, {end}) is outside the model's {config.num_layers} blocks")
@@ -44,11 +68,15 @@ def load_model(
         model = CausalLM(config, start, end, edge)
     names = model.hf_names()  # param name -> checkpoint name
     params = dict(model.named_parameters())
-    tensors = SafetensorsCheckpoint(folder).read({hf: tuple(params[n].shape) for n, hf in names.items()}, dtype, device)
-    # read() returned every expected tensor, so the load is complete (strict would trip on buffers)
-    model.load_state_dict({n: tensors[hf] for n, hf in names.items()}, strict=False, assign=True)
+    expected = {hf: tuple(params[n].shape) for n, hf in names.items()}
+    tensors = read(expected)
+    bad = sorted(hf for hf, shape in expected.items() if hf not in tensors or tuple(tensors[hf].shape) != shape)
+    if bad:
+        raise ModelLoadError(f"model part [{start}, {end}): missing or misshapen tensors {bad[:5]}")
+    # every expected tensor is there, so the load is complete (strict would trip on buffers)
+    state = {n: tensors[hf].to(device=device, dtype=dtype or tensors[hf].dtype) for n, hf in names.items()}
+    model.load_state_dict(state, strict=False, assign=True)
     model.inv_freq = rope_inv_freq(config).to(device)
     for p in model.parameters():
         p.requires_grad_(False)
-    model.source_path = folder
     return model.eval()

@@ -24,7 +24,7 @@ from edgetune.runtime.errors import ConfigError
 from edgetune.runtime.loss import head_loss_sum
 from edgetune.runtime.train_options import TrainConfig
 
-__all__ = ["TrainConfig", "finetune", "train_step", "evaluate", "lr_lambda", "batch_loss_sum"]
+__all__ = ["TrainConfig", "finetune", "train_step", "evaluate", "lr_lambda", "batch_loss_sum", "LocalEngine"]
 
 log = logging.getLogger("edgetune.train")
 
@@ -75,21 +75,52 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@torch.no_grad()
-def evaluate(model, examples, batch_size: int, pad_id: int, device: torch.device) -> float | None:
+class LocalEngine:
+    """Forward and backward in this process: the whole model, with the adapter attached.
+
+    The distributed counterpart (runtime/remote.py) has the same three methods, so
+    finetune's loop is one loop for both.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def loss_sum(self, batch) -> float:
+        """Summed loss of one batch, no gradients (evaluation)."""
+        with torch.no_grad():
+            return float(batch_loss_sum(self.model, batch.input_ids, batch.labels))
+
+    def accumulate(self, micros: list[tuple[tuple, Any]], total_tokens: int) -> float:
+        """Backward of every (dropout_key, micro-batch); returns the step's mean loss."""
+        loss_sum = 0.0
+        for key, batch in micros:
+            loss = batch_loss_sum(self.model, batch.input_ids, batch.labels, key) / max(1, total_tokens)
+            loss.backward()
+            loss_sum += float(loss.detach())
+        return loss_sum
+
+    def step_metrics(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def evaluate(engine, adapter, examples, batch_size: int, pad_id: int, device: torch.device) -> float | None:
     """Mean next-token loss over the supervised tokens of `examples`."""
     from edgetune.runtime.data import collate
 
     if not examples:
         return None
-    adapter = model.adapter
     adapter.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i:i + batch_size], pad_id).to(device)
-        total += float(batch_loss_sum(model, batch.input_ids, batch.labels))
-        count += batch.num_tokens
-    adapter.train()
+    try:
+        for i in range(0, len(examples), batch_size):
+            batch = collate(examples[i:i + batch_size], pad_id).to(device)
+            total += engine.loss_sum(batch)
+            count += batch.num_tokens
+    finally:
+        adapter.train()
     return total / max(1, count)
 
 
@@ -112,14 +143,26 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
-    folder = resolve_model_folder(cfg.model)
+    remote = None
+    if cfg.coordinator:
+        from edgetune.runtime.remote import RemoteTrainer
+
+        remote = RemoteTrainer.connect(cfg)  # the route, and the edge's part of the model
+        folder = remote.folder
+    else:
+        folder = resolve_model_folder(cfg.model)
     tokenizer = load_tokenizer(folder)
     examples = tokenize_records(load_records(cfg.data), tokenizer, cfg.max_seq_len)
     train_examples, eval_examples = split_train_eval(examples, cfg.eval_fraction, cfg.seed)
     pad_id = resolve_pad_id(tokenizer)
     stream = BatchStream(train_examples, cfg.batch_size, cfg.seed, pad_id)
-    model = load_model(folder, device=device)
-    adapter = attach_adapter(model, methods, seed=cfg.seed)
+    if remote is not None:
+        engine = remote.start(methods, device)
+        model, adapter = engine.model, engine.adapter
+    else:
+        model = load_model(folder, device=device)
+        adapter = attach_adapter(model, methods, seed=cfg.seed)
+        engine = LocalEngine(model)
     adapter.train()
     params = list(adapter.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -133,35 +176,37 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "model_folder": str(folder)}, indent=2))
     metrics = (out / "metrics.jsonl").open("a", encoding="utf-8")
-    log.info("training %s (%d trainable parameters) on %d examples (%d eval), %d steps",
-             cfg.method, adapter.num_parameters(), len(train_examples), len(eval_examples), cfg.steps)
+    log.info("training %s (%d trainable parameters) on %d examples (%d eval), %d steps%s",
+             cfg.method, adapter.num_parameters(), len(train_examples), len(eval_examples), cfg.steps,
+             f" through {cfg.coordinator}" if remote is not None else "")
 
     # -- train ----------------------------------------------------------------
     bar = _progress(cfg, state.step)
     eval_loss = None
     try:
         while state.step < cfg.steps:
-            record = train_step(model, params, optimizer, scheduler, stream, cfg, state, device)
+            record = train_step(engine, params, optimizer, scheduler, stream, cfg, state, device)
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
-                record["eval_loss"] = evaluate(model, eval_examples, cfg.batch_size, pad_id, device)
+                record["eval_loss"] = evaluate(engine, adapter, eval_examples, cfg.batch_size, pad_id, device)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             if on_step is not None:
                 on_step(record)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(_postfix(record))
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
                 checkpoints.save(cfg, adapter, optimizer, scheduler, stream, state)
             if stop_after is not None and state.step >= stop_after:
                 break
         finished = state.step >= cfg.steps
         if finished:
-            eval_loss = evaluate(model, eval_examples, cfg.batch_size, pad_id, device)
+            eval_loss = evaluate(engine, adapter, eval_examples, cfg.batch_size, pad_id, device)
             metrics.write(json.dumps({"step": state.step, "eval_loss": eval_loss}) + "\n")
         checkpoints.save(cfg, adapter, optimizer, scheduler, stream, state)
     finally:
         metrics.close()
+        engine.close()
         if bar is not None:
             bar.close()
 
@@ -172,17 +217,16 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     return RunResult(out, adapter_dir, [h["loss"] for h in state.history], eval_loss, state.step)
 
 
-def train_step(model, params, optimizer, scheduler, stream, cfg: TrainConfig, state: TrainState, device) -> dict[str, Any]:
-    """One optimizer step over `grad_accum` micro-batches; the loss is the mean over all their supervised tokens."""
+def train_step(engine, params, optimizer, scheduler, stream, cfg: TrainConfig, state: TrainState, device) -> dict[str, Any]:
+    """One optimizer step over `grad_accum` batches, each split in `micro_batches`; the loss is
+    the mean over all their supervised tokens. Dropout masks are keyed by (seed, step, micro)."""
     start = time.perf_counter()
     batches = [stream.next_batch().to(device) for _ in range(cfg.grad_accum)]
     total_tokens = sum(b.num_tokens for b in batches)
+    micros = [((cfg.seed, state.step, a * cfg.micro_batches + m), mb)
+              for a, batch in enumerate(batches) for m, mb in enumerate(batch.split(cfg.micro_batches))]
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = 0.0
-    for micro, batch in enumerate(batches):
-        loss = batch_loss_sum(model, batch.input_ids, batch.labels, (cfg.seed, state.step, micro)) / max(1, total_tokens)
-        loss.backward()
-        loss_sum += float(loss.detach())
+    loss_sum = engine.accumulate(micros, total_tokens)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
@@ -192,9 +236,17 @@ def train_step(model, params, optimizer, scheduler, stream, cfg: TrainConfig, st
     state.tokens_seen += seen
     elapsed = time.perf_counter() - start
     record = {"step": state.step, "loss": loss_sum, "lr": lr, "tokens": seen, "tokens_per_s": seen / elapsed,
-              "grad_norm": None if grad_norm is None else float(grad_norm), "time_s": elapsed}
+              "grad_norm": None if grad_norm is None else float(grad_norm), "time_s": elapsed, **engine.step_metrics()}
     state.history.append(record)
     return record
+
+
+def _postfix(record: dict[str, Any]) -> dict[str, str]:
+    shown = {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+    if "bytes_sent" in record:
+        shown["MB_sent"] = f"{record['bytes_sent'] / 2**20:.1f}"
+        shown["MB_recv"] = f"{record['bytes_received'] / 2**20:.1f}"
+    return shown
 
 
 def _progress(cfg: TrainConfig, initial: int):

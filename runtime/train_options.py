@@ -49,6 +49,7 @@ class TrainConfig:
     steps: int = 100
     batch_size: int = 4
     grad_accum: int = 1
+    micro_batches: int = 1  # each batch is split in this many micro-batches (pipelined when distributed)
     max_grad_norm: float = 1.0
     max_seq_len: int = 512
     seed: int = 0
@@ -60,8 +61,15 @@ class TrainConfig:
     resume: bool = False
     # hardware
     device: str = "cpu"
-    threads: int = 0  # 0: torch's default
+    threads: int = 0  # 0: torch's default (distributed: cores / edgetune processes on the host)
     progress: bool = True
+    # distributed (empty coordinator: train in this process)
+    coordinator: str = ""
+    codec: str = "fp32"  # activations and their gradients on the wire: fp32, fp16, bf16, int8
+    token_file: str = ""  # default: ~/.config/edgetune/token
+    max_step_retries: int = 5  # replays of one step after node failures before giving up
+    route_timeout_s: float = 300.0  # how long to wait for the coordinator to reassign blocks
+    reply_timeout_s: float = 600.0  # longest silence from the route within one step
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -73,7 +81,7 @@ class TrainConfig:
             problems.append("data: a JSONL file is required")
         if self.method not in METHOD_NAMES:
             problems.append(f"method {self.method!r} not in {', '.join(METHOD_NAMES)}")
-        for name in ("steps", "batch_size", "grad_accum", "max_seq_len"):
+        for name in ("steps", "batch_size", "grad_accum", "micro_batches", "max_seq_len"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -82,6 +90,12 @@ class TrainConfig:
             problems.append(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             problems.append(f"warmup_steps must be in [0, steps], got {self.warmup_steps}")
+        if self.micro_batches > self.batch_size:
+            problems.append(f"micro_batches ({self.micro_batches}) cannot exceed batch_size ({self.batch_size})")
+        if self.codec not in ("fp32", "fp16", "bf16", "int8"):
+            problems.append(f"codec {self.codec!r} not in fp32, fp16, bf16, int8")
+        if self.coordinator and ":" not in self.coordinator:
+            problems.append(f"coordinator {self.coordinator!r} must be HOST:PORT")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             problems.append(f"device {self.device!r} not in cpu, cuda, cuda:N, auto")
         if problems:

@@ -172,7 +172,7 @@ def test_every_method_trains_and_saves(tiny_folder, data_file, tmp_path, method)
     from edgetune.runtime.peft import attach_adapter
     from edgetune.runtime.peft.hf_format import load_adapter
     from edgetune.runtime.tokenizer import load_tokenizer
-    from edgetune.runtime.train import evaluate
+    from edgetune.runtime.train import LocalEngine, evaluate
 
     cfg = _cfg(tiny_folder, data_file, tmp_path / "run", method=method, steps=8, lr=1e-1, num_virtual_tokens=4,
                bottleneck_size=8, grad_accum=1, batch_size=3, target_modules="all-linear")
@@ -181,7 +181,7 @@ def test_every_method_trains_and_saves(tiny_folder, data_file, tmp_path, method)
     examples = tokenize_records(load_records(data_file), tok, cfg.max_seq_len)
 
     def data_loss(model):
-        return evaluate(model, examples, 8, resolve_pad_id(tok), torch.device("cpu"))
+        return evaluate(LocalEngine(model), model.adapter, examples, 8, resolve_pad_id(tok), torch.device("cpu"))
 
     initial = load_model(tiny_folder)
     attach_adapter(initial, cfg.methods(), seed=cfg.seed)  # the run's starting point

@@ -10,7 +10,9 @@ Methods compose in stack order: e.g. the MAM adapter is
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+import dataclasses
+import json
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,7 @@ from edgetune.runtime.errors import AdapterError
 from edgetune.runtime.peft.base import HOOKS, Method, Tensors
 
 if TYPE_CHECKING:  # pragma: no cover
-    from edgetune.runtime.model import CausalLM
+    from edgetune.runtime.model import Block, CausalLM
 
 
 class BlockAdapter:
@@ -102,15 +104,22 @@ class Adapter:
 
     # -- creation --------------------------------------------------------------
     @classmethod
-    def create(cls, model: CausalLM, methods: Sequence[Method], seed: int = 0) -> "Adapter":
-        """Fresh tensors for `model`'s blocks (and edge, when it has one), seeded."""
+    def create(cls, model: CausalLM, methods: Sequence[Method], seed: int = 0,
+               block_source: Callable[[], Iterable[Block]] | None = None) -> "Adapter":
+        """Fresh tensors for `model`'s blocks (and edge, when it has one), seeded.
+
+        `block_source` yields the blocks to initialise instead of the model's own:
+        the edge of a distributed run holds no blocks and passes stand-ins for all
+        of them (see runtime/remote_model.py); the same seed gives the same tensors.
+        """
         if not methods:
             raise AdapterError("an adapter needs at least one PEFT method")
         gen = torch.Generator().manual_seed(seed)
+        block_source = model.blocks if block_source is None else block_source
         blocks, edges = [], []
         for method in methods:
             per_block = {}
-            for block in model.blocks():
+            for block in block_source():
                 t = method.init_block(model.config, block, gen)
                 if t:
                     per_block[block.layer_idx] = t
@@ -121,7 +130,7 @@ class Adapter:
         adapter.to(device=model.device, dtype=model.dtype)
         for p in adapter.parameters():
             p.requires_grad_(True)
-        whole = model.has_edge and model.start == 0 and model.end == model.config.num_layers
+        whole = model.has_edge and (block_source is not model.blocks or (model.start == 0 and model.end == model.config.num_layers))
         if whole and not any(True for _ in adapter.parameters()):  # a node's part may hold none of them
             raise AdapterError("the adapter's methods target no module of this model; check target_modules / layers_to_transform")
         return adapter
@@ -179,16 +188,24 @@ class Adapter:
             return {}
         layers = list(layers)
         key = dropout_key if self.training else None
+        return block_adapters(self.methods, self.block_tensor_views(layers), layers, key)
+
+    def block_tensor_views(self, layers: Iterable[int]) -> dict[str, torch.Tensor]:
+        """'{method}.{layer}.{name}' -> the tensor blocks use, for `layers`.
+
+        Derived tensors (prefix projection) keep their autograd link to the edge
+        tensors they come from. This is what a distributed run ships to the nodes;
+        gradients coming back for these keys flow on into the master tensors.
+        """
+        layers = list(layers)
         derived = [m.derive_blocks(e, layers) for m, e in zip(self.methods, self.edge_tensors)]
-        views = {}
-        for layer in layers:
-            entries = []
-            for method, blocks, extra in zip(self.methods, self.block_tensors, derived):
-                t = blocks.get(layer) if extra is None else extra.get(layer)
-                if t:
-                    entries.append((method, t))
-            views[layer] = BlockAdapter(layer, entries, key)
-        return views
+        out = {}
+        for k, (blocks, extra) in enumerate(zip(self.block_tensors, derived)):
+            source = blocks if extra is None else extra
+            for layer in layers:
+                for name, t in source.get(layer, {}).items():
+                    out[f"{k}.{layer}.{name}"] = t
+        return out
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -241,6 +258,52 @@ class Adapter:
             if model.has_edge:
                 method.unmerge_edge(edge, model, undo["edge"])
         self.merged = False
+
+
+def split_block_key(key: str) -> tuple[int, int, str]:
+    """'{method}.{layer}.{name}' -> (method, layer, name); AdapterError when malformed."""
+    parts = key.split(".", 2)
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit() or not parts[2]:
+        raise AdapterError(f"adapter tensor key {key!r} is not '<method>.<layer>.<name>'")
+    return int(parts[0]), int(parts[1]), parts[2]
+
+
+def block_adapters(methods: Sequence[Method], tensors: dict[str, torch.Tensor], layers: Iterable[int],
+                   dropout_key: tuple | None) -> dict[int, BlockAdapter]:
+    """BlockAdapters for `layers` from keyed tensors (see Adapter.block_tensor_views).
+
+    One code path for a whole local model and for a node's blocks, so both apply
+    the same methods in the same stack order with the same dropout keys.
+    """
+    layers = list(layers)
+    grouped: dict[int, list[Tensors]] = {layer: [{} for _ in methods] for layer in layers}
+    for key, t in tensors.items():
+        k, layer, name = split_block_key(key)
+        if k >= len(methods):
+            raise AdapterError(f"adapter tensor {key!r}: the adapter has only {len(methods)} method(s)")
+        if layer in grouped:
+            grouped[layer][k][name] = t
+    return {layer: BlockAdapter(layer, [(m, t) for m, t in zip(methods, grouped[layer]) if t], dropout_key)
+            for layer in layers}
+
+
+def methods_to_json(methods: Sequence[Method]) -> str:
+    """The method configs as JSON, for a node to rebuild them (methods_from_json)."""
+    return json.dumps([{"type": type(m).__name__, "fields": dataclasses.asdict(m)} for m in methods])
+
+
+def methods_from_json(text: str) -> list[Method]:
+    """Method configs from methods_to_json's output; AdapterError for anything else."""
+    from edgetune.runtime.peft import METHODS
+
+    classes = {cls.__name__: cls for cls in METHODS.values()}
+    try:
+        items = json.loads(text)
+        if not isinstance(items, list) or not items:
+            raise ValueError("expected a non-empty list")
+        return [classes[item["type"]](**item["fields"]) for item in items]
+    except (ValueError, KeyError, TypeError) as e:
+        raise AdapterError(f"malformed PEFT method configs ({type(e).__name__}: {e}); known types: {sorted(classes)}") from None
 
 
 def attach_adapter(model: CausalLM, adapter: Adapter | Sequence[Method] | Method, seed: int = 0) -> Adapter:

@@ -59,6 +59,11 @@ class Method:
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
 
+    @property
+    def init_reads_weights(self) -> bool:
+        """True when init_block starts from the base weights (so it needs real blocks, not shapes)."""
+        return False
+
     # -- tensors ----------------------------------------------------------
     def init_block(self, config: ModelConfig, block: Block, generator: torch.Generator) -> Tensors:
         """Trainable tensors for one block ({} when the block is not targeted)."""

@@ -22,6 +22,10 @@ class LNTuningConfig(Method):
     peft_type = "LN_TUNING"
     mergeable = True
 
+    @property
+    def init_reads_weights(self) -> bool:
+        return True  # the trained norms start as copies of the base norms
+
     def targets_final_norm(self) -> bool:
         if isinstance(self.target_modules, str):
             import re

@@ -37,6 +37,10 @@ class LoraConfig(Method):
     peft_type = "LORA"
     mergeable = True
 
+    @property
+    def init_reads_weights(self) -> bool:
+        return self.use_dora  # DoRA's magnitude starts as the base weight's row norms
+
     def __post_init__(self) -> None:
         super().__post_init__()
         problems = []
