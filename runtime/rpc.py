@@ -1,0 +1,253 @@
+"""gRPC plumbing shared by the edge, the worker nodes and the coordinator.
+
+- The cluster's shared secret: `write_token` / `load_token` (a 0600 file, by default
+  ~/.config/edgetune/token; callers pass the path, nothing here reads the environment).
+- Authentication: every call to a server from `make_server` must carry the metadata
+  `authorization: Bearer <token>`; a channel from `make_channel` adds it to every call
+  (unary and streaming alike). Health checks are no exception.
+- Errors: `status_code_for(exc)` maps edgetune's exceptions to gRPC status codes and
+  `abort(context, exc)` ends a call with one.
+- Deadlines: every RPC the edge or a node makes passes `timeout=` one of the *_TIMEOUT_S
+  constants below (or a longer, named one of its own).
+
+Messages themselves are `edgetune.runtime.serde`'s business; this module never
+touches edgetune's `*_pb2` messages.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from concurrent import futures
+from pathlib import Path
+from typing import Callable, Iterable, NamedTuple, NoReturn, Optional, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from edgetune.runtime.atomic import atomic_write_text
+from edgetune.runtime.errors import (
+    AdapterError, CheckpointError, ConfigError, DataError, EdgetuneError, ModelLoadError,
+    SessionError, TokenizerError, UnsupportedModelError, WireError,
+)
+from edgetune.runtime.serde import channel_options
+
+UNARY_TIMEOUT_S = 30.0  # Info, Join, GetRoute, Status: small answers, a slow one is a dead peer
+HEALTH_TIMEOUT_S = 5.0  # one health check
+CONNECT_TIMEOUT_S = 10.0  # waiting for a channel to become ready
+EDGE_PART_TIMEOUT_S = 600.0  # FetchEdgePart: embeddings + LM head, up to a few GB
+SESSION_TIMEOUT_S = 7 * 24 * 3600.0  # Node.Session lives as long as a training run; items have their own deadlines
+
+_AUTH_KEY = "authorization"  # gRPC metadata keys are lower-case
+_SCHEME = "Bearer "
+
+
+# -- the shared token -------------------------------------------------------------------
+def default_token_path() -> Path:
+    """Where `edgetune coordinator` writes the token and nodes/edges look for it by default."""
+    return Path.home() / ".config" / "edgetune" / "token"
+
+
+def write_token(path: Path, token: str | None = None) -> str:
+    """Write `token` (default: a fresh random one) to `path`, readable by its owner only; return it."""
+    token = secrets.token_urlsafe(32) if token is None else token
+    if not token or token != token.strip():
+        raise ConfigError("a token must be non-empty and have no surrounding whitespace")
+    path = Path(path).expanduser()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    atomic_write_text(path, token + "\n")  # the temp file is created 0600, then renamed over `path`
+    os.chmod(path, 0o600)
+    return token
+
+
+def load_token(path: Path) -> str:
+    """The token stored at `path`; ConfigError saying what to do if it is missing, empty or unreadable."""
+    path = Path(path).expanduser()
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(f"no cluster token at {path}: copy the coordinator's token file there "
+                          "(`edgetune coordinator` writes one) or pass the path of one") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the cluster token at {path}: {exc}") from None
+    if not token:
+        raise ConfigError(f"the cluster token file {path} is empty: copy the coordinator's token file there")
+    return token
+
+
+# -- authentication -----------------------------------------------------------------------
+def _rejecting_handler(handler: Optional[grpc.RpcMethodHandler], message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind as `handler` that aborts with UNAUTHENTICATED."""
+
+    def reject(request_or_iterator, context: grpc.ServicerContext):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if handler is None:  # unknown method: still say "unauthenticated", not "unimplemented"
+        return grpc.unary_unary_rpc_method_handler(reject)
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return make(reject, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """Refuses every call whose metadata lacks `authorization: Bearer <token>` (UNAUTHENTICATED)."""
+
+    def __init__(self, token: str):
+        self._expected = (_SCHEME + token).encode()
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        values = [v for k, v in (details.invocation_metadata or ()) if k == _AUTH_KEY]
+        if not values:
+            problem = f"missing '{_AUTH_KEY}: {_SCHEME}<token>' metadata: connect with the cluster token"
+        elif hmac.compare_digest(_as_bytes(values[0]), self._expected):
+            return continuation(details)
+        else:
+            problem = "wrong cluster token: use the token file the coordinator wrote"
+        return _rejecting_handler(continuation(details), f"{details.method}: {problem}")
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode("utf-8", "replace")
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: Optional[float]
+    metadata: Optional[Sequence[tuple[str, str]]]
+    credentials: Optional[grpc.CallCredentials]
+    wait_for_ready: Optional[bool]
+    compression: Optional[grpc.Compression]
+
+
+class _ClientCallDetails(_CallDetails, grpc.ClientCallDetails):
+    pass
+
+
+class TokenClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                             grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to the metadata of every call on a channel."""
+
+    def __init__(self, token: str):
+        self._entry = (_AUTH_KEY, _SCHEME + token)
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [m for m in (details.metadata or ()) if m[0] != _AUTH_KEY] + [self._entry]
+        return _ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                  details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._with_token(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._with_token(details), request_iterator)
+
+
+# -- errors -> status codes ---------------------------------------------------------------
+# First match wins, so subclasses come before their bases.
+_STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (WireError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnsupportedModelError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (DataError, grpc.StatusCode.INVALID_ARGUMENT),
+    (AdapterError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
+    (CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),
+    (TokenizerError, grpc.StatusCode.FAILED_PRECONDITION),
+    (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
+)
+
+
+def status_code_for(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status a servicer answers with when `exc` ends a call.
+
+        exception                              status
+        SessionError                           its `code` (default FAILED_PRECONDITION)
+        WireError, ConfigError, DataError,     INVALID_ARGUMENT: the request is malformed;
+          AdapterError                           resending it unchanged cannot help
+        UnsupportedModelError, ModelLoadError, FAILED_PRECONDITION: this server cannot serve
+          CheckpointError, TokenizerError        it in its current state (the edge re-routes)
+        MemoryError                            RESOURCE_EXHAUSTED
+        TimeoutError                           DEADLINE_EXCEEDED
+        NotImplementedError                    UNIMPLEMENTED
+        anything else                          INTERNAL: a bug, with the exception's message
+    """
+    if isinstance(exc, SessionError):
+        return grpc.StatusCode[exc.code]
+    for kind, code in _STATUS_CODES:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def error_message(exc: BaseException) -> str:
+    """What a caller is told about `exc`: edgetune's own messages as they are, others with their type."""
+    if isinstance(exc, EdgetuneError):
+        return str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
+
+
+def abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
+    """End the current call with the status `status_code_for(exc)` and the exception's message."""
+    context.abort(status_code_for(exc), error_message(exc))
+    raise RuntimeError("context.abort returned instead of raising")  # grpc's always raises
+
+
+# -- servers and channels -----------------------------------------------------------------
+def make_server(max_workers: int, token: str, *, max_message_bytes: int | None = None) -> grpc.Server:
+    """A gRPC server that requires the token on every call and accepts frames up to the serde limit.
+
+    Each open Node.Session stream holds one worker thread for its lifetime: size
+    `max_workers` for the sessions plus the unary calls served beside them. Add the
+    servicers and a port, then `start()` it.
+    """
+    if not token:
+        raise ConfigError("a gRPC server needs a non-empty cluster token")
+    options = channel_options() if max_message_bytes is None else channel_options(max_message_bytes)
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="edgetune-grpc"),
+                       interceptors=[TokenAuthInterceptor(token)], options=options)
+
+
+def make_channel(address: str, token: str, *, max_message_bytes: int | None = None) -> grpc.Channel:
+    """An insecure channel to `address` ("host:port") that sends the token with every call.
+
+    Close it with `channel.close()` (or use it as a context manager).
+    """
+    if not token:
+        raise ConfigError("a gRPC channel needs a non-empty cluster token")
+    options = channel_options() if max_message_bytes is None else channel_options(max_message_bytes)
+    return grpc.intercept_channel(grpc.insecure_channel(address, options=options), TokenClientInterceptor(token))
+
+
+def add_health(server: grpc.Server, services: Iterable[str] = ()) -> health.HealthServicer:
+    """Register the standard grpc.health.v1 service, reporting SERVING overall and for `services`.
+
+    `services` are full service names, e.g. "edgetune.v1.Node". The returned servicer's
+    `set(name, status)` / `enter_graceful_shutdown()` change what it reports.
+    """
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ("", *services):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return servicer
+
+
+def check_health(channel: grpc.Channel, service: str = "", timeout_s: float = HEALTH_TIMEOUT_S) -> str:
+    """The health status name a server reports for `service` ("SERVING", "NOT_SERVING", ...).
+
+    Raises grpc.RpcError when the server cannot be reached or refuses the call.
+    """
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

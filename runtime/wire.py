@@ -1,0 +1,193 @@
+"""The messages of edgetune's wire as plain Python values (no protobuf here).
+
+Nodes, the coordinator and the edge client speak in these dataclasses;
+`edgetune.runtime.serde` alone turns them into protobuf frames and back.
+Tensors are torch tensors keyed by name; the codec says how activations and
+their gradients are compressed on the wire (adapter tensors always travel
+exactly, see serde).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+
+CODECS = ("fp32", "fp16", "bf16", "int8")  # activation / activation-gradient codecs
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One stage of a route: node `name` at `address` runs blocks [start, end)."""
+
+    name: str
+    address: str
+    start: int
+    end: int
+
+
+# -- down the route (edge -> nodes) -----------------------------------------------
+@dataclass
+class Open:
+    session_id: str
+    model: str
+    fingerprint: str
+    route: list[Hop]  # the receiving node first
+    codec: str = "fp32"
+    methods_json: str = "[]"
+
+
+@dataclass
+class AdapterPush:
+    version: int
+    tensors: Tensors  # "{method}.{layer}.{name}"
+
+
+@dataclass
+class Forward:
+    step: int
+    micro: int
+    version: int
+    train: bool
+    dropout_key: tuple[int, ...] | None
+    hidden: torch.Tensor  # (B, T, D)
+    attention_mask: torch.Tensor | None = None  # (B, T), 1 = real token
+
+
+@dataclass
+class Backward:
+    step: int
+    micro: int
+    grad: torch.Tensor  # (B, T, D), dL/d(output of the route's last block)
+
+
+@dataclass
+class EndStep:
+    step: int
+    version: int
+
+
+DownMessage = Union[Open, AdapterPush, Forward, Backward, EndStep]
+
+
+# -- up the route (nodes -> edge) ------------------------------------------------
+@dataclass
+class Opened:
+    route: list[Hop]
+
+
+@dataclass
+class ForwardResult:
+    step: int
+    micro: int
+    hidden: torch.Tensor
+
+
+@dataclass
+class BackwardResult:
+    step: int
+    micro: int
+    grad: torch.Tensor  # dL/d(input of the route's first block)
+
+
+@dataclass
+class StageTiming:
+    name: str
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass
+class Gradients:
+    step: int
+    version: int
+    tensors: Tensors
+    timings: list[StageTiming] = field(default_factory=list)
+
+
+@dataclass
+class ItemError:
+    """A failure of one item that leaves the session usable (code: a grpc.StatusCode name)."""
+
+    code: str
+    message: str
+    node: str = ""
+    step: int = 0
+    micro: int = 0
+
+
+UpMessage = Union[Opened, ForwardResult, BackwardResult, Gradients, ItemError]
+
+
+# -- unary -------------------------------------------------------------------------
+@dataclass
+class NodeInfo:
+    name: str
+    model: str = ""
+    fingerprint: str = ""
+    start: int = 0
+    end: int = 0
+    device: str = ""
+    sessions: int = 0
+    cached_activations: int = 0
+    loaded_bytes: int = 0
+    busy_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    sha256: str
+
+
+@dataclass
+class Route:
+    model: str
+    fingerprint: str
+    hops: list[Hop]
+    num_layers: int
+    manifest: list[ManifestEntry] = field(default_factory=list)
+
+
+@dataclass
+class NodeStatus:
+    name: str
+    ray_node_id: str = ""
+    host: str = ""
+    alive: bool = True
+    device: str = "cpu"
+    gpu_name: str = ""
+    memory_bytes: int = 0
+    cpus: int = 0
+    threads: int = 0
+    block_time_s: float = 0.0
+    bandwidth_bytes_per_s: float = 0.0
+    stages: list[Hop] = field(default_factory=list)
+    info: NodeInfo | None = None
+
+
+@dataclass
+class ClusterStatus:
+    ray_address: str
+    nodes: list[NodeStatus]
+    models: list[str] = field(default_factory=list)
+
+
+@dataclass
+class JoinReply:
+    ray_address: str
+    ray_auth_token: str = ""
+    ray_auth_mode: str = ""
+
+
+@dataclass
+class EdgePart:
+    """The edge's part of a model: small files (config.json, tokenizer) and edge tensors."""
+
+    files: dict[str, bytes]
+    tensors: Tensors
