@@ -1,0 +1,274 @@
+"""The node's gRPC service: one relaying session per edge stream, over a `Shard`.
+
+A session is a bidirectional stream. Messages going down the route (Open,
+AdapterPush, Forward, Backward, EndStep) are handled here in order by one worker
+thread; the node opens the same kind of stream to the next node of the route
+and relays. Messages coming up from the next node are either relayed straight
+up (ForwardResult, errors: no compute, so the pipeline keeps moving) or need
+this node's compute (BackwardResult -> this stage's backward, Gradients -> add
+this stage's) and join the worker's queue.
+
+    edge ==Session==> node A ==Session==> node B
+         <== up ======        <== up ======
+
+Errors: a problem with one item (missing activations, stale adapter version)
+goes up as an ItemError and the session stays usable; a malformed frame or a
+broken next hop ends this session with a status; the node keeps serving others.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Iterator
+
+import grpc
+
+from edgetune.nodes.shard import Shard, ShardSession
+from edgetune.proto.v1 import node_pb2_grpc
+from edgetune.runtime import rpc, serde, wire
+from edgetune.runtime.errors import EdgetuneError, SessionError
+
+log = logging.getLogger("edgetune.node")
+
+_END = object()  # end of a queue
+
+
+class _Abort(Exception):
+    """Ends a session with a gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class NodeServicer(node_pb2_grpc.NodeServicer):
+    """Thin: decode -> Shard / relay -> encode."""
+
+    def __init__(self, shard: Shard, token: str, session_deadline_s: float = rpc.SESSION_TIMEOUT_S) -> None:
+        self.shard = shard
+        self.token = token
+        self.session_deadline_s = session_deadline_s
+
+    def Info(self, request, context):
+        return serde.node_info_to_pb(self.shard.info())
+
+    def Session(self, request_iterator, context) -> Iterator:
+        relay = _Relay(self.shard, self.token, self.session_deadline_s)
+        context.add_callback(relay.cancel)
+        reader = threading.Thread(target=relay.read_upstream, args=(request_iterator,), daemon=True,
+                                  name="edgetune-session-in")
+        worker = threading.Thread(target=relay.work, daemon=True, name="edgetune-session-work")
+        reader.start()
+        worker.start()
+        while True:
+            item = relay.out.get()
+            if item is _END:
+                return
+            if isinstance(item, _Abort):
+                relay.cancel()
+                context.abort(item.code, item.message)
+            yield item
+
+
+class _Relay:
+    """The state of one session on one node."""
+
+    def __init__(self, shard: Shard, token: str, deadline_s: float) -> None:
+        self.shard = shard
+        self.token = token
+        self.deadline_s = deadline_s
+        self.out: queue.Queue = queue.Queue()   # Up frames for the previous hop, or _END / _Abort
+        self.work_q: queue.Queue = queue.Queue()  # ("down" | "up", message)
+        self.session: ShardSession | None = None
+        self.codec = "fp32"
+        self.next_hop: wire.Hop | None = None
+        self._down_q: queue.Queue | None = None   # frames for the next hop
+        self._call = None
+        self._channel = None
+        self._closed = threading.Event()
+
+    # -- threads ----------------------------------------------------------------------
+    def read_upstream(self, frames) -> None:
+        """Assemble frames from the previous hop into messages for the worker."""
+        assembler = serde.Assembler("down")
+        try:
+            for frame in frames:
+                msg = assembler.feed(frame)
+                if msg is not None:
+                    self._count_in(frame)
+                    self.work_q.put(("down", msg))
+                elif self.session is not None:
+                    self._count_in(frame)
+            assembler.close()
+        except EdgetuneError as e:  # WireError: malformed or truncated input
+            self.work_q.put(("abort", _Abort(rpc.status_code_for(e), str(e))))
+            return
+        except Exception:  # the previous hop went away (cancelled stream)
+            pass
+        self.work_q.put(("end", None))
+
+    def work(self) -> None:
+        """Handle messages in order; the only thread that runs this session's torch code."""
+        try:
+            while True:
+                kind, msg = self.work_q.get()
+                if kind == "end":
+                    break
+                if kind == "abort":
+                    self.out.put(msg)
+                    break
+                try:
+                    self._handle_down(msg) if kind == "down" else self._handle_up(msg)
+                except SessionError as e:
+                    if self.session is None:  # nothing to keep serving: end the stream
+                        raise _Abort(rpc.status_code_for(e), str(e)) from None
+                    step, micro = getattr(msg, "step", 0), getattr(msg, "micro", 0)
+                    self._up(wire.ItemError(e.code, str(e), self.shard.name, step, micro))
+        except _Abort as a:
+            self.out.put(a)
+        except EdgetuneError as e:
+            self.out.put(_Abort(rpc.status_code_for(e), str(e)))
+        except Exception as e:  # a bug: say so instead of hanging the edge
+            log.exception("session failed on node %s", self.shard.name)
+            self.out.put(_Abort(grpc.StatusCode.INTERNAL, f"node {self.shard.name}: {type(e).__name__}: {e}"))
+        finally:
+            self.close()
+            self.out.put(_END)
+
+    def read_downstream(self, responses) -> None:
+        """Up frames from the next hop: relay results, queue what needs this stage's compute."""
+        assembler = serde.Assembler("up")
+        try:
+            for frame in responses:
+                msg = assembler.feed(frame)
+                if msg is None:
+                    continue
+                if isinstance(msg, (wire.ForwardResult, wire.ItemError)):
+                    self._up(msg)
+                else:
+                    self.work_q.put(("up", msg))
+        except grpc.RpcError as e:
+            if not self._closed.is_set():
+                hop = self.next_hop
+                code = e.code() if e.code() != grpc.StatusCode.CANCELLED else grpc.StatusCode.UNAVAILABLE
+                self.work_q.put(("abort", _Abort(code, f"next node {hop.name} at {hop.address}: {e.details()}")))
+        except EdgetuneError as e:
+            self.work_q.put(("abort", _Abort(grpc.StatusCode.INTERNAL, f"next node {self.next_hop.name} sent {e}")))
+
+    # -- handlers -----------------------------------------------------------------------
+    def _handle_down(self, msg) -> None:
+        if isinstance(msg, wire.Open):
+            return self._open(msg)
+        if self.session is None:
+            raise SessionError("unknown session: the first message of a session must be Open", code="FAILED_PRECONDITION")
+        s = self.session
+        if isinstance(msg, wire.AdapterPush):
+            rest = s.push_adapter(msg)
+            if self.next_hop is not None:
+                self._down(wire.AdapterPush(msg.version, rest))
+        elif isinstance(msg, wire.Forward):
+            out = s.forward(msg)
+            if self.next_hop is not None:
+                self._down(wire.Forward(msg.step, msg.micro, msg.version, msg.train, msg.dropout_key, out, msg.attention_mask))
+            else:
+                self._up(wire.ForwardResult(msg.step, msg.micro, out))
+        elif isinstance(msg, wire.Backward):
+            if self.next_hop is None:
+                self._up(wire.BackwardResult(msg.step, msg.micro, s.backward(msg.step, msg.micro, msg.grad)))
+            elif not s.has_activation(msg.step, msg.micro):
+                raise s.missing(msg.step, msg.micro)  # no use asking the next nodes first
+            else:
+                self._down(msg)
+        elif isinstance(msg, wire.EndStep):
+            if self.next_hop is not None:
+                self._down(msg)
+            else:
+                grads, timing = s.end_step(msg)
+                self._up(wire.Gradients(msg.step, msg.version, grads, [timing]))
+        else:
+            raise SessionError(f"unexpected message {type(msg).__name__} going down", code="INVALID_ARGUMENT")
+
+    def _handle_up(self, msg) -> None:
+        s = self.session
+        if isinstance(msg, wire.Opened):
+            self._up(wire.Opened([self._me()] + msg.route))
+        elif isinstance(msg, wire.BackwardResult):
+            self._up(wire.BackwardResult(msg.step, msg.micro, s.backward(msg.step, msg.micro, msg.grad)))
+        elif isinstance(msg, wire.Gradients):
+            grads, timing = s.end_step(wire.EndStep(msg.step, msg.version))
+            self._up(wire.Gradients(msg.step, msg.version, {**grads, **msg.tensors}, [timing] + msg.timings))
+
+    def _open(self, msg: wire.Open) -> None:
+        if self.session is not None:
+            raise SessionError("Open sent twice in one session", code="FAILED_PRECONDITION")
+        self.session = self.shard.open_session(msg)
+        self.codec = msg.codec
+        log.info("session %s opened: blocks [%d, %d), %d hop(s) after this node, codec %s", msg.session_id,
+                 self.shard.start, self.shard.end, len(msg.route) - 1, msg.codec)
+        if len(msg.route) == 1:
+            self._up(wire.Opened([self._me()]))
+            return
+        self.next_hop = msg.route[1]
+        self._channel = rpc.make_channel(self.next_hop.address, self.token)
+        self._down_q = queue.Queue()
+        stub = node_pb2_grpc.NodeStub(self._channel)
+        self._call = stub.Session(self._frames_down(), timeout=self.deadline_s)
+        threading.Thread(target=self.read_downstream, args=(self._call,), daemon=True, name="edgetune-session-next").start()
+        self._down(wire.Open(msg.session_id, msg.model, msg.fingerprint, msg.route[1:], msg.codec, msg.methods_json))
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _me(self) -> wire.Hop:
+        return wire.Hop(self.shard.name, "", self.shard.start, self.shard.end)
+
+    def _up(self, msg) -> None:
+        for frame in serde.up_frames(msg, codec=self.codec):
+            if self.session is not None:
+                self.session.timing.bytes_out += serde.frame_bytes(frame)
+            self.out.put(frame)
+
+    def _down(self, msg) -> None:
+        for frame in serde.down_frames(msg, codec=self.codec):
+            self._down_q.put(frame)
+
+    def _frames_down(self) -> Iterator:
+        while True:
+            frame = self._down_q.get()
+            if frame is _END:
+                return
+            yield frame
+
+    def _count_in(self, frame) -> None:
+        if self.session is not None:
+            self.session.timing.bytes_in += serde.frame_bytes(frame)
+
+    def cancel(self) -> None:
+        """The previous hop went away: stop relaying and free the session."""
+        self.work_q.put(("end", None))
+        self.close()
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        if self._down_q is not None:
+            self._down_q.put(_END)
+        if self._call is not None:
+            self._call.cancel()
+        if self._channel is not None:
+            self._channel.close()
+        if self.session is not None:
+            self.shard.close_session(self.session.session_id)
+
+
+def serve(shard: Shard, token: str, host: str = "0.0.0.0", port: int = 0, max_workers: int = 16):
+    """Start a node server for `shard`; returns (server, port). Serves the health service too."""
+    server = rpc.make_server(max_workers=max_workers, token=token)
+    node_pb2_grpc.add_NodeServicer_to_server(NodeServicer(shard, token), server)
+    rpc.add_health(server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise EdgetuneError(f"node {shard.name}: cannot listen on {host}:{port} (port in use?)")
+    server.start()
+    return server, bound

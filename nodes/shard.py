@@ -1,0 +1,238 @@
+"""A node's blocks of one model and the training sessions that use them.
+
+Plain Python and torch, no gRPC: `nodes/service.py` decodes frames, calls these
+methods and encodes the results. One `Shard` per served model part; one
+`ShardSession` per edge stream.
+
+A session keeps, per micro-batch of the current step, the block inputs and
+outputs autograd needs for backward (the activation cache, bounded by
+`max_cached`). Adapter gradients are computed with `torch.autograd.grad` and
+summed per step once per micro-batch: a micro-batch the edge replays (because
+this node or a later one lost its activations) gives the same gradient again,
+and counting it twice would be wrong.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from edgetune.runtime import wire
+from edgetune.runtime.errors import SessionError
+from edgetune.runtime.model import CausalLM
+from edgetune.runtime.peft.adapter import block_adapters, methods_from_json, split_block_key
+
+log = logging.getLogger("edgetune.node")
+
+
+@dataclass
+class _Saved:
+    """What backward needs for one micro-batch: the leaf input and the output."""
+
+    h_in: torch.Tensor   # (B, T, D), requires grad
+    h_out: torch.Tensor  # (B, T, D)
+
+
+@dataclass
+class _StepGrads:
+    step: int
+    done: set[int] = field(default_factory=set)  # micro-batches whose adapter grads are summed
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Shard:
+    """Blocks [part.start, part.end) of `model`, verified against `fingerprint`."""
+
+    def __init__(self, name: str, model: str, part: CausalLM, fingerprint: str, max_cached: int = 64) -> None:
+        if max_cached < 1:
+            raise ValueError("max_cached must be at least 1")
+        self.name = name
+        self.model = model
+        self.part = part
+        self.fingerprint = fingerprint
+        self.max_cached = max_cached
+        self.sessions: dict[str, ShardSession] = {}
+        self._lock = threading.Lock()
+        self._busy_s = 0.0
+        self._since = time.monotonic()
+
+    @property
+    def start(self) -> int:
+        return self.part.start
+
+    @property
+    def end(self) -> int:
+        return self.part.end
+
+    def loaded_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.part.parameters())
+
+    def open_session(self, msg: wire.Open) -> "ShardSession":
+        """Check that the edge's route and model match what this node serves."""
+        if not msg.route:
+            raise SessionError("Open carries an empty route", code="INVALID_ARGUMENT")
+        me = msg.route[0]
+        if (me.start, me.end) != (self.start, self.end):
+            raise SessionError(f"node {self.name} serves blocks [{self.start}, {self.end}) but the route asks it for "
+                               f"[{me.start}, {me.end}); ask the coordinator for a new route", code="FAILED_PRECONDITION")
+        if msg.fingerprint != self.fingerprint:
+            raise SessionError(f"model fingerprint mismatch on node {self.name}: the edge has "
+                               f"{msg.fingerprint[:16]}..., this node serves {self.fingerprint[:16]}... of {self.model}; "
+                               "both sides must load the same weights", code="FAILED_PRECONDITION")
+        try:
+            methods = methods_from_json(msg.methods_json)
+        except Exception as e:  # AdapterError: a malformed method list from the wire
+            raise SessionError(str(e), code="INVALID_ARGUMENT") from None
+        session = ShardSession(self, msg.session_id, methods)
+        with self._lock:
+            self.sessions[msg.session_id] = session
+        return session
+
+    def close_session(self, session_id: str) -> None:
+        with self._lock:
+            self.sessions.pop(session_id, None)
+
+    def account(self, seconds: float) -> None:
+        with self._lock:
+            self._busy_s += seconds
+
+    def info(self, device: str = "") -> wire.NodeInfo:
+        with self._lock:
+            elapsed = max(1e-9, time.monotonic() - self._since)
+            busy = min(1.0, self._busy_s / elapsed)
+            self._busy_s, self._since = 0.0, time.monotonic()
+            cached = sum(len(s.cache) for s in self.sessions.values())
+            sessions = len(self.sessions)
+        return wire.NodeInfo(name=self.name, model=self.model, fingerprint=self.fingerprint, start=self.start,
+                             end=self.end, device=device or str(self.part.device), sessions=sessions,
+                             cached_activations=cached, loaded_bytes=self.loaded_bytes(), busy_fraction=busy)
+
+
+class ShardSession:
+    """One edge's use of a shard: the current adapter version, cached activations, step grads."""
+
+    def __init__(self, shard: Shard, session_id: str, methods) -> None:
+        self.shard = shard
+        self.session_id = session_id
+        self.methods = methods
+        # Virtual tokens of prefix tuning shift the keys; prompt tuning shifts positions.
+        self.prefix = sum(m.num_prefix_tokens() for m in methods)
+        self.position_offset = sum(m.position_offset() for m in methods)
+        self.version: int | None = None
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.cache: OrderedDict[tuple[int, int], _Saved] = OrderedDict()
+        self.step_grads: _StepGrads | None = None
+        self.timing = wire.StageTiming(name=shard.name)
+
+    # -- adapter ------------------------------------------------------------------
+    def push_adapter(self, msg: wire.AdapterPush) -> dict[str, torch.Tensor]:
+        """Keep this shard's tensors of version `msg.version`; returns the others (for the next node)."""
+        part = self.shard.part
+        mine, rest = {}, {}
+        for key, t in msg.tensors.items():
+            k, layer, _ = split_block_key(key)
+            if k >= len(self.methods) or not 0 <= layer < part.config.num_layers:
+                raise SessionError(f"adapter tensor {key!r} names no method/block of this model", code="INVALID_ARGUMENT")
+            if part.start <= layer < part.end:
+                if not t.is_floating_point():
+                    raise SessionError(f"adapter tensor {key!r} has dtype {t.dtype}; expected floating point", code="INVALID_ARGUMENT")
+                mine[key] = t.to(device=part.device, dtype=part.dtype).requires_grad_(True)
+            else:
+                rest[key] = t
+        self.version = msg.version
+        self.tensors = mine
+        self.cache.clear()  # activations of an older version are useless for its gradients
+        return rest
+
+    # -- forward / backward -----------------------------------------------------
+    def forward(self, msg: wire.Forward) -> torch.Tensor:
+        """Run the blocks; keeps what backward needs when msg.train. Returns (B, T, D)."""
+        if self.version is None or msg.version != self.version:
+            raise SessionError(f"stale adapter version {msg.version} on node {self.shard.name} "
+                               f"(it holds version {self.version}); push the adapter before its forwards", code="FAILED_PRECONDITION")
+        part = self.shard.part
+        h = msg.hidden
+        if h.dim() != 3 or h.shape[-1] != part.config.hidden_size or not h.is_floating_point():
+            raise SessionError(f"hidden states must be (B, T, {part.config.hidden_size}) floats, "
+                               f"got {tuple(h.shape)} {h.dtype}", code="INVALID_ARGUMENT")
+        mask = msg.attention_mask
+        if mask is not None and tuple(mask.shape) != tuple(h.shape[:2]):
+            raise SessionError(f"attention_mask {tuple(mask.shape)} does not match hidden {tuple(h.shape[:2])}", code="INVALID_ARGUMENT")
+        started = time.perf_counter()
+        h_in = h.to(device=part.device, dtype=part.dtype)
+        B, T, _ = h_in.shape
+        key = tuple(msg.dropout_key) if (msg.train and msg.dropout_key) else None
+        mask = None if mask is None else mask.to(part.device)
+        ctx = part.make_context(B, T, part.device, mask, 0, self.prefix, self.position_offset, key)
+        views = block_adapters(self.methods, self.tensors, range(part.start, part.end), key)
+        if msg.train:
+            h_in.requires_grad_(True)
+            with torch.enable_grad():
+                h_out = part.forward_blocks(h_in, ctx, views=views)
+            self._remember(msg.step, msg.micro, _Saved(h_in, h_out))
+        else:
+            with torch.no_grad():
+                h_out = part.forward_blocks(h_in, ctx, views=views)
+        self._spent("forward_s", started)
+        return h_out.detach()
+
+    def has_activation(self, step: int, micro: int) -> bool:
+        return (step, micro) in self.cache
+
+    def missing(self, step: int, micro: int) -> SessionError:
+        return SessionError(f"node {self.shard.name} holds no activations for step {step} "
+                            f"micro-batch {micro} (evicted or restarted); re-send its forward", code="FAILED_PRECONDITION")
+
+    def backward(self, step: int, micro: int, grad: torch.Tensor) -> torch.Tensor:
+        """dL/d(input) for one micro-batch; adds its adapter grads to the step's sums once."""
+        saved = self.cache.pop((step, micro), None)
+        if saved is None:
+            raise self.missing(step, micro)
+        if tuple(grad.shape) != tuple(saved.h_out.shape):
+            raise SessionError(f"gradient {tuple(grad.shape)} does not match the output "
+                               f"{tuple(saved.h_out.shape)} of micro-batch {micro}", code="INVALID_ARGUMENT")
+        started = time.perf_counter()
+        names = list(self.tensors)
+        inputs = [saved.h_in] + [self.tensors[n] for n in names]
+        grads = torch.autograd.grad(saved.h_out, inputs, grad.to(saved.h_out.device, saved.h_out.dtype), allow_unused=True)
+        sums = self._grads_for(step)
+        if micro not in sums.done:
+            sums.done.add(micro)
+            for name, g in zip(names, grads[1:]):
+                if g is not None:
+                    sums.grads[name] = g if name not in sums.grads else sums.grads[name] + g
+        self._spent("backward_s", started)
+        return grads[0]
+
+    def end_step(self, msg: wire.EndStep) -> tuple[dict[str, torch.Tensor], wire.StageTiming]:
+        """The step's summed adapter grads and this stage's timing; resets both."""
+        if msg.version != self.version:
+            raise SessionError(f"EndStep for adapter version {msg.version} but node "
+                               f"{self.shard.name} holds version {self.version}", code="FAILED_PRECONDITION")
+        sums = self.step_grads if self.step_grads is not None and self.step_grads.step == msg.step else _StepGrads(msg.step)
+        timing, self.timing = self.timing, wire.StageTiming(name=self.shard.name)
+        self.step_grads = None
+        self.cache = OrderedDict((k, v) for k, v in self.cache.items() if k[0] > msg.step)
+        return {n: g.detach() for n, g in sums.grads.items()}, timing
+
+    # -- internals ------------------------------------------------------------------
+    def _remember(self, step: int, micro: int, saved: _Saved) -> None:
+        self.cache.pop((step, micro), None)
+        self.cache[(step, micro)] = saved
+        while len(self.cache) > self.shard.max_cached:
+            evicted, _ = self.cache.popitem(last=False)
+            log.debug("session %s: evicted activations of step %d micro-batch %d", self.session_id, *evicted)
+
+    def _grads_for(self, step: int) -> _StepGrads:
+        if self.step_grads is None or self.step_grads.step != step:
+            self.step_grads = _StepGrads(step)
+        return self.step_grads
+
+    def _spent(self, what: str, started: float) -> None:
+        seconds = time.perf_counter() - started
+        setattr(self.timing, what, getattr(self.timing, what) + seconds)
+        self.shard.account(seconds)

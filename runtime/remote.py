@@ -1,0 +1,397 @@
+"""Distributed fine-tuning from the edge: the engine behind `finetune --coordinator`.
+
+The edge holds the embeddings, final norm and LM head (frozen), the adapter's
+master tensors and the optimizer; the blocks run on the nodes of a route the
+coordinator hands out. One step:
+
+1. push the adapter tensors the blocks use (a new version) down the route;
+2. embed each micro-batch and send it (all of them at once: the nodes pipeline);
+3. as each micro-batch's output returns, compute its loss and send dL/dh back;
+4. end the step: the nodes return their adapter gradients, which flow into the
+   master tensors; finetune's loop clips and steps the optimizer.
+
+A step either completes or is replayed whole: when a node fails, the edge drops
+the step's gradients, asks the coordinator for a new route (it reassigns the
+blocks of a dead node) and replays the step from its first message. Since every
+dropout mask is keyed by (seed, step, micro-batch), the replay computes the very
+same gradients. The loop is in `RemoteEngine._with_replays`; its knobs are
+TrainConfig fields (max_step_retries, route_timeout_s, reply_timeout_s).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+import torch
+
+from edgetune.proto.v1 import node_pb2_grpc
+from edgetune.runtime import rpc, serde, wire
+from edgetune.runtime.cluster_client import CoordinatorClient, save_edge_part
+from edgetune.runtime.errors import ConfigError, EdgetuneError
+from edgetune.runtime.loss import head_loss_sum
+from edgetune.runtime.train_options import TrainConfig
+
+log = logging.getLogger("edgetune.remote")
+
+# Status codes after which a replay on a new route can succeed.
+RETRYABLE = {"UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "ABORTED", "INTERNAL", "UNKNOWN", "RESOURCE_EXHAUSTED"}
+MAX_RESENDS_PER_MICRO = 3  # re-sends of one micro-batch whose activations a node lost
+
+
+class RouteFailure(EdgetuneError):
+    """A node of the route failed or went silent; the step can be replayed on a new route."""
+
+    def __init__(self, message: str, failed: list[str]) -> None:
+        super().__init__(message)
+        self.failed = failed
+
+
+class RouteStream:
+    """The one bidirectional stream from the edge to the first node of a route."""
+
+    def __init__(self, route: wire.Route, token: str, open_msg: wire.Open, reply_timeout_s: float) -> None:
+        self.route = route
+        self.codec = open_msg.codec
+        self.reply_timeout_s = reply_timeout_s
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._addresses = [h.address for h in route.hops]
+        self._out: queue.Queue = queue.Queue()
+        self._inbox: queue.Queue = queue.Queue()
+        self._channel = rpc.make_channel(route.hops[0].address, token)
+        self._call = node_pb2_grpc.NodeStub(self._channel).Session(self._frames(), timeout=rpc.SESSION_TIMEOUT_S)
+        threading.Thread(target=self._read, daemon=True, name="edgetune-edge-in").start()
+        self.send(open_msg)
+        opened = self.recv()
+        if not isinstance(opened, wire.Opened):
+            raise RouteFailure(f"route did not open: first reply was {type(opened).__name__}", self._addresses)
+        log.info("route open: %s", " -> ".join(f"{h.name}[{h.start},{h.end})" for h in opened.route))
+
+    def send(self, msg) -> None:
+        for frame in serde.down_frames(msg, codec=self.codec):
+            self.bytes_sent += serde.frame_bytes(frame)
+            self._out.put(frame)
+
+    def recv(self):
+        try:
+            item = self._inbox.get(timeout=self.reply_timeout_s)
+        except queue.Empty:
+            raise RouteFailure(f"no reply from the route for {self.reply_timeout_s:.0f} s", self._addresses) from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._out.put(None)
+        self._call.cancel()
+        self._channel.close()
+
+    def _frames(self):
+        while True:
+            frame = self._out.get()
+            if frame is None:
+                return
+            yield frame
+
+    def _read(self) -> None:
+        assembler = serde.Assembler("up")
+        try:
+            for frame in self._call:
+                self.bytes_received += serde.frame_bytes(frame)
+                msg = assembler.feed(frame)
+                if msg is not None:
+                    self._inbox.put(msg)
+            self._inbox.put(RouteFailure("the first node closed the session", self._addresses))
+        except grpc.RpcError as e:
+            code = e.code()
+            text = f"{code.name}: {e.details()}"
+            if code.name in RETRYABLE:
+                self._inbox.put(RouteFailure(f"route {self._addresses[0]} failed: {text}", self._addresses))
+            else:
+                self._inbox.put(EdgetuneError(f"node {self.route.hops[0].name} ({self._addresses[0]}) refused: {text}"))
+        except EdgetuneError as e:  # WireError: a malformed reply
+            self._inbox.put(RouteFailure(f"malformed reply from the route: {e}", self._addresses))
+
+
+class RemoteTrainer:
+    """The connection to a cluster, before training starts: token, coordinator, route, edge folder."""
+
+    def __init__(self, cfg: TrainConfig, client: CoordinatorClient, token: str, route: wire.Route, folder: Path) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.token = token
+        self.route = route
+        self.folder = folder
+        self.has_local_model = True
+
+    @classmethod
+    def connect(cls, cfg: TrainConfig) -> "RemoteTrainer":
+        from edgetune.runtime.manifest import checkpoint_manifest, verify
+
+        token = rpc.load_token(cfg.token_file or rpc.default_token_path())
+        client = CoordinatorClient(cfg.coordinator, token)
+        log.info("asking %s for a route for %s (the first request places the shards)", cfg.coordinator, cfg.model)
+        route = client.get_route(cfg.model, timeout_s=cfg.route_timeout_s)
+        folder, local = cls._edge_folder(cfg.model, route, client)
+        # The edge checks its own tensors against the cluster's manifest.
+        edge_names = [e.name for e in route.manifest if not e.name.startswith("model.layers.")]
+        verify(checkpoint_manifest(folder, edge_names), route.manifest, who=f"the edge's model {folder}")
+        trainer = cls(cfg, client, token, route, folder)
+        trainer.has_local_model = local
+        return trainer
+
+    @staticmethod
+    def _edge_folder(model: str, route: wire.Route, client: CoordinatorClient) -> tuple[Path, bool]:
+        """The model folder here, or the edge's part of it fetched from the cluster (cached by fingerprint)."""
+        from edgetune.runtime.embedded import cache_dir
+        from edgetune.runtime.model_io import resolve_model_folder
+
+        if model == "embedded" or Path(model).exists():
+            return resolve_model_folder(model), True
+        folder = cache_dir() / "edge-parts" / route.fingerprint[:32]
+        if not (folder / "model.safetensors").exists():
+            log.info("%s is not on this machine: fetching only its edge part from the cluster", model)
+            save_edge_part(client.fetch_edge_part(model), folder)
+        return folder, False
+
+    def start(self, methods, device: torch.device) -> "RemoteEngine":
+        from edgetune.runtime.model_io import load_model
+        from edgetune.runtime.peft import Adapter
+
+        model = load_model(self.folder, start=0, end=0, edge=True, device=device)  # no blocks
+        if model.config.num_layers != self.route.num_layers:
+            raise ConfigError(f"the edge's model has {model.config.num_layers} blocks, the route {self.route.num_layers}")
+        adapter = Adapter.create(model, methods, seed=self.cfg.seed, block_source=self._block_source(model, methods))
+        model.adapter = adapter
+        return RemoteEngine(self, model, adapter)
+
+    def _block_source(self, model, methods) -> Callable:
+        """Blocks to initialise the adapter from: shapes only, or real blocks one at a time."""
+        from edgetune.runtime.model import Block
+        from edgetune.runtime.model_io import load_model
+
+        config = model.config
+        if not any(m.init_reads_weights for m in methods):
+            def shapes():
+                for layer in range(config.num_layers):
+                    with torch.device("meta"):
+                        block = Block(config, layer)
+                    yield block
+            return shapes
+        if not self.has_local_model:
+            raise ConfigError(f"{type(methods[0]).__name__} starts from the base weights of every block, so the edge "
+                              "needs a local copy of the model for it (pass --model as a path on this machine)")
+
+        def weights():
+            for layer in range(config.num_layers):  # one block in memory at a time
+                yield load_model(self.folder, start=layer, end=layer + 1, edge=False).block(layer)
+        return weights
+
+    def new_route(self, failed: list[str]) -> wire.Route:
+        """Ask again until the coordinator answers with a usable route (it reassigns dead nodes' blocks)."""
+        deadline = time.monotonic() + self.cfg.route_timeout_s
+        delay_s = 0.5
+        while True:
+            try:
+                route = self.client.get_route(self.cfg.model, failed=failed,
+                                              timeout_s=max(1.0, deadline - time.monotonic()))
+                if route.fingerprint != self.route.fingerprint:
+                    raise EdgetuneError("the cluster now serves different weights for "
+                                        f"{self.cfg.model}; restart the run")
+                self.route = route
+                return route
+            except EdgetuneError as e:
+                if getattr(e, "code", "") not in RETRYABLE or time.monotonic() + delay_s > deadline:
+                    raise
+                log.warning("no new route yet (%s); retrying in %.1f s", e, delay_s)
+                time.sleep(delay_s)
+                delay_s = min(delay_s * 2, 10.0)
+
+
+class RemoteEngine:
+    """finetune's engine for a cluster: same interface as train.LocalEngine."""
+
+    def __init__(self, trainer: RemoteTrainer, model, adapter) -> None:
+        from edgetune.runtime.peft.adapter import methods_to_json
+
+        self.trainer = trainer
+        self.cfg = trainer.cfg
+        self.model = model
+        self.adapter = adapter
+        self.methods_json = methods_to_json(adapter.methods)
+        self.layers = range(model.config.num_layers)
+        self.version = 0
+        self.stream: RouteStream | None = None
+        self._metrics: dict[str, Any] = {}
+
+    # -- the engine interface ---------------------------------------------------------
+    def accumulate(self, micros: list[tuple[tuple, Any]], total_tokens: int) -> float:
+        return self._with_replays(lambda: self._train_step(micros, total_tokens))
+
+    def loss_sum(self, batch) -> float:
+        return self._with_replays(lambda: self._eval_loss(batch))
+
+    def step_metrics(self) -> dict[str, Any]:
+        metrics, self._metrics = self._metrics, {}
+        return metrics
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        self.trainer.client.close()
+
+    # -- replay loop --------------------------------------------------------------------
+    def _with_replays(self, attempt: Callable[[], Any]) -> Any:
+        failures = 0
+        while True:
+            try:
+                if self.stream is None:
+                    self.stream = self._open()
+                sent0, received0 = self.stream.bytes_sent, self.stream.bytes_received
+                result = attempt()
+                self._metrics["bytes_sent"] = self.stream.bytes_sent - sent0
+                self._metrics["bytes_received"] = self.stream.bytes_received - received0
+                return result
+            except RouteFailure as e:
+                failures += 1
+                for p in self.adapter.parameters():  # drop this attempt's partial gradients
+                    p.grad = None
+                if self.stream is not None:
+                    self.stream.close()
+                    self.stream = None
+                if failures > self.cfg.max_step_retries:
+                    raise EdgetuneError(f"gave up after {failures} failed attempts: {e}") from None
+                log.warning("%s; replaying on a new route (attempt %d of %d)", e, failures + 1, self.cfg.max_step_retries + 1)
+                self.trainer.new_route(e.failed)
+
+    def _open(self) -> RouteStream:
+        route = self.trainer.route
+        hops = list(route.hops)
+        open_msg = wire.Open(session_id=uuid.uuid4().hex, model=self.cfg.model, fingerprint=route.fingerprint,
+                             route=hops, codec=self.cfg.codec, methods_json=self.methods_json)
+        try:
+            return RouteStream(route, self.trainer.token, open_msg, self.cfg.reply_timeout_s)
+        except RouteFailure:
+            raise
+        except grpc.RpcError as e:
+            raise RouteFailure(f"cannot reach {hops[0].address}: {e}", [h.address for h in hops]) from None
+
+    # -- one step -----------------------------------------------------------------------
+    def _push_adapter(self) -> dict[str, torch.Tensor]:
+        views = self.adapter.block_tensor_views(self.layers)  # what the blocks use (autograd-linked)
+        self.version += 1
+        self.stream.send(wire.AdapterPush(self.version, {k: v.detach() for k, v in views.items()}))
+        return views
+
+    def _embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.model.embed(input_ids)  # (B, T, D), frozen
+        return self.adapter.prepend_prompt(h, None, first=True)  # prompt tuning: (B, P + T, D)
+
+    def _train_step(self, micros: list[tuple[tuple, Any]], total_tokens: int) -> float:
+        step = micros[0][0][1]
+        views = self._push_adapter()
+        inputs, forwards = {}, {}
+        for micro, (key, batch) in enumerate(micros):
+            h, mask = self._embed(batch.input_ids)
+            inputs[micro] = h
+            forwards[micro] = wire.Forward(step, micro, self.version, True, key, h.detach(), mask)
+            self.stream.send(forwards[micro])  # all at once: the nodes pipeline them
+        grads_out: dict[int, torch.Tensor] = {}  # micro -> dL/d(route output)
+        in_flight = set(range(len(micros)))  # a forward or backward of these is on its way
+        lost: list[int] = []  # a node lost their activations: replay forward + backward, one at a time
+        resends = {m: 0 for m in range(len(micros))}
+        loss_sum = 0.0
+        while in_flight or lost:
+            if not in_flight:  # nothing else in flight: the replay cannot be evicted again
+                m = lost.pop(0)
+                self.stream.send(forwards[m])
+                self.stream.send(wire.Backward(step, m, grads_out[m]))
+                in_flight.add(m)
+            msg = self.stream.recv()
+            if isinstance(msg, wire.ForwardResult):
+                m = self._check_item(msg, step, len(micros))
+                if m in grads_out:  # the output of a replayed forward: its backward is already queued
+                    continue
+                h_out = msg.hidden.to(self.model.device, self.model.dtype).requires_grad_(True)
+                loss = head_loss_sum(self.model.final_norm(h_out), self.model.head_weight, micros[m][1].labels)
+                loss = loss / max(1, total_tokens)
+                loss.backward()  # h_out.grad, and edge tensors (LN tuning's final norm)
+                loss_sum += float(loss.detach())
+                grads_out[m] = h_out.grad
+                self.stream.send(wire.Backward(step, m, grads_out[m]))
+            elif isinstance(msg, wire.BackwardResult):
+                m = self._check_item(msg, step, len(micros))
+                if m in in_flight:
+                    in_flight.discard(m)
+                    if inputs[m].requires_grad:  # prompt tuning: into the virtual tokens
+                        inputs[m].backward(msg.grad.to(inputs[m].device, inputs[m].dtype))
+            elif isinstance(msg, wire.ItemError):
+                m = self._lost(msg, grads_out, resends)
+                in_flight.discard(m)
+                lost.append(m)
+            else:
+                raise RouteFailure(f"unexpected {type(msg).__name__} during step {step}", [])
+        self._end_step(step, views)
+        return loss_sum
+
+    def _end_step(self, step: int, views: dict[str, torch.Tensor]) -> None:
+        self.stream.send(wire.EndStep(step, self.version))
+        msg = self.stream.recv()
+        if isinstance(msg, wire.ItemError):
+            raise EdgetuneError(f"node {msg.node}: {msg.message}")
+        if not isinstance(msg, wire.Gradients) or msg.step != step or msg.version != self.version:
+            raise RouteFailure(f"expected the gradients of step {step}, got {type(msg).__name__}", [])
+        tensors, grads = [], []
+        for key, g in msg.tensors.items():
+            t = views.get(key)
+            if t is None or tuple(t.shape) != tuple(g.shape):
+                raise EdgetuneError(f"a node returned a gradient for {key!r} {tuple(g.shape)} that matches no adapter tensor")
+            tensors.append(t)
+            grads.append(g.to(t.device, t.dtype))
+        if tensors:
+            torch.autograd.backward(tensors, grads)
+        self._metrics["stages"] = [{"node": t.name, "forward_s": t.forward_s, "backward_s": t.backward_s,
+                                    "bytes_in": t.bytes_in, "bytes_out": t.bytes_out} for t in msg.timings]
+
+    def _eval_loss(self, batch) -> float:
+        self._push_adapter()
+        with torch.no_grad():
+            h, mask = self._embed(batch.input_ids)
+            self.stream.send(wire.Forward(0, 0, self.version, False, None, h, mask))
+            msg = self.stream.recv()
+            if isinstance(msg, wire.ItemError):
+                raise EdgetuneError(f"node {msg.node}: {msg.message}")
+            if not isinstance(msg, wire.ForwardResult):
+                raise RouteFailure(f"expected an evaluation result, got {type(msg).__name__}", [])
+            hidden = self.model.final_norm(msg.hidden.to(self.model.device, self.model.dtype))
+            return float(head_loss_sum(hidden, self.model.head_weight, batch.labels))
+
+    def _check_item(self, msg, step: int, count: int) -> int:
+        if msg.step != step or not 0 <= msg.micro < count:
+            raise RouteFailure(f"reply for step {msg.step} micro-batch {msg.micro} during step {step}", [])
+        return msg.micro
+
+    def _lost(self, err: wire.ItemError, grads_out: dict, resends: dict) -> int:
+        """A node lost a micro-batch's activations (FAILED_PRECONDITION): it will be replayed."""
+        m = err.micro
+        if err.code != "FAILED_PRECONDITION" or m not in grads_out:
+            raise EdgetuneError(f"node {err.node}: {err.code}: {err.message}")
+        resends[m] += 1
+        if resends[m] > MAX_RESENDS_PER_MICRO:
+            raise EdgetuneError(f"node {err.node} lost the activations of micro-batch {m} {resends[m]} times; "
+                                "is its activation cache smaller than one micro-batch?")
+        log.info("node %s lost micro-batch %d's activations; re-sending it through the route", err.node, m)
+        return m
+
+
+def default_threads(processes_on_host: int = 1) -> int:
+    """Torch threads for one edgetune process: the cores divided among the edgetune processes here."""
+    return max(1, (os.cpu_count() or 1) // max(1, processes_on_host))

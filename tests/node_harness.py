@@ -1,0 +1,78 @@
+"""In-process worker nodes on loopback gRPC, for tests that need no Ray.
+
+`start_route(folder, splits)` serves blocks [0, s1), [s1, s2), ... of a model
+from node servers in this process (real Shard + NodeServicer + gRPC), and
+`patch_connect` makes `finetune(coordinator=...)` use that route instead of
+asking a coordinator. The Ray-backed path (coordinator placing shard actors)
+is tested in test_cluster.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgetune.runtime import wire
+
+
+@dataclass
+class LocalRoute:
+    route: wire.Route
+    token: str
+    token_file: Path
+    servers: list = field(default_factory=list)
+    shards: list = field(default_factory=list)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop(grace=None)
+
+
+def start_route(folder: Path, splits: list[int], token_dir: Path, max_cached: int = 64) -> LocalRoute:
+    from edgetune.nodes.service import serve
+    from edgetune.nodes.shard import Shard
+    from edgetune.runtime import rpc
+    from edgetune.runtime.config import ModelConfig
+    from edgetune.runtime.manifest import checkpoint_manifest, fingerprint
+    from edgetune.runtime.model_io import load_model
+
+    config = ModelConfig.from_file(Path(folder) / "config.json")
+    token_file = Path(token_dir) / "token"
+    token = rpc.write_token(token_file)
+    manifest = checkpoint_manifest(folder)
+    fp = fingerprint(manifest)
+    bounds = [0, *splits, config.num_layers]
+    route = LocalRoute(wire.Route(str(folder), fp, [], config.num_layers, manifest), token, token_file)
+    for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        part = load_model(folder, start=start, end=end, edge=False)
+        shard = Shard(f"node-{i}", str(folder), part, fp, max_cached=max_cached)
+        server, port = serve(shard, token, host="127.0.0.1", port=0)
+        route.servers.append(server)
+        route.shards.append(shard)
+        route.route.hops.append(wire.Hop(f"node-{i}", f"127.0.0.1:{port}", start, end))
+    return route
+
+
+class _FakeClient:
+    def __init__(self, route: wire.Route) -> None:
+        self.route = route
+        self.calls = 0
+
+    def get_route(self, model, failed=None, timeout_s=0.0):
+        self.calls += 1
+        return self.route
+
+    def close(self) -> None:
+        pass
+
+
+def patch_connect(monkeypatch, local: LocalRoute) -> _FakeClient:
+    """finetune(coordinator=...) gets `local`'s route without a coordinator."""
+    from edgetune.runtime import remote
+
+    client = _FakeClient(local.route)
+
+    def connect(cfg):
+        return remote.RemoteTrainer(cfg, client, local.token, local.route, Path(cfg.model))
+
+    monkeypatch.setattr(remote.RemoteTrainer, "connect", classmethod(lambda cls, cfg: connect(cfg)))
+    return client

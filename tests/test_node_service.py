@@ -1,0 +1,202 @@
+"""A node under bad input: every bad request gets a status or an ItemError with a message,
+and the node keeps serving other sessions. Real gRPC on loopback, no Ray."""
+from __future__ import annotations
+
+import queue
+import threading
+
+import grpc
+import pytest
+import torch
+
+from edgetune.proto.v1 import node_pb2, node_pb2_grpc, tensor_pb2
+from edgetune.runtime import rpc, serde, wire
+from edgetune.runtime.peft import LoraConfig
+from edgetune.runtime.peft.adapter import methods_to_json
+from edgetune.tests.node_harness import start_route
+from edgetune.tests.tiny import make_tiny_folder
+
+D = 32
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    make_tiny_folder("llama", folder)
+    local = start_route(folder, [], tmp_path_factory.mktemp("tok"))  # one node with both blocks
+    yield local
+    local.stop()
+
+
+class Session:
+    """A raw session stream: send wire messages or raw frames, read assembled replies."""
+
+    def __init__(self, local, token=None) -> None:
+        self.q: queue.Queue = queue.Queue()
+        self.channel = rpc.make_channel(local.route.hops[0].address, token or local.token)
+        self.call = node_pb2_grpc.NodeStub(self.channel).Session(iter(self.q.get, None), timeout=30)
+        self.replies = serde.read_up(self.call)
+
+    def send(self, msg) -> None:
+        for frame in serde.down_frames(msg):
+            self.q.put(frame)
+
+    def send_raw(self, frame) -> None:
+        self.q.put(frame)
+
+    def recv(self):
+        return next(self.replies)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.channel.close()
+
+
+def _open(local, **kw) -> wire.Open:
+    fields = dict(session_id="s", model=local.route.model, fingerprint=local.route.fingerprint,
+                  route=list(local.route.hops), codec="fp32", methods_json=methods_to_json([LoraConfig(r=2)]))
+    fields.update(kw)
+    return wire.Open(**fields)
+
+
+def _fwd(version=1, shape=(1, 4, D)):
+    return wire.Forward(0, 0, version, True, (0, 0, 0), torch.randn(*shape))
+
+
+def _assert_healthy(local):
+    """A well-formed session still works after the bad ones."""
+    s = Session(local)
+    s.send(_open(local, session_id="good"))
+    assert isinstance(s.recv(), wire.Opened)
+    s.send(wire.AdapterPush(1, {}))
+    s.send(_fwd())
+    out = s.recv()
+    assert isinstance(out, wire.ForwardResult) and out.hidden.shape == (1, 4, D)
+    s.close()
+
+
+def _status(s) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        while True:
+            s.recv()
+    return err.value
+
+
+def test_wrong_token_is_unauthenticated(node):
+    s = Session(node, token="not-the-token")
+    s.send(_open(node))
+    e = _status(s)
+    assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "token" in e.details().lower()
+    s.close()
+    _assert_healthy(node)
+
+
+def test_forward_before_open_is_an_unknown_session(node):
+    s = Session(node)
+    s.send(_fwd())
+    e = _status(s)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "unknown session" in e.details()
+    s.close()
+    _assert_healthy(node)
+
+
+def test_other_weights_are_refused(node):
+    s = Session(node)
+    s.send(_open(node, fingerprint="0" * 64))
+    e = _status(s)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "fingerprint" in e.details()
+    s.close()
+    _assert_healthy(node)
+
+
+def test_truncated_tensor_bytes_end_the_session_with_invalid_argument(node):
+    s = Session(node)
+    s.send(_open(node))
+    assert isinstance(s.recv(), wire.Opened)
+    s.send(wire.AdapterPush(1, {}))
+    frame = next(serde.down_frames(_fwd()))
+    frame.forward.tensors[0].payload = frame.forward.tensors[0].payload[:-7]
+    s.send_raw(frame)
+    s.send(_fwd())  # the next message begins while the previous one is incomplete
+    e = _status(s)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "truncated" in e.details()
+    s.close()
+    _assert_healthy(node)
+
+
+def test_wrong_dtype_and_shape_and_stale_version_are_item_errors(node):
+    s = Session(node)
+    s.send(_open(node))
+    assert isinstance(s.recv(), wire.Opened)
+    s.send(wire.AdapterPush(1, {}))
+    s.send(_fwd(shape=(1, 4, D + 1)))
+    err = s.recv()
+    assert isinstance(err, wire.ItemError) and err.code == "INVALID_ARGUMENT" and f"(B, T, {D})" in err.message
+    s.send(_fwd(version=7))
+    err = s.recv()
+    assert isinstance(err, wire.ItemError) and err.code == "FAILED_PRECONDITION" and "stale adapter version" in err.message
+    s.send(wire.Backward(0, 5, torch.zeros(1, 4, D)))
+    err = s.recv()
+    assert isinstance(err, wire.ItemError) and "no activations" in err.message
+    s.send(_fwd())  # the same session still serves a good request
+    assert isinstance(s.recv(), wire.ForwardResult)
+    s.close()
+
+
+def test_wrong_dtype_ends_the_session_with_invalid_argument(node):
+    s = Session(node)
+    s.send(_open(node))
+    assert isinstance(s.recv(), wire.Opened)
+    s.send(wire.AdapterPush(1, {}))
+    frame = next(serde.down_frames(_fwd()))  # hidden states as int64, hand-built: serde refuses to send them
+    ints = torch.arange(4 * D, dtype=torch.int64)
+    header = frame.forward.tensors[0]
+    header.dtype, header.codec, header.data_bytes = "int64", tensor_pb2.CODEC_RAW, ints.numel() * 8
+    header.payload = ints.numpy().tobytes()
+    s.send_raw(frame)
+    e = _status(s)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "must be a float" in e.details()
+    s.close()
+    _assert_healthy(node)
+
+
+def test_adapter_tensor_for_no_block_is_refused(node):
+    s = Session(node)
+    s.send(_open(node))
+    assert isinstance(s.recv(), wire.Opened)
+    s.send(wire.AdapterPush(1, {"0.99.self_attn.q_proj.lora_A": torch.zeros(2, D)}))
+    err = s.recv()
+    assert isinstance(err, wire.ItemError) and "names no method/block" in err.message
+    s.close()
+
+
+def test_oversized_frame_is_rejected_by_the_message_limit(node):
+    s = Session(node)
+    s.send(_open(node))
+    assert isinstance(s.recv(), wire.Opened)
+    big = node_pb2.Down()
+    big.chunk.index = 0
+    big.chunk.payload = b"\0" * (serde.MAX_FRAME_BYTES + 1024)
+    s.send_raw(big)
+    e = _status(s)
+    assert e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.CANCELLED)
+    s.close()
+    _assert_healthy(node)
+
+
+def test_malformed_methods_are_refused(node):
+    s = Session(node)
+    s.send(_open(node, methods_json='[{"type": "Nope", "fields": {}}]'))
+    e = _status(s)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed PEFT method" in e.details()
+    s.close()
+
+
+def test_info_and_health(node):
+    from edgetune.proto.v1 import node_pb2
+
+    with rpc.make_channel(node.route.hops[0].address, node.token) as channel:
+        info = serde.node_info_from_pb(node_pb2_grpc.NodeStub(channel).Info(node_pb2.InfoRequest(), timeout=5))
+        assert (info.start, info.end, info.fingerprint) == (0, 2, node.route.fingerprint)
+        assert info.loaded_bytes == sum(p.numel() * 4 for p in node.shards[0].part.parameters())
+        assert rpc.check_health(channel) == "SERVING"
