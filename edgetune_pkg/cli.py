@@ -31,8 +31,9 @@ _FINETUNE_OPTIONS: list[tuple[str, type, str]] = [
     ("warmup_steps", int, "linear warmup steps before the cosine decay"),
     ("min_lr_ratio", float, "final learning rate as a fraction of the peak"),
     ("steps", int, "optimizer steps"),
-    ("batch_size", int, "sequences per micro-batch"),
-    ("grad_accum", int, "micro-batches per optimizer step"),
+    ("batch_size", int, "sequences per batch"),
+    ("grad_accum", int, "batches per optimizer step (gradient accumulation)"),
+    ("micro_batches", int, "split each batch in this many micro-batches (pipelined across nodes when distributed)"),
     ("max_grad_norm", float, "gradient clipping norm (0 disables)"),
     ("max_seq_len", int, "truncate examples to this many tokens"),
     ("seed", int, "seed for adapter init, data order and dropout masks"),
@@ -41,15 +42,22 @@ _FINETUNE_OPTIONS: list[tuple[str, type, str]] = [
     ("save_every", int, "checkpoint every N steps (0: only at the end)"),
     ("keep_checkpoints", int, "how many recent checkpoints to keep"),
     ("device", str, "cpu, cuda, cuda:N or auto"),
-    ("threads", int, "torch CPU threads (0: torch's default)"),
+    ("threads", int, "torch CPU threads (0: local: torch's default; distributed: cores / edgetune processes here)"),
+    ("coordinator", str, "HOST:PORT of `edgetune coordinator`: train on its cluster (instead of --local)"),
+    ("codec", str, "activations and their gradients on the wire: fp32, fp16, bf16, int8 (adapters stay exact)"),
+    ("token_file", str, "the cluster's token file (empty: ~/.config/edgetune/token)"),
+    ("max_step_retries", int, "distributed: replays of one step after node failures before giving up"),
+    ("route_timeout_s", float, "distributed: seconds to wait for the coordinator to (re)assign blocks"),
+    ("reply_timeout_s", float, "distributed: longest silence from the route within a step, in seconds"),
 ]
 _FINETUNE_FLAGS = {"use_rslora": "use rsLoRA scaling alpha / sqrt(r)", "prefix_projection": "prefix tuning through an MLP projection"}
 
 
 def _add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="fine-tune a model (locally with --local)",
-                       description="Fine-tune a PEFT adapter. Options may come from --config (YAML or TOML); flags override it.")
-    p.add_argument("--local", action="store_true", help="train in this process (the distributed mode arrives later)")
+    p = sub.add_parser("finetune", help="fine-tune a model on a cluster (--coordinator) or here (--local)",
+                       description="Fine-tune a PEFT adapter, on a cluster's nodes (--coordinator HOST:PORT) or in this "
+                                   "process (--local). Options may come from --config (YAML or TOML); flags override it.")
+    p.add_argument("--local", action="store_true", help="train in this process instead of on a cluster")
     p.add_argument("--config", type=Path, default=None, help="YAML or TOML file with finetune options")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -95,6 +103,51 @@ def _add_prepare_model(sub) -> None:
     p.set_defaults(func=_run_prepare_model)
 
 
+def _add_token_file(p) -> None:
+    p.add_argument("--token-file", default=None, help="the cluster's shared token (default: ~/.config/edgetune/token)")
+
+
+def _add_coordinator(sub) -> None:
+    p = sub.add_parser("coordinator", help="start a coordinator: a Ray head (or join one) + the route service",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--host", default="0.0.0.0", help="interface the coordinator's gRPC service listens on")
+    p.add_argument("--port", type=int, default=7700, help="port of the coordinator's gRPC service (0: pick a free one)")
+    p.add_argument("--ray-address", default=None, help="join this existing Ray cluster instead of starting a Ray head")
+    p.add_argument("--ray-port", type=int, default=0, help="GCS port of the Ray head it starts (0: pick a free one)")
+    p.add_argument("--advertise", default=None, help="host name/IP nodes and edges use to reach this machine "
+                   "(default: this host's address as Ray sees it)")
+    p.add_argument("--model", default=None, help="pre-load this model (path, .gguf or 'embedded') as soon as nodes join")
+    p.add_argument("--temp-dir", default=None, help="Ray's session folder (default: a fresh temporary folder)")
+    _add_token_file(p)
+    p.add_argument("--new-token", action="store_true", help="write a fresh token to --token-file even if one exists")
+    p.set_defaults(func=_run_coordinator)
+
+
+def _add_node(sub) -> None:
+    p = sub.add_parser("node", help="join a coordinator's cluster as a worker node (foreground; Ctrl-C leaves)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--coordinator", required=True, help="HOST:PORT of `edgetune coordinator`")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where this node runs its blocks")
+    p.add_argument("--memory-limit", default=None, help="memory this node may use for blocks, e.g. 2G or 512M "
+                   "(default: what is free on the device)")
+    p.add_argument("--name", default=None, help="node name shown in status (default: HOST-PID)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: cores / edgetune processes on this host)")
+    p.add_argument("--fetch-weights", action="store_true", help="read no model file here: receive this node's "
+                   "block weights from the coordinator (through Ray's object store)")
+    p.add_argument("--temp-dir", default=None, help="Ray's folder for this node (default: a fresh temporary folder)")
+    p.add_argument("--node-ip", default=None, help="this machine's address as the other nodes reach it")
+    _add_token_file(p)
+    p.set_defaults(func=_run_node)
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="print the cluster: nodes, hardware, assigned layers, health and load",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--coordinator", required=True, help="HOST:PORT of `edgetune coordinator`")
+    _add_token_file(p)
+    p.set_defaults(func=_run_status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgetune", description="Fine-tune LLMs from a weak device; run adapters on the edge.")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity")
@@ -102,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub)
     _add_generate(sub)
     _add_prepare_model(sub)
+    _add_coordinator(sub)
+    _add_node(sub)
+    _add_status(sub)
     return parser
 
 
@@ -109,11 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_finetune(args: argparse.Namespace) -> int:
     from edgetune.runtime.train_options import train_config_from
 
-    if not args.local:
-        print("edgetune finetune: only --local training is available in this release; "
-              "distributed fine-tuning (--coordinator) arrives with the coordinator", file=sys.stderr)
-        return 2
     cfg = train_config_from(args)
+    if args.local == bool(cfg.coordinator):
+        print("edgetune finetune: give either --coordinator HOST:PORT (train on a cluster) or --local "
+              "(train in this process)", file=sys.stderr)
+        return 2
     from edgetune.runtime.train import finetune
 
     result = finetune(cfg)
@@ -127,6 +183,24 @@ def _run_generate(args: argparse.Namespace) -> int:
     from edgetune.runtime.generate_cli import run_generate
 
     return run_generate(args)
+
+
+def _run_coordinator(args: argparse.Namespace) -> int:
+    from edgetune.coordinator.main import run_coordinator
+
+    return run_coordinator(args)
+
+
+def _run_node(args: argparse.Namespace) -> int:
+    from edgetune.nodes.main import run_node
+
+    return run_node(args)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from edgetune.runtime.status_cli import run_status
+
+    return run_status(args)
 
 
 def _run_prepare_model(args: argparse.Namespace) -> int:

@@ -20,7 +20,6 @@ TrainConfig fields (max_step_retries, route_timeout_s, reply_timeout_s).
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -150,12 +149,12 @@ class RemoteTrainer:
     @staticmethod
     def _edge_folder(model: str, route: wire.Route, client: CoordinatorClient) -> tuple[Path, bool]:
         """The model folder here, or the edge's part of it fetched from the cluster (cached by fingerprint)."""
-        from edgetune.runtime.embedded import cache_dir
+        from edgetune.runtime.gguf_convert import default_cache_root
         from edgetune.runtime.model_io import resolve_model_folder
 
         if model == "embedded" or Path(model).exists():
             return resolve_model_folder(model), True
-        folder = cache_dir() / "edge-parts" / route.fingerprint[:32]
+        folder = default_cache_root() / "edge-parts" / route.fingerprint[:32]
         if not (folder / "model.safetensors").exists():
             log.info("%s is not on this machine: fetching only its edge part from the cluster", model)
             save_edge_part(client.fetch_edge_part(model), folder)
@@ -390,8 +389,3 @@ class RemoteEngine:
                                 "is its activation cache smaller than one micro-batch?")
         log.info("node %s lost micro-batch %d's activations; re-sending it through the route", err.node, m)
         return m
-
-
-def default_threads(processes_on_host: int = 1) -> int:
-    """Torch threads for one edgetune process: the cores divided among the edgetune processes here."""
-    return max(1, (os.cpu_count() or 1) // max(1, processes_on_host))

@@ -139,8 +139,10 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
 
     # -- setup --------------------------------------------------------------
     methods = cfg.methods()  # validates the method options before any long work starts
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    if cfg.threads > 0 or cfg.coordinator:
+        from edgetune.runtime.threads import set_threads
+
+        set_threads(cfg.threads)  # distributed default: the cores shared among edgetune processes here
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     remote = None

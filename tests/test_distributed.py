@@ -125,3 +125,28 @@ def test_lossy_codecs_train_close_to_fp32(codec, tiny64, data_file, route, tmp_p
     assert abs(runs[codec].losses[-1] - runs["fp32"].losses[-1]) <= 0.02 * runs["fp32"].losses[-1]
     # fewer activation bytes on the wire (adapter pushes stay exact, so not the full 2x / 4x)
     assert sent[codec][0]["bytes_sent"] < sent["fp32"][0]["bytes_sent"]
+
+
+def test_the_edge_loads_exactly_embeddings_final_norm_and_head(tiny64, route, tmp_path, data_file, monkeypatch):
+    from safetensors import safe_open
+
+    from edgetune.runtime.remote import RemoteTrainer
+
+    patch_connect(monkeypatch, route)
+    cfg = _cfg(tiny64, data_file, tmp_path / "r", coordinator="fake:1", token_file=str(route.token_file))
+    engine = RemoteTrainer.connect(cfg).start(cfg.methods(), torch.device("cpu"))
+    loaded = {n: p for n, p in engine.model.named_parameters()}
+    with safe_open(str(tiny64 / "model.safetensors"), framework="pt") as f:
+        edge = {n: f.get_tensor(n) for n in f.keys() if not n.startswith("model.layers.")}
+    assert sorted(edge) == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+    assert sum(p.numel() * p.element_size() for p in loaded.values()) == sum(t.numel() * 4 for t in edge.values())
+    assert len(list(engine.model.blocks())) == 0
+    # ... and yet it holds the adapter of every block, initialised as a local run would
+    from edgetune.runtime.model_io import load_model
+    from edgetune.runtime.peft import attach_adapter
+
+    whole = attach_adapter(load_model(tiny64), cfg.methods(), seed=cfg.seed)
+    ref = whole.state_dict()
+    got = engine.adapter.state_dict()
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    engine.close()

@@ -1,0 +1,281 @@
+"""The coordinator's logic, behind its gRPC service: nodes, profiles, partitions, routes.
+
+Ray keeps the membership (which nodes are alive, their labels) and places and
+restarts actors; this module decides *what* runs where. For a model it:
+
+1. lists the live edgetune nodes (Ray nodes carrying the edgetune resource),
+2. profiles each once (memory, cores, GPU, measured block time, link estimate),
+3. partitions the blocks with coordinator/partition.py,
+4. places one shard actor per used node and waits until each serves its range,
+5. answers GetRoute with the shard addresses in block order.
+
+When a node of a placement dies (its actor stops answering), the next GetRoute
+drops that node, partitions the blocks over the remaining ones and places new
+shards; the edge replays its step on the new route.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from edgetune.coordinator import placement
+from edgetune.coordinator.partition import ModelCost, StageNode, partition
+from edgetune.runtime import wire
+from edgetune.runtime.errors import PartitionError
+from edgetune.runtime.errors import ConfigError, EdgetuneError, SessionError
+from edgetune.runtime.node_labels import NODE_RESOURCE, NodeOptions
+
+log = logging.getLogger("edgetune.coordinator")
+
+REFERENCE_TOKENS = 128  # the profiler's micro-batch: 1 x 128 tokens
+EDGE_FILES_SKIP = (".safetensors", ".safetensors.index.json", ".lock", ".gguf")
+
+
+@dataclass(frozen=True)
+class RayNode:
+    node_id: str
+    host: str
+    alive: bool
+    options: NodeOptions
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    folder: Path
+    config: object  # ModelConfig
+    config_dict: dict
+    manifest: list[wire.ManifestEntry]
+    fingerprint: str
+
+
+@dataclass
+class Placement:
+    model: ModelInfo
+    stages: list[tuple[RayNode, object, placement.ShardActor]]  # (node, partition.Stage, actor)
+    summary: str = ""
+
+
+@dataclass
+class CoordinatorState:
+    profiles: dict[tuple[str, str], object] = field(default_factory=dict)  # (node_id, model) -> NodeProfile
+    placements: dict[str, Placement] = field(default_factory=dict)
+    models: dict[str, ModelInfo] = field(default_factory=dict)
+    suspects: set[str] = field(default_factory=set)  # node ids whose shard stopped answering
+
+
+class Coordinator:
+    """Plain Python over Ray; coordinator/service.py maps gRPC calls onto these methods."""
+
+    def __init__(self, token: str, ray_address: str, ray_auth_token: str = "", ray_auth_mode: str = "") -> None:
+        self.token = token
+        self.ray_address = ray_address
+        self.ray_auth_token = ray_auth_token
+        self.ray_auth_mode = ray_auth_mode
+        self.state = CoordinatorState()
+        self._lock = threading.RLock()
+
+    # -- membership ---------------------------------------------------------------------
+    def join(self, name: str) -> wire.JoinReply:
+        from edgetune.runtime.node_labels import check_name
+
+        check_name(name)
+        taken = [n for n in self.nodes() if n.alive and n.options.name == name]
+        if taken:
+            raise ConfigError(f"a live node is already called {name!r} (on {taken[0].host}); pick another --name")
+        return wire.JoinReply(self.ray_address, self.ray_auth_token, self.ray_auth_mode)
+
+    def nodes(self) -> list[RayNode]:
+        """Edgetune nodes Ray knows, alive or not."""
+        out = []
+        for n in ray.nodes():
+            if NODE_RESOURCE not in n.get("Resources", {}) and NODE_RESOURCE not in n.get("Labels", {}):
+                continue
+            try:
+                options = NodeOptions.from_labels(n.get("Labels", {}))
+            except ConfigError as e:
+                log.warning("ignoring Ray node %s: %s", n.get("NodeID"), e)
+                continue
+            out.append(RayNode(n["NodeID"], n.get("NodeManagerAddress", ""), bool(n.get("Alive")), options))
+        return out
+
+    # -- models ---------------------------------------------------------------------------
+    def model_info(self, model: str) -> ModelInfo:
+        """The model's config and manifest, read here once (the coordinator needs the model)."""
+        from edgetune.runtime.config import ModelConfig
+        from edgetune.runtime.manifest import checkpoint_manifest, fingerprint
+        from edgetune.runtime.model_io import resolve_model_folder
+
+        with self._lock:
+            info = self.state.models.get(model)
+            if info is None:
+                folder = resolve_model_folder(model)
+                config = ModelConfig.from_file(folder / "config.json")
+                log.info("hashing %s for its fingerprint", folder)
+                manifest = checkpoint_manifest(folder)
+                info = ModelInfo(model, folder, config, config.to_hf_dict(), manifest, fingerprint(manifest))
+                self.state.models[model] = info
+            return info
+
+    def edge_part(self, model: str) -> wire.EdgePart:
+        """config.json, tokenizer files, and the edge's tensors as stored, for an edge without the model."""
+        from edgetune.runtime.checkpoint import SafetensorsCheckpoint
+
+        info = self.model_info(model)
+        files = {p.name: p.read_bytes() for p in sorted(info.folder.iterdir())
+                 if p.is_file() and not p.name.endswith(EDGE_FILES_SKIP) and p.stat().st_size < 64 * 2**20}
+        ckpt = SafetensorsCheckpoint(info.folder)
+        names = [e.name for e in info.manifest if not e.name.startswith("model.layers.")]
+        return wire.EdgePart(files, {n: ckpt.read_raw(n) for n in names})
+
+    # -- routes ---------------------------------------------------------------------------
+    def route(self, model: str, failed: list[str] | None = None) -> wire.Route:
+        with self._lock:
+            current = self.state.placements.get(model)
+            if current is not None and self._healthy(current, failed or []):
+                return self._route_of(current)
+            if current is not None:
+                self._drop(model)
+            try:
+                placed = self._place(model)
+            except PartitionError as e:  # the cluster cannot hold the model: not worth retrying soon
+                raise SessionError(str(e), code="FAILED_PRECONDITION") from None
+            except placement.PlacementError as e:
+                raise PlacementUnavailable(str(e)) from None
+            self.state.placements[model] = placed
+            return self._route_of(placed)
+
+    def _healthy(self, p: Placement, failed: list[str]) -> bool:
+        alive = {n.node_id for n in self.nodes() if n.alive}
+        ok = True
+        for node, stage, actor in p.stages:
+            if node.node_id not in alive or not actor.ping():
+                log.warning("node %s (blocks [%d, %d)) is gone; reassigning its blocks", node.options.name, stage.start, stage.end)
+                self.state.suspects.add(node.node_id)
+                ok = False
+        return ok
+
+    def _drop(self, model: str) -> None:
+        p = self.state.placements.pop(model, None)
+        if p is not None:
+            for _, _, actor in p.stages:
+                actor.shutdown()
+
+    def _route_of(self, p: Placement) -> wire.Route:
+        hops = [wire.Hop(node.options.name, actor.address(), stage.start, stage.end) for node, stage, actor in p.stages]
+        return wire.Route(p.model.name, p.model.fingerprint, hops, p.model.config.num_layers, p.model.manifest)
+
+    def _candidates(self) -> list[RayNode]:
+        nodes = self.nodes()
+        alive_ids = {n.node_id for n in nodes if n.alive}
+        self.state.suspects &= alive_ids  # Ray declared them dead: no longer our concern
+        return [n for n in nodes if n.alive and n.node_id not in self.state.suspects]
+
+    def _place(self, model: str) -> Placement:
+        info = self.model_info(model)
+        nodes = self._candidates()
+        if not nodes:
+            raise PlacementUnavailable("no edgetune node has joined the cluster yet; start one with "
+                                       "`edgetune node --coordinator HOST:PORT`")
+        profiles = {n.node_id: self._profile(n, info) for n in nodes}
+        cost = model_cost(info.config)
+        plan = partition([StageNode(n.options.name, profiles[n.node_id].memory_bytes, profiles[n.node_id].block_time_s,
+                                    profiles[n.node_id].bandwidth_bytes_per_s, profiles[n.node_id].fixed_bytes)
+                          for n in nodes], cost)
+        log.info("partition of %s:\n%s", model, plan.describe())
+        by_name = {n.options.name: n for n in nodes}
+        stages = []
+        try:
+            for stage in plan.stages:
+                node = by_name[stage.name]
+                stages.append((node, stage, self._start_shard(node, stage, info)))
+            for node, stage, actor in stages:  # wait until every shard loaded and listens
+                actor.address()
+        except EdgetuneError:
+            for _, _, actor in stages:
+                actor.shutdown()
+            raise
+        return Placement(info, stages, plan.describe())
+
+    def _profile(self, node: RayNode, info: ModelInfo):
+        key = (node.node_id, info.name)
+        if key not in self.state.profiles:
+            o = node.options
+            self.state.profiles[key] = placement.profile(node.node_id, o.name, o.device, o.threads,
+                                                         o.memory_limit_bytes, info.config_dict)
+            p = self.state.profiles[key]
+            log.info("profiled %s: %s, %d threads, %.0f MiB usable, block %.1f ms, link %.0f MB/s", o.name, p.device,
+                     p.threads, p.memory_bytes / 2**20, p.block_time_s * 1e3, min(p.bandwidth_bytes_per_s, 1e12) / 1e6)
+        return self.state.profiles[key]
+
+    def _start_shard(self, node: RayNode, stage, info: ModelInfo) -> placement.ShardActor:
+        o = node.options
+        fetch = o.fetch_weights or not placement.has_model(node.node_id, info.name)
+        tensors_ref = None
+        if fetch:  # the node lacks the file: ship its blocks through Ray's object store
+            from edgetune.runtime.checkpoint import SafetensorsCheckpoint
+
+            ckpt = SafetensorsCheckpoint(info.folder)
+            names = [e.name for e in info.manifest if _block_of(e.name) is not None
+                     and stage.start <= _block_of(e.name) < stage.end]
+            tensors_ref = ray.put({n: ckpt.read_raw(n) for n in names})
+            log.info("node %s reads no model file: sending its %d tensors through the object store", o.name, len(names))
+        spec = placement.shard_spec(name=o.name, model=info.name, start=stage.start, end=stage.end, device=o.device,
+                                    threads=o.threads, fetch_weights=fetch)
+        return placement.ShardActor.place(node.node_id, spec, self.token, info.manifest, info.config_dict, tensors_ref)
+
+    # -- status ---------------------------------------------------------------------------
+    def status(self) -> wire.ClusterStatus:
+        with self._lock:
+            placements = list(self.state.placements.values())
+            profiles = dict(self.state.profiles)
+        stages: dict[str, list] = {}
+        for p in placements:
+            for node, stage, actor in p.stages:
+                stages.setdefault(node.node_id, []).append((p.model.name, stage, actor))
+        out = []
+        for node in self.nodes():
+            prof = next((v for (nid, _), v in profiles.items() if nid == node.node_id), None)
+            mine = stages.get(node.node_id, [])
+            info = mine[0][2].info() if mine and node.alive else None
+            out.append(wire.NodeStatus(
+                name=node.options.name, ray_node_id=node.node_id, host=node.host, alive=node.alive,
+                device=node.options.device, gpu_name=getattr(prof, "gpu_name", ""),
+                memory_bytes=getattr(prof, "memory_bytes", 0), cpus=getattr(prof, "cpus", 0),
+                threads=getattr(prof, "threads", node.options.threads), block_time_s=getattr(prof, "block_time_s", 0.0),
+                bandwidth_bytes_per_s=min(getattr(prof, "bandwidth_bytes_per_s", 0.0), 1e15),
+                stages=[wire.Hop(model, "", s.start, s.end) for model, s, _ in mine], info=info))
+        return wire.ClusterStatus(self.ray_address, out, sorted(p.model.name for p in placements))
+
+    def shutdown(self) -> None:
+        with self._lock:
+            for model in list(self.state.placements):
+                self._drop(model)
+
+
+class PlacementUnavailable(SessionError):
+    """No route can be built right now (no nodes yet, a shard failed to start); the caller may retry."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="UNAVAILABLE")
+
+
+def model_cost(config) -> ModelCost:
+    """Bytes the partitioner charges per block, for the profiler's 1 x REFERENCE_TOKENS micro-batch (fp32)."""
+    d, f, kv = config.hidden_size, config.intermediate_size, config.kv_dim
+    block_bytes = 4 * (2 * d * d + 2 * d * kv + 3 * d * f + 2 * d)
+    hidden = 4 * REFERENCE_TOKENS * d
+    # saved for backward per block: roughly the inputs of every matmul and norm
+    saved = 4 * REFERENCE_TOKENS * (6 * d + 2 * kv + 3 * f)
+    return ModelCost(config.num_layers, block_bytes, hidden, saved)
+
+
+def _block_of(name: str) -> int | None:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        return int(parts[2])
+    return None

@@ -1,0 +1,101 @@
+"""The shard actor's body: the plain class a Ray actor runs on one node.
+
+The coordinator places one per node (coordinator/placement.py owns the Ray
+options: node affinity, restarts) and names its range. On construction it
+loads only blocks [start, end) -- from the model path on this machine, or from
+tensors the coordinator shipped through Ray's object store when this node lacks
+the file -- checks them against the model's manifest, and serves them over gRPC
+on a free port until the actor ends.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from edgetune.runtime import wire
+
+log = logging.getLogger("edgetune.node")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What the coordinator asks a node to serve."""
+
+    name: str
+    model: str
+    start: int
+    end: int
+    device: str = "cpu"
+    threads: int = 0
+    max_cached: int = 64        # micro-batches whose activations stay for backward
+    fetch_weights: bool = False  # read no local file: the coordinator ships the tensors
+
+
+class ShardServer:
+    """Loads the blocks of `spec`, verifies them, and serves them until stop()."""
+
+    def __init__(self, spec: ShardSpec, token: str, manifest: list[wire.ManifestEntry], config: dict,
+                 tensors: dict | None = None) -> None:
+        import torch
+
+        from edgetune.nodes.service import serve
+        from edgetune.nodes.shard import Shard
+        from edgetune.runtime.manifest import fingerprint
+
+        if spec.threads > 0:
+            torch.set_num_threads(spec.threads)
+        part = self._load(spec, manifest, config, tensors)
+        self.spec = spec
+        self.shard = Shard(spec.name, spec.model, part, fingerprint(manifest), max_cached=spec.max_cached)
+        self.server, port = serve(self.shard, token)
+        self._address = f"{_node_ip()}:{port}"
+        log.info("node %s serves blocks [%d, %d) of %s at %s", spec.name, spec.start, spec.end, spec.model, self._address)
+
+    @staticmethod
+    def _load(spec: ShardSpec, manifest, config: dict, tensors: dict | None):
+        import torch
+
+        from edgetune.runtime.config import ModelConfig
+        from edgetune.runtime.manifest import checkpoint_manifest, tensor_sha256, verify
+        from edgetune.runtime.model_io import build_part, load_model, part_shapes
+
+        device = torch.device(spec.device)
+        if tensors is None:
+            part = load_model(spec.model, start=spec.start, end=spec.end, edge=False, device=device)
+            names = part_shapes(part.config, spec.start, spec.end, edge=False)
+            loaded = checkpoint_manifest(part.source_path, names)
+        else:
+            cfg = ModelConfig.from_hf_dict(config)
+            part = build_part(cfg, spec.start, spec.end, False, lambda shapes: tensors, device, torch.float32)
+            loaded = [wire.ManifestEntry(n, str(t.dtype).removeprefix("torch."), tuple(t.shape), tensor_sha256(t))
+                      for n, t in tensors.items()]
+        verify(loaded, manifest, who=f"node {spec.name}")
+        return part
+
+    def address(self) -> str:
+        return self._address
+
+    def info(self) -> wire.NodeInfo:
+        return self.shard.info(device=self.spec.device)
+
+    def ping(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        self.server.stop(grace=1.0)
+
+
+def has_model(model: str) -> bool:
+    """Whether this machine can read `model` itself (runs on the node, as a Ray task)."""
+    from edgetune.runtime.model_io import resolve_model_folder
+
+    try:
+        return (resolve_model_folder(model) / "config.json").exists()
+    except Exception:  # not there, not convertible: the coordinator ships the tensors instead
+        return False
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()

@@ -1,0 +1,128 @@
+"""What a node can do, measured on the node: memory, cores, GPU, block speed, link speed.
+
+`profile_node` runs on the node itself (the coordinator launches it there as a
+Ray task pinned to the node). The block timing builds one block of the target
+model's shape with random weights and times forward + backward at a reference
+micro-batch, with the node's own thread count and device, so a node started
+with `--threads 1` or on a slower GPU measures slower, and the partitioner gives
+it proportionately fewer blocks.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+REFERENCE_BATCH = 1
+REFERENCE_TOKENS = 128
+_FIXED_BYTES = 256 * 2**20  # a node process's own footprint (torch, gRPC, Ray worker) beside its blocks
+
+
+@dataclass(frozen=True)
+class NodeProfile:
+    name: str
+    device: str
+    cpus: int
+    threads: int
+    ram_bytes: int            # available now (psutil)
+    gpu_name: str
+    gpu_memory_bytes: int
+    memory_bytes: int         # usable for blocks: min(--memory-limit, available RAM or GPU memory)
+    fixed_bytes: int
+    block_time_s: float       # forward + backward of one block at REFERENCE_BATCH x REFERENCE_TOKENS
+    bandwidth_bytes_per_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def hardware(device: str) -> dict:
+    """RAM, cores and (with CUDA) the GPU's name and total memory."""
+    import psutil
+    import torch
+
+    gpu_name, gpu_memory = "", 0
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.device(device))
+        gpu_name, gpu_memory = props.name, int(props.total_memory)
+    return {"cpus": os.cpu_count() or 1, "ram_bytes": int(psutil.virtual_memory().available),
+            "gpu_name": gpu_name, "gpu_memory_bytes": gpu_memory}
+
+
+def time_block(config_dict: dict, device: str, repeats: int = 3) -> float:
+    """Median seconds of forward + backward through one block of this shape (random weights)."""
+    import torch
+
+    from edgetune.runtime.config import ModelConfig
+    from edgetune.runtime.model import Block, CausalLM
+
+    config = ModelConfig.from_hf_dict(config_dict)
+    dev = torch.device(device)
+    with torch.device(dev):
+        block = Block(config, 0)
+        shell = CausalLM(config, 0, 0, edge=False)  # rotary tables and masks without any weights
+    for p in block.parameters():
+        p.requires_grad_(False)
+    h = torch.randn(REFERENCE_BATCH, REFERENCE_TOKENS, config.hidden_size, device=dev, requires_grad=True)
+    ctx = shell.make_context(REFERENCE_BATCH, REFERENCE_TOKENS, dev)
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up kernels and allocators
+        start = time.perf_counter()
+        block(h, ctx, None, None).sum().backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def link_bandwidth(probe_refs: list) -> float:
+    """Bytes/s of fetching the coordinator's probe objects to this node through Ray's object store.
+
+    Two probes of different sizes: the difference of their fetch times cancels the
+    fixed cost of a fetch (a round trip to the owner), leaving the per-byte cost.
+    The refs arrive inside a list, so Ray has not fetched them before the task
+    starts; on the coordinator's own host a fetch is a shared-memory map (fast).
+    """
+    if len(probe_refs) != 2:
+        return float("inf")
+    import ray
+
+    times, sizes = [], []
+    for ref in probe_refs:
+        start = time.perf_counter()
+        sizes.append(len(ray.get(ref)))
+        times.append(time.perf_counter() - start)
+    extra_s = times[1] - times[0]
+    return (sizes[1] - sizes[0]) / extra_s if extra_s > 0 else float("inf")
+
+
+def profile_node(name: str, device: str, threads: int, memory_limit_bytes: int, config_dict: dict,
+                 probe_refs: list = ()) -> NodeProfile:
+    """Everything the partitioner needs about this node (runs on the node)."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    hw = hardware(device)
+    usable = hw["gpu_memory_bytes"] if device.startswith("cuda") and hw["gpu_memory_bytes"] else hw["ram_bytes"]
+    if memory_limit_bytes > 0:
+        usable = min(usable, memory_limit_bytes)
+    bandwidth = link_bandwidth(list(probe_refs))
+    return NodeProfile(name=name, device=device, cpus=hw["cpus"], threads=threads or torch.get_num_threads(),
+                       ram_bytes=hw["ram_bytes"], gpu_name=hw["gpu_name"], gpu_memory_bytes=hw["gpu_memory_bytes"],
+                       memory_bytes=usable, fixed_bytes=_FIXED_BYTES, block_time_s=time_block(config_dict, device),
+                       bandwidth_bytes_per_s=bandwidth)
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1.5GiB', '1000000' -> bytes; ValueError for anything else."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (s[:-1], s[-1]) if s and s[-1] in units else (s, "")
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"size {text!r}: expected a number with an optional K/M/G/T suffix, e.g. 512M or 2G") from None
+    if value <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return int(value * units[unit])

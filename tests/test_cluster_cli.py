@@ -1,0 +1,110 @@
+"""The real CLI: `edgetune coordinator`, two `edgetune node` processes and `edgetune finetune`
+in subprocesses, on their own Ray head (free ports, a temporary folder); then a node is
+killed in the middle of a step and training finishes with the same adapter."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from edgetune.runtime.train import TrainConfig, finetune
+from edgetune.tests.cli_cluster import CliCluster
+from edgetune.tests.tiny import make_tiny_folder
+
+pytestmark = pytest.mark.slow
+
+TEXTS = ["the quick brown fox jumps over the lazy dog.", "hello world, how are you today?",
+         "adapters live on the edge; the backbone lives on the nodes.", "the fox is quick and brown.",
+         "nodes stream activations over grpc.", "a step either completes or is replayed whole."]
+OPTIONS = dict(method="lora", rank=4, alpha=8.0, dropout=0.1, target_modules=("q_proj", "v_proj"), lr=5e-2, steps=4,
+               batch_size=4, micro_batches=2, warmup_steps=1, max_seq_len=32, eval_fraction=0.0, save_every=0,
+               seed=5, progress=False)
+
+
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    make_tiny_folder("llama", root / "tiny", hidden_size=64, intermediate_size=128, num_hidden_layers=4)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    return root / "tiny", data
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with CliCluster.start([["--threads", "1"], ["--threads", "1"]]) as c:
+        yield c
+
+
+def _local(model, data, out):
+    return finetune(TrainConfig(model=str(model), data=str(data), out=str(out), **OPTIONS))
+
+
+def _adapter(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() <= 1e-5, k
+
+
+def test_cli_finetune_on_a_cluster_equals_local(cluster, model_and_data, tmp_path):
+    model, data = model_and_data
+    flags = []
+    for k, v in OPTIONS.items():
+        if k == "progress":
+            continue
+        flags += [f"--{k.replace('_', '-')}", ",".join(v) if isinstance(v, tuple) else str(v)]
+    run = cluster.edgetune("finetune", "--coordinator", cluster.address, "--token-file", str(cluster.token_file),
+                           "--model", str(model), "--data", str(data), "--out", str(tmp_path / "remote"),
+                           "--no-progress", *flags)
+    assert run.returncode == 0, run.stderr + cluster.log_text()
+    assert "adapter saved to" in run.stdout
+    _assert_same(_adapter(_local(model, data, tmp_path / "local").out), _adapter(tmp_path / "remote"))
+    records = [json.loads(line) for line in (tmp_path / "remote" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["bytes_sent"] > 0 and r["stages"] for r in records if "loss" in r)
+
+    shown = cluster.edgetune("status", "--coordinator", cluster.address, "--token-file", str(cluster.token_file))
+    assert shown.returncode == 0, shown.stderr
+    assert "node-0" in shown.stdout and "node-1" in shown.stdout and "[0, " in shown.stdout
+
+
+def test_wrong_token_is_refused_with_a_clear_message(cluster, tmp_path):
+    bad = tmp_path / "bad-token"
+    bad.write_text("not-the-cluster-token\n")
+    shown = cluster.edgetune("status", "--coordinator", cluster.address, "--token-file", str(bad))
+    assert shown.returncode == 1 and "UNAUTHENTICATED" in shown.stderr
+
+
+def test_node_killed_mid_step_is_replaced_and_the_adapter_is_unchanged(cluster, model_and_data, tmp_path,
+                                                                       monkeypatch, caplog):
+    """Kill the first node of the route between a step's backward and its end: the edge gets
+    an error, asks for a new route (the coordinator moves the blocks to the other node), replays
+    the step, and the adapter equals an uninterrupted run's."""
+    from edgetune.runtime import remote
+
+    model, data = model_and_data
+    killed = []
+    original = remote.RemoteEngine._end_step
+
+    def end_step_with_a_death(self, step, views):
+        if step == 2 and not killed:
+            victim = self.trainer.route.hops[0].name
+            cluster.kill_node(int(victim.rsplit("-", 1)[1]))
+            killed.append(victim)
+        return original(self, step, views)
+
+    monkeypatch.setattr(remote.RemoteEngine, "_end_step", end_step_with_a_death)
+    caplog.set_level("WARNING", logger="edgetune.remote")
+    result = finetune(TrainConfig(model=str(model), data=str(data), out=str(tmp_path / "remote"),
+                                  coordinator=cluster.address, token_file=str(cluster.token_file), **OPTIONS))
+    assert killed and result.steps == OPTIONS["steps"]
+    assert "replaying on a new route" in caplog.text
+    _assert_same(_adapter(_local(model, data, tmp_path / "local").out), _adapter(result.out))
+    survivors = [n for n in cluster.status().nodes if n.alive]
+    assert [n.name for n in survivors] != [] and all(n.name != killed[0] for n in survivors)
