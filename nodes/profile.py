@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 REFERENCE_BATCH = 1
 REFERENCE_TOKENS = 128
-_FIXED_BYTES = 256 * 2**20  # a node process's own footprint (torch, gRPC, Ray worker) beside its blocks
+FIXED_BYTES = 256 * 2**20  # a node process's own footprint (torch, gRPC, Ray worker) beside its blocks
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def profile_node(name: str, device: str, threads: int, memory_limit_bytes: int, 
     bandwidth = link_bandwidth(list(probe_refs))
     return NodeProfile(name=name, device=device, cpus=hw["cpus"], threads=threads or torch.get_num_threads(),
                        ram_bytes=hw["ram_bytes"], gpu_name=hw["gpu_name"], gpu_memory_bytes=hw["gpu_memory_bytes"],
-                       memory_bytes=usable, fixed_bytes=_FIXED_BYTES, block_time_s=time_block(config_dict, device),
+                       memory_bytes=usable, fixed_bytes=FIXED_BYTES, block_time_s=time_block(config_dict, device),
                        bandwidth_bytes_per_s=bandwidth)
 
 

@@ -119,6 +119,15 @@ class RouteStream:
             self._inbox.put(RouteFailure(f"malformed reply from the route: {e}", self._addresses))
 
 
+def local_model_folder(model: str) -> Path | None:
+    """`model` as a folder on this machine (converting a GGUF once), or None when it is not here."""
+    from edgetune.runtime.model_io import resolve_model_folder
+
+    if model == "embedded" or Path(model).exists():
+        return resolve_model_folder(model)
+    return None
+
+
 class RemoteTrainer:
     """The connection to a cluster, before training starts: token, coordinator, route, edge folder."""
 
@@ -150,10 +159,10 @@ class RemoteTrainer:
     def _edge_folder(model: str, route: wire.Route, client: CoordinatorClient) -> tuple[Path, bool]:
         """The model folder here, or the edge's part of it fetched from the cluster (cached by fingerprint)."""
         from edgetune.runtime.gguf_convert import default_cache_root
-        from edgetune.runtime.model_io import resolve_model_folder
 
-        if model == "embedded" or Path(model).exists():
-            return resolve_model_folder(model), True
+        folder = local_model_folder(model)
+        if folder is not None:
+            return folder, True
         folder = default_cache_root() / "edge-parts" / route.fingerprint[:32]
         if not (folder / "model.safetensors").exists():
             log.info("%s is not on this machine: fetching only its edge part from the cluster", model)

@@ -34,3 +34,41 @@ def tiny_dir(tmp_path_factory) -> Callable[[str], Path]:
         return made[arch]
 
     return get
+
+
+# The integration cluster's model: 4 blocks of width 64. Each node may hold 2 of them
+# (--memory-limit), so every route crosses both nodes.
+CLUSTER_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4)
+
+
+def cluster_node_options() -> list[dict]:
+    from edgetune.coordinator.core import model_cost
+    from edgetune.nodes.profile import FIXED_BYTES
+    from edgetune.runtime.config import ModelConfig
+    from edgetune.runtime.node_labels import NodeOptions
+    from edgetune.tests.tiny import tiny_hf_config
+
+    cost = model_cost(ModelConfig.from_hf_dict(tiny_hf_config("llama", **CLUSTER_MODEL).to_dict()))
+    limit = FIXED_BYTES + int(2.5 * cost.bytes_per_block(1))
+    options = []
+    for i in range(2):
+        # node-1 reads no model file: the coordinator ships its blocks through Ray's object store
+        node = NodeOptions(name=f"node-{i}", threads=1, memory_limit_bytes=limit, fetch_weights=i == 1)
+        options.append({"name": node.name, "threads": 1, "labels": node.labels()})
+    return options
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One Ray cluster (a head + 2 edgetune nodes, real `ray start` processes) for the session's
+    integration tests; this process is its driver. Unit tests never ask for it."""
+    from edgetune.tests.ray_cluster import start_local_cluster
+
+    import ray
+
+    cluster = start_local_cluster(2, tmp_path_factory.mktemp("ray"), cluster_node_options())
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()  # the driver leaves first, then the nodes and the head stop
+        cluster.shutdown()
