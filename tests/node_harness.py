@@ -27,7 +27,7 @@ class LocalRoute:
             server.stop(grace=None)
 
 
-def start_route(folder: Path, splits: list[int], token_dir: Path, max_cached: int = 64) -> LocalRoute:
+def start_route(folder: Path, splits: list[int], token_dir: Path, max_cached: int = 64, device: str = "cpu") -> LocalRoute:
     from edgetune.nodes.service import serve
     from edgetune.nodes.shard import Shard
     from edgetune.runtime import rpc
@@ -43,7 +43,7 @@ def start_route(folder: Path, splits: list[int], token_dir: Path, max_cached: in
     bounds = [0, *splits, config.num_layers]
     route = LocalRoute(wire.Route(str(folder), fp, [], config.num_layers, manifest), token, token_file)
     for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
-        part = load_model(folder, start=start, end=end, edge=False)
+        part = load_model(folder, start=start, end=end, edge=False, device=device)
         shard = Shard(f"node-{i}", str(folder), part, fp, max_cached=max_cached)
         server, port = serve(shard, token, host="127.0.0.1", port=0)
         route.servers.append(server)

@@ -59,3 +59,43 @@ def test_cuda_training_matches_cpu_training(tiny, tmp_path):
     gpu = finetune(TrainConfig(out=str(tmp_path / "gpu"), device="cuda", **common)).losses
     # dropout masks are keyed, not device-RNG dependent; the rest is fp32 rounding
     assert max(abs(a - b) for a, b in zip(cpu, gpu)) <= 1e-3
+
+
+def test_cuda_nodes_train_like_a_cpu_local_run(tiny, tmp_path, monkeypatch):
+    """Edge on the CPU, both nodes' blocks on the GPU: the adapter matches --local on the CPU."""
+    from edgetune.runtime.train import TrainConfig, finetune
+    from edgetune.tests.node_harness import patch_connect, start_route
+
+    folder, _ = tiny
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["the quick brown fox.", "hello world!",
+                                                                    "adapters on the edge.", "nodes on gpus."]))
+    base = dict(model=str(folder), data=str(data), method="lora", rank=4, alpha=8.0, dropout=0.1, lr=5e-2, steps=3,
+                batch_size=4, micro_batches=2, max_seq_len=32, eval_fraction=0.0, save_every=0, progress=False)
+    local = finetune(TrainConfig(out=str(tmp_path / "local"), **base))
+    route = start_route(folder, [1], tmp_path, device="cuda")
+    try:
+        assert route.shards[0].part.device.type == "cuda"
+        patch_connect(monkeypatch, route)
+        remote = finetune(TrainConfig(out=str(tmp_path / "remote"), coordinator="fake:1",
+                                      token_file=str(route.token_file), **base))
+    finally:
+        route.stop()
+    for a, b in zip(local.losses, remote.losses):
+        assert abs(a - b) <= 1e-4
+    from safetensors.torch import load_file
+
+    ours, ref = (load_file(str(r.out / "adapter" / "adapter_model.safetensors")) for r in (remote, local))
+    assert ours.keys() == ref.keys() and all((ours[k] - ref[k]).abs().max() <= 1e-4 for k in ref)
+
+
+def test_profile_reports_the_gpu_and_times_a_block_on_it(tiny):
+    from edgetune.nodes.profile import profile_node
+    from edgetune.runtime.config import ModelConfig
+
+    folder, _ = tiny
+    config = ModelConfig.from_file(folder / "config.json").to_hf_dict()
+    p = profile_node("gpu-node", "cuda", 2, 0, config)
+    assert p.gpu_name == torch.cuda.get_device_name(0)
+    assert p.memory_bytes == p.gpu_memory_bytes == torch.cuda.get_device_properties(0).total_memory
+    assert p.block_time_s > 0
