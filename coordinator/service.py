@@ -48,11 +48,6 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
 def serve(coordinator: Coordinator, host: str, port: int, max_workers: int = 32):
     """Start the coordinator's server (with the health service); returns (server, bound port)."""
-    server = rpc.make_server(max_workers=max_workers, token=coordinator.token)
-    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator), server)
-    rpc.add_health(server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise EdgetuneError(f"coordinator: cannot listen on {host}:{port} (port in use?)")
-    server.start()
-    return server, bound
+    servicer = CoordinatorServicer(coordinator)
+    return rpc.start_server(lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
+                            coordinator.token, host, port, "coordinator", max_workers)

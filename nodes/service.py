@@ -264,11 +264,6 @@ class _Relay:
 
 def serve(shard: Shard, token: str, host: str = "0.0.0.0", port: int = 0, max_workers: int = 16):
     """Start a node server for `shard`; returns (server, port). Serves the health service too."""
-    server = rpc.make_server(max_workers=max_workers, token=token)
-    node_pb2_grpc.add_NodeServicer_to_server(NodeServicer(shard, token), server)
-    rpc.add_health(server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise EdgetuneError(f"node {shard.name}: cannot listen on {host}:{port} (port in use?)")
-    server.start()
-    return server, bound
+    servicer = NodeServicer(shard, token)
+    return rpc.start_server(lambda server: node_pb2_grpc.add_NodeServicer_to_server(servicer, server), token,
+                            host, port, f"node {shard.name}", max_workers)

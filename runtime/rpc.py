@@ -244,6 +244,22 @@ def add_health(server: grpc.Server, services: Iterable[str] = ()) -> health.Heal
     return servicer
 
 
+def start_server(add_servicer: Callable[[grpc.Server], None], token: str, host: str, port: int, what: str,
+                 max_workers: int = 16) -> tuple[grpc.Server, int]:
+    """A started server with the token check, `add_servicer`'s service and the health service.
+
+    Returns (server, bound port); port 0 picks a free one. ConfigError when it cannot listen.
+    """
+    server = make_server(max_workers=max_workers, token=token)
+    add_servicer(server)
+    add_health(server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise ConfigError(f"{what}: cannot listen on {host}:{port} (port in use, or not an address of this host?)")
+    server.start()
+    return server, bound
+
+
 def check_health(channel: grpc.Channel, service: str = "", timeout_s: float = HEALTH_TIMEOUT_S) -> str:
     """The health status name a server reports for `service` ("SERVING", "NOT_SERVING", ...).
 
