@@ -77,7 +77,8 @@ class Coordinator:
         self.ray_auth_token = ray_auth_token
         self.ray_auth_mode = ray_auth_mode
         self.state = CoordinatorState()
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # model infos
+        self._plan_lock = threading.RLock()  # routes: one placement at a time (it may take minutes)
 
     # -- membership ---------------------------------------------------------------------
     def join(self, name: str) -> wire.JoinReply:
@@ -134,7 +135,7 @@ class Coordinator:
 
     # -- routes ---------------------------------------------------------------------------
     def route(self, model: str, failed: list[str] | None = None) -> wire.Route:
-        with self._lock:
+        with self._plan_lock:
             current = self.state.placements.get(model)
             if current is not None and self._healthy(current, failed or []):
                 return self._route_of(current)
@@ -230,9 +231,8 @@ class Coordinator:
 
     # -- status ---------------------------------------------------------------------------
     def status(self) -> wire.ClusterStatus:
-        with self._lock:
-            placements = list(self.state.placements.values())
-            profiles = dict(self.state.profiles)
+        placements = list(self.state.placements.values())  # no lock: answers while a placement runs
+        profiles = dict(self.state.profiles)
         stages: dict[str, list] = {}
         for p in placements:
             for node, stage, actor in p.stages:
@@ -252,7 +252,7 @@ class Coordinator:
         return wire.ClusterStatus(self.ray_address, out, sorted(p.model.name for p in placements))
 
     def shutdown(self) -> None:
-        with self._lock:
+        with self._plan_lock:
             for model in list(self.state.placements):
                 self._drop(model)
 

@@ -206,6 +206,20 @@ def abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
 
 
 # -- servers and channels -----------------------------------------------------------------
+# HTTP/2 keepalive pings on every connection, both ways: a peer whose host vanished (no
+# TCP reset) is noticed within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS instead of at the
+# session's deadline. Servers accept pings this often, or they would answer with GOAWAY.
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+]
+
+
 def make_server(max_workers: int, token: str, *, max_message_bytes: int | None = None) -> grpc.Server:
     """A gRPC server that requires the token on every call and accepts frames up to the serde limit.
 
@@ -216,6 +230,7 @@ def make_server(max_workers: int, token: str, *, max_message_bytes: int | None =
     if not token:
         raise ConfigError("a gRPC server needs a non-empty cluster token")
     options = channel_options() if max_message_bytes is None else channel_options(max_message_bytes)
+    options = options + KEEPALIVE_OPTIONS
     return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="edgetune-grpc"),
                        interceptors=[TokenAuthInterceptor(token)], options=options)
 
@@ -228,6 +243,7 @@ def make_channel(address: str, token: str, *, max_message_bytes: int | None = No
     if not token:
         raise ConfigError("a gRPC channel needs a non-empty cluster token")
     options = channel_options() if max_message_bytes is None else channel_options(max_message_bytes)
+    options = options + KEEPALIVE_OPTIONS
     return grpc.intercept_channel(grpc.insecure_channel(address, options=options), TokenClientInterceptor(token))
 
 
