@@ -266,11 +266,13 @@ class PlacementUnavailable(SessionError):
 
 def model_cost(config) -> ModelCost:
     """Bytes the partitioner charges per block, for the profiler's 1 x REFERENCE_TOKENS micro-batch (fp32)."""
-    d, f, kv = config.hidden_size, config.intermediate_size, config.kv_dim
-    block_bytes = 4 * (2 * d * d + 2 * d * kv + 3 * d * f + 2 * d)
+    d, f = config.hidden_size, config.intermediate_size
+    linears = config.linear_shapes()  # name -> (out, in)
+    weights = sum(o * i + (o if config.linear_has_bias(name) else 0) for name, (o, i) in linears.items())
+    block_bytes = 4 * (weights + 2 * d)  # + the two RMSNorm scales
     hidden = 4 * REFERENCE_TOKENS * d
-    # saved for backward per block: roughly the inputs of every matmul and norm
-    saved = 4 * REFERENCE_TOKENS * (6 * d + 2 * kv + 3 * f)
+    # saved for backward per block: roughly the inputs and outputs of every matmul and norm
+    saved = 4 * REFERENCE_TOKENS * (4 * d + 2 * config.q_dim + 2 * config.kv_dim + 3 * f)
     return ModelCost(config.num_layers, block_bytes, hidden, saved)
 
 

@@ -9,6 +9,7 @@ it proportionately fewer blocks.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -123,6 +124,6 @@ def parse_size(text: str) -> int:
         value = float(number)
     except ValueError:
         raise ValueError(f"size {text!r}: expected a number with an optional K/M/G/T suffix, e.g. 512M or 2G") from None
-    if value <= 0:
-        raise ValueError(f"size {text!r} must be positive")
+    if not math.isfinite(value) or value * units[unit] < 1:
+        raise ValueError(f"size {text!r} must be a finite size of at least one byte")
     return int(value * units[unit])

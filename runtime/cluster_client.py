@@ -88,14 +88,17 @@ def save_edge_part(part: wire.EdgePart, folder: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
         for name, content in part.files.items():
-            if "/" in name or "\\" in name or name.startswith("."):
+            if not name or "/" in name or "\\" in name or name.startswith("."):
                 raise EdgetuneError(f"edge part: refusing file name {name!r} from the coordinator")
             (tmp / name).write_bytes(content)
         save_file({n: t.contiguous() for n, t in part.tensors.items()}, str(tmp / "model.safetensors"))
         try:
             tmp.rename(folder)
-        except OSError:  # another process fetched it first
+        except OSError:  # another process fetched it first -- or something else is in the way
             shutil.rmtree(tmp, ignore_errors=True)
+            if not (folder / "model.safetensors").exists():
+                raise EdgetuneError(f"cannot store the model's edge part in {folder}: the folder exists "
+                                    "without a model.safetensors; remove it and retry") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
