@@ -113,3 +113,24 @@ def test_prepare_model_prints_the_folder(tiny_folder, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(tiny_folder)
     assert main(["prepare-model", str(tmp_path / "absent.gguf")]) == 1
     assert "absent.gguf" in capsys.readouterr().err
+
+
+def test_local_and_coordinator_together_are_refused(capsys):
+    assert main(["finetune", "--local", "--coordinator", "127.0.0.1:1", "--data", "d"]) == 2
+    assert "either" in capsys.readouterr().err
+
+
+def test_unreachable_coordinator_and_missing_token_are_clear_errors(tiny_folder, chat_file, tmp_path, capsys):
+    from edgetune.runtime import rpc
+    from edgetune.runtime.ports import free_port
+
+    base = ["finetune", "--model", str(tiny_folder), "--data", str(chat_file), "--out", str(tmp_path / "o")]
+    assert main([*base, "--coordinator", "127.0.0.1:1", "--token-file", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert "none" in err and "token" in err
+    token = tmp_path / "token"
+    rpc.write_token(token)
+    address = f"127.0.0.1:{free_port()}"  # nobody listens there
+    assert main([*base, "--coordinator", address, "--token-file", str(token)]) == 1
+    err = capsys.readouterr().err
+    assert address in err and "UNAVAILABLE" in err and "edgetune coordinator" in err
