@@ -226,7 +226,7 @@ class Coordinator:
             tensors_ref = ray.put({n: ckpt.read_raw(n) for n in names})
             log.info("node %s reads no model file: sending its %d tensors through the object store", o.name, len(names))
         spec = placement.shard_spec(name=o.name, model=info.name, start=stage.start, end=stage.end, device=o.device,
-                                    threads=o.threads, fetch_weights=fetch)
+                                    threads=o.threads, fetch_weights=fetch, port=o.shard_port)
         return placement.ShardActor.place(node.node_id, spec, self.token, info.manifest, info.config_dict, tensors_ref)
 
     # -- status ---------------------------------------------------------------------------

@@ -48,6 +48,7 @@ def run_coordinator(args) -> int:
     from edgetune.coordinator.ray_head import RayHead, RayHeadConfig, join_existing
     from edgetune.runtime.ray_process import RayAuth
     from edgetune.coordinator.service import serve
+    from edgetune.cli import ray_ports_from
 
     token, token_path = coordinator_token(args.token_file, args.new_token)
     head = None
@@ -57,7 +58,7 @@ def run_coordinator(args) -> int:
         ray_address, ray_token, ray_mode = args.ray_address, auth.token or "", auth.mode
     else:
         head = RayHead(RayHeadConfig(port=args.ray_port, temp_dir=Path(args.temp_dir) if args.temp_dir else None,
-                                     host=args.advertise))
+                                     host=args.advertise, ports=ray_ports_from(args)))
         ray_address = head.start()
         head.connect()
         ray_token, ray_mode = head.auth_token or "", head.auth.mode

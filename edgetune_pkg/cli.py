@@ -107,6 +107,29 @@ def _add_token_file(p) -> None:
     p.add_argument("--token-file", default=None, help="the cluster's shared token (default: ~/.config/edgetune/token)")
 
 
+def _add_ray_ports(p) -> None:
+    """`--ray-node-manager-port` etc.: fixed ports for this machine's Ray node, for firewalls.
+
+    All default to 0: Ray binds free ports, so several nodes can share a host.
+    """
+    from dataclasses import fields
+
+    from edgetune.runtime.ray_process import RayPorts
+
+    group = p.add_argument_group("Ray ports (0: a free one; fix them where a firewall needs it)")
+    for f in fields(RayPorts):
+        group.add_argument("--ray-" + f.name.replace("_", "-"), dest="ray_port_" + f.name, type=int, default=0,
+                           metavar="PORT", help=f"Ray's {f.name.replace('_', ' ')}")
+
+
+def ray_ports_from(args):
+    from dataclasses import fields
+
+    from edgetune.runtime.ray_process import RayPorts
+
+    return RayPorts(**{f.name: getattr(args, "ray_port_" + f.name) for f in fields(RayPorts)})
+
+
 def _add_coordinator(sub) -> None:
     p = sub.add_parser("coordinator", help="start a coordinator: a Ray head (or join one) + the route service",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -120,6 +143,7 @@ def _add_coordinator(sub) -> None:
     p.add_argument("--temp-dir", default=None, help="Ray's session folder (default: a fresh temporary folder)")
     _add_token_file(p)
     p.add_argument("--new-token", action="store_true", help="write a fresh token to --token-file even if one exists")
+    _add_ray_ports(p)
     p.set_defaults(func=_run_coordinator)
 
 
@@ -134,9 +158,12 @@ def _add_node(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: cores / edgetune processes on this host)")
     p.add_argument("--fetch-weights", action="store_true", help="read no model file here: receive this node's "
                    "block weights from the coordinator (through Ray's object store)")
+    p.add_argument("--shard-port", type=int, default=0, help="gRPC port of this node's shard, which the edge and the "
+                   "previous node connect to (0: a free one)")
     p.add_argument("--temp-dir", default=None, help="Ray's folder for this node (default: a fresh temporary folder)")
     p.add_argument("--node-ip", default=None, help="this machine's address as the other nodes reach it")
     _add_token_file(p)
+    _add_ray_ports(p)
     p.set_defaults(func=_run_node)
 
 

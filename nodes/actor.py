@@ -29,6 +29,7 @@ class ShardSpec:
     threads: int = 0
     max_cached: int = 64        # micro-batches whose activations stay for backward
     fetch_weights: bool = False  # read no local file: the coordinator ships the tensors
+    port: int = 0  # the gRPC port; 0 = a free one
 
 
 class ShardServer:
@@ -47,7 +48,7 @@ class ShardServer:
         part = self._load(spec, manifest, config, tensors)
         self.spec = spec
         self.shard = Shard(spec.name, spec.model, part, fingerprint(manifest), max_cached=spec.max_cached)
-        self.server, port = serve(self.shard, token)
+        self.server, port = serve(self.shard, token, port=spec.port)
         self._address = f"{_node_ip()}:{port}"
         log.info("node %s serves blocks [%d, %d) of %s at %s", spec.name, spec.start, spec.end, spec.model, self._address)
 

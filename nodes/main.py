@@ -28,6 +28,7 @@ def _interrupt(*_) -> None:
 
 
 def run_node(args) -> int:
+    from edgetune.cli import ray_ports_from
     from edgetune.nodes.profile import parse_size
     from edgetune.nodes.ray_join import RayNodeConfig, RayNodeProcess
     from edgetune.runtime import rpc
@@ -43,7 +44,7 @@ def run_node(args) -> int:
         raise ConfigError(f"--memory-limit: {e}") from None
     options = NodeOptions(name=args.name or default_name(), device=args.device,
                           threads=args.threads or default_threads(), memory_limit_bytes=limit,
-                          fetch_weights=args.fetch_weights)
+                          fetch_weights=args.fetch_weights, shard_port=args.shard_port)
     token = rpc.load_token(Path(args.token_file).expanduser() if args.token_file else rpc.default_token_path())
     client = CoordinatorClient(args.coordinator, token)
     try:
@@ -55,7 +56,8 @@ def run_node(args) -> int:
     config = RayNodeConfig(ray_address=reply.ray_address, name=options.name, auth=auth, num_cpus=options.threads,
                            device="cuda" if gpus else "cpu", num_gpus=gpus, threads=options.threads,
                            memory_limit_bytes=limit or None, labels=options.labels(),
-                           temp_dir=Path(args.temp_dir) if args.temp_dir else None, node_ip=args.node_ip)
+                           temp_dir=Path(args.temp_dir) if args.temp_dir else None, node_ip=args.node_ip,
+                           ports=ray_ports_from(args))
     node = RayNodeProcess(config)
     print(f"edgetune node {options.name}: joining {reply.ray_address} ({options.device}, {options.threads} threads"
           f"{f', memory limit {args.memory_limit}' if limit else ''}); Ctrl-C leaves", flush=True)

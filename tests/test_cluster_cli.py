@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from edgetune.runtime.train import TrainConfig, finetune
+from edgetune.runtime.ports import free_ports
 from edgetune.tests.cli_cluster import CliCluster
 from edgetune.tests.tiny import make_tiny_folder
 
@@ -31,9 +32,12 @@ def model_and_data(tmp_path_factory):
     return root / "tiny", data
 
 
+SHARD_PORTS = {f"node-{i}": port for i, port in enumerate(free_ports(2))}  # fixed (--shard-port), as behind a firewall
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    with CliCluster.start([["--threads", "1"], ["--threads", "1"]]) as c:
+    with CliCluster.start([["--threads", "1", "--shard-port", str(SHARD_PORTS[f"node-{i}"])] for i in range(2)]) as c:
         yield c
 
 
@@ -68,6 +72,14 @@ def test_cli_finetune_on_a_cluster_equals_local(cluster, model_and_data, tmp_pat
     _assert_same(_adapter(_local(model, data, tmp_path / "local").out), _adapter(tmp_path / "remote"))
     records = [json.loads(line) for line in (tmp_path / "remote" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["bytes_sent"] > 0 and r["stages"] for r in records if "loss" in r)
+
+    from edgetune.runtime import rpc
+    from edgetune.runtime.cluster_client import CoordinatorClient
+
+    client = CoordinatorClient(cluster.address, rpc.load_token(cluster.token_file))
+    hops = client.get_route(str(model)).hops
+    client.close()
+    assert hops and all(h.address.endswith(f":{SHARD_PORTS[h.name]}") for h in hops)
 
     shown = cluster.edgetune("status", "--coordinator", cluster.address, "--token-file", str(cluster.token_file))
     assert shown.returncode == 0, shown.stderr
