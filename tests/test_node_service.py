@@ -59,6 +59,16 @@ def _open(local, **kw) -> wire.Open:
     return wire.Open(**fields)
 
 
+def _ready(local, push: bool = True) -> "Session":
+    """An opened session (holding adapter version 1 unless push=False)."""
+    s = Session(local)
+    s.send(_open(local))
+    assert isinstance(s.recv(), wire.Opened)
+    if push:
+        s.send(wire.AdapterPush(1, {}))
+    return s
+
+
 def _fwd(version=1, shape=(1, 4, D)):
     return wire.Forward(0, 0, version, True, (0, 0, 0), torch.randn(*shape))
 
@@ -110,10 +120,7 @@ def test_other_weights_are_refused(node):
 
 
 def test_truncated_tensor_bytes_end_the_session_with_invalid_argument(node):
-    s = Session(node)
-    s.send(_open(node))
-    assert isinstance(s.recv(), wire.Opened)
-    s.send(wire.AdapterPush(1, {}))
+    s = _ready(node)
     frame = next(serde.down_frames(_fwd()))
     frame.forward.tensors[0].payload = frame.forward.tensors[0].payload[:-7]
     s.send_raw(frame)
@@ -125,10 +132,7 @@ def test_truncated_tensor_bytes_end_the_session_with_invalid_argument(node):
 
 
 def test_wrong_dtype_and_shape_and_stale_version_are_item_errors(node):
-    s = Session(node)
-    s.send(_open(node))
-    assert isinstance(s.recv(), wire.Opened)
-    s.send(wire.AdapterPush(1, {}))
+    s = _ready(node)
     s.send(_fwd(shape=(1, 4, D + 1)))
     err = s.recv()
     assert isinstance(err, wire.ItemError) and err.code == "INVALID_ARGUMENT" and f"(B, T, {D})" in err.message
@@ -144,10 +148,7 @@ def test_wrong_dtype_and_shape_and_stale_version_are_item_errors(node):
 
 
 def test_wrong_dtype_ends_the_session_with_invalid_argument(node):
-    s = Session(node)
-    s.send(_open(node))
-    assert isinstance(s.recv(), wire.Opened)
-    s.send(wire.AdapterPush(1, {}))
+    s = _ready(node)
     frame = next(serde.down_frames(_fwd()))  # hidden states as int64, hand-built: serde refuses to send them
     ints = torch.arange(4 * D, dtype=torch.int64)
     header = frame.forward.tensors[0]
@@ -161,9 +162,7 @@ def test_wrong_dtype_ends_the_session_with_invalid_argument(node):
 
 
 def test_adapter_tensor_for_no_block_is_refused(node):
-    s = Session(node)
-    s.send(_open(node))
-    assert isinstance(s.recv(), wire.Opened)
+    s = _ready(node, push=False)
     s.send(wire.AdapterPush(1, {"0.99.self_attn.q_proj.lora_A": torch.zeros(2, D)}))
     err = s.recv()
     assert isinstance(err, wire.ItemError) and "names no method/block" in err.message
@@ -171,9 +170,7 @@ def test_adapter_tensor_for_no_block_is_refused(node):
 
 
 def test_oversized_frame_is_rejected_by_the_message_limit(node):
-    s = Session(node)
-    s.send(_open(node))
-    assert isinstance(s.recv(), wire.Opened)
+    s = _ready(node, push=False)
     big = node_pb2.Down()
     big.chunk.index = 0
     big.chunk.payload = b"\0" * (serde.MAX_FRAME_BYTES + 1024)

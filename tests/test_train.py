@@ -10,16 +10,9 @@ import torch
 
 from edgetune.runtime.errors import CheckpointError, ConfigError
 from edgetune.runtime.train import TrainConfig, finetune
-from edgetune.tests.tiny import make_tiny_folder
+from edgetune.tests.tiny import SAMPLE_TEXTS, make_tiny_folder
 
-TEXTS = [
-    "the quick brown fox jumps over the lazy dog.",
-    "what is edgetune? a runtime that fine-tunes models.",
-    "hello world, how are you today?",
-    "adapters live on the edge; the backbone lives on the nodes.",
-    "fine, thanks! the dog is lazy.",
-    "the fox is quick and brown.",
-]
+TEXTS = SAMPLE_TEXTS[:6]
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,18 @@ from pathlib import Path
 
 import torch
 
+# Short training texts for tests that need a data file.
+SAMPLE_TEXTS = [
+    "the quick brown fox jumps over the lazy dog.",
+    "what is edgetune? a runtime that fine-tunes models.",
+    "hello world, how are you today?",
+    "adapters live on the edge; the backbone lives on the nodes.",
+    "fine, thanks! the dog is lazy.",
+    "the fox is quick and brown.",
+    "nodes stream activations over grpc.",
+    "a step either completes or is replayed whole.",
+]
+
 ARCHS = ("llama", "llama_tied", "llama3_scaled", "mistral", "qwen2")
 
 
