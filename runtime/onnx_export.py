@@ -1,0 +1,206 @@
+"""`edgetune export`: a base model plus a trained adapter as an ONNX folder for the device.
+
+The folder is what onnxruntime-genai loads as it is: `model.onnx` (+ `model.onnx.data`,
+external weights), `genai_config.json`, and the tokenizer files.
+
+    >>> export(ExportOptions(model="embedded", adapter="runs/quickstart/adapter", out="export/"))
+
+Modes:
+- `merged`: the adapter is folded into the weights (exact for LoRA, DoRA, (IA)^3,
+  LN tuning, BitFit), so the graph is the plain decoder (runtime/onnx_graph.py).
+- `adapter-inputs` (LoRA): one base graph whose targeted layers take LoRA tensors as
+  inputs with a dynamic rank, and the adapter as `adapter.onnx_adapter` (onnxruntime's
+  adapter format); more adapters for the same base are switched at run time.
+
+Everything a user can get wrong (paths, an adapter of another base model, a method the
+mode cannot export, an unwritable folder) is checked before the long work starts.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgetune.runtime.errors import AdapterError, ConfigError
+
+MODES = ("merged", "adapter-inputs")
+DTYPES = ("fp32", "fp16")
+QUANTIZE = (None, "int8", "int4")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+ADAPTER_FILE = "adapter.onnx_adapter"
+DATA_FILE = "model.onnx.data"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    model: str = "embedded"
+    out: str = "export"
+    adapter: str | None = None
+    mode: str = "merged"
+    dtype: str = "fp32"
+    quantize: str | None = None
+    context_length: int = 0  # 0: the model's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"mode {self.mode!r} not in {', '.join(MODES)}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype {self.dtype!r} not in {', '.join(DTYPES)}")
+        if self.quantize not in QUANTIZE:
+            problems.append(f"quantize {self.quantize!r} not in int8, int4")
+        if self.mode == "adapter-inputs" and self.adapter is None:
+            problems.append("mode adapter-inputs needs --adapter (the LoRA adapter to write as .onnx_adapter)")
+        if self.context_length < 0:
+            problems.append(f"context_length must be >= 0, got {self.context_length}")
+        if problems:
+            raise ConfigError("export: " + "; ".join(problems))
+
+
+def export(opts: ExportOptions) -> Path:
+    """Write the ONNX folder; returns its path."""
+    from edgetune.runtime.model_io import load_model, resolve_model_folder
+    from edgetune.runtime.onnx_graph import build_decoder
+
+    out = _writable(Path(opts.out))
+    folder = resolve_model_folder(opts.model)
+    adapter_dir = _adapter_folder(opts.adapter)
+    model = load_model(folder)
+    adapter = None
+    lora: set[str] = set()
+    if adapter_dir is not None:
+        from edgetune.runtime.peft.hf_format import load_adapter
+
+        adapter = load_adapter(model, adapter_dir)  # AdapterError when it does not fit this base
+        if opts.mode == "merged":
+            adapter.merge_into(model)  # AdapterError naming the methods that cannot merge
+        else:
+            lora = _lora_layers(adapter)
+            model.adapter = None  # the base graph: LoRA arrives as inputs
+    proto = build_decoder(model, opts.dtype, lora, opts.context_length or None)
+    _save(proto, out)
+    if opts.quantize:
+        _quantize(out, opts.quantize)
+    if lora:
+        write_onnx_adapter(adapter, out / ADAPTER_FILE, opts.dtype)
+    _write_genai_config(model.config, out, opts, folder)
+    for name in TOKENIZER_FILES:
+        if (folder / name).exists():
+            shutil.copyfile(folder / name, out / name)
+    return out
+
+
+# -- checks before the work ---------------------------------------------------------------
+def _writable(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".edgetune-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"export: cannot write to {out} ({e.strerror or e}); pick another --out") from None
+    return out
+
+
+def _adapter_folder(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    folder = Path(path)
+    if not (folder / "adapter_config.json").exists():
+        raise AdapterError(f"export: {folder} is not an adapter folder (no adapter_config.json); "
+                           "pass the adapter/ folder of a finetune run")
+    return folder
+
+
+def _lora_layers(adapter) -> set[str]:
+    """Full names of the linear layers a LoRA adapter targets (adapter-inputs mode)."""
+    from edgetune.runtime.peft import LoraConfig
+
+    if len(adapter.methods) != 1 or not isinstance(adapter.methods[0], LoraConfig) or adapter.methods[0].use_dora:
+        names = ", ".join(type(m).__name__ for m in adapter.methods)
+        raise AdapterError(f"export --mode adapter-inputs takes a LoRA adapter; this one is {names} "
+                           "(export it with --mode merged)")
+    return {f"model.layers.{layer}.{key.rsplit('.', 1)[0]}"
+            for layer, tensors in adapter.block_tensors[0].items() for key in tensors if key.endswith(".lora_A")}
+
+
+# -- writing ----------------------------------------------------------------------------
+def _save(proto, out: Path) -> None:
+    import onnx
+
+    for stale in (out / "model.onnx", out / DATA_FILE):
+        stale.unlink(missing_ok=True)  # external data is appended to: start clean
+    onnx.save_model(proto, str(out / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+
+
+def write_onnx_adapter(adapter, path: Path, dtype: str = "fp32") -> Path:
+    """The LoRA tensors as onnxruntime's adapter file: A^T (in, r) and scaling * B^T (r, out) per layer."""
+    import numpy as np
+    import onnxruntime as ort
+
+    method = adapter.methods[0]
+    npdt = np.float16 if dtype == "fp16" else np.float32
+    params = {}
+    for layer, tensors in adapter.block_tensors[0].items():
+        for key, a in tensors.items():
+            if not key.endswith(".lora_A"):
+                continue
+            module = key.rsplit(".", 1)[0]
+            b = tensors[f"{module}.lora_B"]
+            name = f"model.layers.{layer}.{module}"
+            params[f"{name}.lora_A.weight"] = a.detach().float().T.contiguous().numpy().astype(npdt)
+            params[f"{name}.lora_B.weight"] = (method.scaling * b.detach().float()).T.contiguous().numpy().astype(npdt)
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
+    fmt.export_adapter(str(path))
+    return path
+
+
+def _quantize(out: Path, bits: str) -> None:
+    raise ConfigError(f"export --quantize {bits}: not available yet in this build")
+
+
+_GENAI_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+
+def _write_genai_config(cfg, out: Path, opts: ExportOptions, folder: Path) -> None:
+    """genai_config.json: what onnxruntime-genai needs to run the folder as it is."""
+    special = {}
+    tok_cfg = folder / "tokenizer_config.json"
+    if (folder / "generation_config.json").exists():
+        special = json.loads((folder / "generation_config.json").read_text())
+    eos = special.get("eos_token_id", cfg.eos_token_id if hasattr(cfg, "eos_token_id") else None)
+    hf = json.loads((folder / "config.json").read_text())
+    eos = eos if eos is not None else hf.get("eos_token_id")
+    bos = special.get("bos_token_id", hf.get("bos_token_id"))
+    pad = special.get("pad_token_id", hf.get("pad_token_id")) or (eos[0] if isinstance(eos, list) else eos)
+    context = opts.context_length or cfg.max_position_embeddings
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "filename": "model.onnx",
+        "head_size": cfg.head_dim,
+        "hidden_size": cfg.hidden_size,
+        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                   "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+        "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+        "num_attention_heads": cfg.num_heads,
+        "num_hidden_layers": cfg.num_layers,
+        "num_key_value_heads": cfg.num_kv_heads,
+    }
+    config = {
+        "model": {"bos_token_id": bos, "context_length": context, "decoder": decoder, "eos_token_id": eos,
+                  "pad_token_id": pad, "type": _GENAI_TYPES.get(cfg.architecture, "llama"),
+                  "vocab_size": cfg.vocab_size},
+        "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 50, "top_p": 1.0},
+        "edgetune": {"mode": opts.mode, "dtype": opts.dtype, "quantize": opts.quantize,
+                     "adapter": ADAPTER_FILE if opts.mode == "adapter-inputs" else None},
+    }
+    del tok_cfg
+    (out / "genai_config.json").write_text(json.dumps(config, indent=2))
