@@ -97,6 +97,21 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=_run_generate)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a model (+ adapter) to ONNX for onnxruntime / onnxruntime-genai",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="embedded", help="base model: Hugging Face folder, .gguf file or 'embedded'")
+    p.add_argument("--adapter", default=None, help="adapter folder (HF PEFT layout) to export with the base")
+    p.add_argument("--out", required=True, help="output folder: model.onnx, its weights, genai_config.json, tokenizer")
+    p.add_argument("--mode", default="merged", choices=["merged", "adapter-inputs"],
+                   help="merged: adapter folded into the weights; adapter-inputs: LoRA tensors as graph inputs "
+                        "plus an .onnx_adapter file, so one base serves many adapters")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="float type of weights and activations")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization (MatMulNBits)")
+    p.add_argument("--context-length", type=int, default=0, help="longest sequence (0: the model's maximum)")
+    p.set_defaults(func=_run_export)
+
+
 def _add_prepare_model(sub) -> None:
     p = sub.add_parser("prepare-model", help="convert a GGUF (default: the embedded SmolLM2) into a cached HF folder and print its path")
     p.add_argument("model", nargs="?", default="embedded", help="a .gguf file, a folder, or 'embedded'")
@@ -182,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub)
     _add_generate(sub)
     _add_prepare_model(sub)
+    _add_export(sub)
     _add_coordinator(sub)
     _add_node(sub)
     _add_status(sub)
@@ -228,6 +244,15 @@ def _run_status(args: argparse.Namespace) -> int:
     from edgetune.runtime.status_cli import run_status
 
     return run_status(args)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from edgetune.runtime.onnx_export import ExportOptions, export
+
+    out = export(ExportOptions(model=args.model, adapter=args.adapter, out=args.out, mode=args.mode, dtype=args.dtype,
+                               quantize=args.quantize, context_length=args.context_length))
+    print(f"exported to {out}")
+    return 0
 
 
 def _run_prepare_model(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 ADAPTER_FILE = "adapter.onnx_adapter"
 DATA_FILE = "model.onnx.data"
+EXPORT_INFO = "edgetune_export.json"
 
 
 @dataclass(frozen=True)
@@ -161,8 +162,23 @@ def write_onnx_adapter(adapter, path: Path, dtype: str = "fp32") -> Path:
     return path
 
 
-def _quantize(out: Path, bits: str) -> None:
-    raise ConfigError(f"export --quantize {bits}: not available yet in this build")
+# Weight-only quantization as onnxruntime-genai's builder does it for CPUs: MatMulNBits,
+# symmetric blocks of 32 weights, int8 compute inside the kernel (accuracy level 4).
+QUANT_BLOCK_SIZE = 32
+QUANT_ACCURACY_LEVEL = 4
+
+
+def _quantize(out: Path, precision: str) -> None:
+    """Replace every weight MatMul by MatMulNBits (4 or 8 bits); LoRA MatMuls stay float."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(out / "model.onnx"))  # with its external data
+    lora = [n.name for n in model.graph.node if n.op_type == "MatMul" and any("lora_" in i for i in n.input)]
+    quantizer = MatMulNBitsQuantizer(model, bits=4 if precision == "int4" else 8, block_size=QUANT_BLOCK_SIZE,
+                                     is_symmetric=True, accuracy_level=QUANT_ACCURACY_LEVEL, nodes_to_exclude=lora)
+    quantizer.process()
+    _save(quantizer.model.model, out)
 
 
 _GENAI_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -199,8 +215,10 @@ def _write_genai_config(cfg, out: Path, opts: ExportOptions, folder: Path) -> No
         "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
                    "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 50, "top_p": 1.0},
-        "edgetune": {"mode": opts.mode, "dtype": opts.dtype, "quantize": opts.quantize,
-                     "adapter": ADAPTER_FILE if opts.mode == "adapter-inputs" else None},
     }
     del tok_cfg
     (out / "genai_config.json").write_text(json.dumps(config, indent=2))
+    # what edgetune itself records (onnxruntime-genai refuses unknown keys in its config)
+    (out / EXPORT_INFO).write_text(json.dumps({"mode": opts.mode, "dtype": opts.dtype, "quantize": opts.quantize,
+                                               "adapter": ADAPTER_FILE if opts.mode == "adapter-inputs" else None,
+                                               "base_model": str(folder)}, indent=2))
