@@ -71,22 +71,23 @@ def export(opts: ExportOptions) -> Path:
     model = load_model(folder)
     adapter = None
     lora: set[str] = set()
+    extras = None
     if adapter_dir is not None:
         from edgetune.runtime.peft.hf_format import load_adapter
 
         adapter = load_adapter(model, adapter_dir)  # AdapterError when it does not fit this base
+        model.adapter = None
         if opts.mode == "merged":
-            adapter.merge_into(model)  # AdapterError naming the methods that cannot merge
+            extras = merge_or_extract(adapter, model)
         else:
-            lora = _lora_layers(adapter)
-            model.adapter = None  # the base graph: LoRA arrives as inputs
-    proto = build_decoder(model, opts.dtype, lora, opts.context_length or None)
+            lora = _lora_layers(adapter)  # the base graph: LoRA arrives as inputs
+    proto = build_decoder(model, opts.dtype, lora, opts.context_length or None, extras)
     _save(proto, out)
     if opts.quantize:
         _quantize(out, opts.quantize)
     if lora:
         write_onnx_adapter(adapter, out / ADAPTER_FILE, opts.dtype)
-    _write_genai_config(model.config, out, opts, folder)
+    _write_genai_config(model.config, out, opts, folder, extras.virtual_tokens if extras else 0)
     for name in TOKENIZER_FILES:
         if (folder / name).exists():
             shutil.copyfile(folder / name, out / name)
@@ -125,6 +126,45 @@ def _lora_layers(adapter) -> set[str]:
                            "(export it with --mode merged)")
     return {f"model.layers.{layer}.{key.rsplit('.', 1)[0]}"
             for layer, tensors in adapter.block_tensors[0].items() for key in tensors if key.endswith(".lora_A")}
+
+
+def merge_or_extract(adapter, model):
+    """Fold every mergeable method into `model`'s weights; return the others as GraphExtras.
+
+    Bottleneck adapters become graph nodes; prefix and prompt tuning become virtual
+    tokens (at most one of the two in a stack).
+    """
+    import torch
+
+    from edgetune.runtime.onnx_graph import GraphExtras
+    from edgetune.runtime.peft import ParallelAdapterConfig, PrefixTuningConfig, PromptTuningConfig, SerialAdapterConfig
+
+    extras = GraphExtras()
+    layers = range(model.config.num_layers)
+    virtual = [type(m).__name__ for m in adapter.methods if isinstance(m, (PrefixTuningConfig, PromptTuningConfig))]
+    if len(virtual) > 1:
+        raise AdapterError(f"export: a stack with more than one virtual-token method ({', '.join(virtual)}) "
+                           "is not supported")
+    with torch.no_grad():
+        for method, blocks, edge in zip(adapter.methods, adapter.block_tensors, adapter.edge_tensors):
+            if method.mergeable:
+                for layer, t in blocks.items():
+                    method.merge(t, model.block(layer))
+                method.merge_edge(edge, model)
+            elif isinstance(method, (SerialAdapterConfig, ParallelAdapterConfig)):
+                kind = "serial" if isinstance(method, SerialAdapterConfig) else "parallel"
+                scaling = getattr(method, "scaling", 1.0)
+                for layer, t in blocks.items():
+                    extras.bottleneck.setdefault(layer, []).append((kind, t, method.activation, scaling))
+            elif isinstance(method, PrefixTuningConfig):
+                derived = method.derive_blocks(edge, layers) or blocks
+                extras.prefix = {layer: (t["prefix_key"].float().numpy(), t["prefix_value"].float().numpy())
+                                 for layer, t in derived.items()}
+            elif isinstance(method, PromptTuningConfig):
+                extras.prompt = edge["prompt_embeddings"].detach().float().numpy()
+            else:
+                raise AdapterError(f"export: {type(method).__name__} has no ONNX form yet")
+    return extras
 
 
 # -- writing ----------------------------------------------------------------------------
@@ -184,7 +224,7 @@ def _quantize(out: Path, precision: str) -> None:
 _GENAI_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
 
-def _write_genai_config(cfg, out: Path, opts: ExportOptions, folder: Path) -> None:
+def _write_genai_config(cfg, out: Path, opts: ExportOptions, folder: Path, virtual_tokens: int = 0) -> None:
     """genai_config.json: what onnxruntime-genai needs to run the folder as it is."""
     special = {}
     tok_cfg = folder / "tokenizer_config.json"
@@ -221,4 +261,7 @@ def _write_genai_config(cfg, out: Path, opts: ExportOptions, folder: Path) -> No
     # what edgetune itself records (onnxruntime-genai refuses unknown keys in its config)
     (out / EXPORT_INFO).write_text(json.dumps({"mode": opts.mode, "dtype": opts.dtype, "quantize": opts.quantize,
                                                "adapter": ADAPTER_FILE if opts.mode == "adapter-inputs" else None,
-                                               "base_model": str(folder)}, indent=2))
+                                               "base_model": str(folder),
+                                               # prefix/prompt tuning: the KV cache holds this many tokens
+                                               # ahead of the real ones (the graph adds them to the mask itself)
+                                               "virtual_tokens": virtual_tokens}, indent=2))
