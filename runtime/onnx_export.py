@@ -70,7 +70,7 @@ def export(opts: ExportOptions) -> Path:
     adapter_dir = _adapter_folder(opts.adapter)
     model = load_model(folder)
     adapter = None
-    lora: set[str] = set()
+    lora: dict[str, str] = {}
     extras = None
     if adapter_dir is not None:
         from edgetune.runtime.peft.hf_format import load_adapter
@@ -86,7 +86,7 @@ def export(opts: ExportOptions) -> Path:
     if opts.quantize:
         _quantize(out, opts.quantize)
     if lora:
-        write_onnx_adapter(adapter, out / ADAPTER_FILE, opts.dtype)
+        write_onnx_adapter(adapter, model, out / ADAPTER_FILE, opts.dtype)
     _write_genai_config(model.config, out, opts, folder, extras.virtual_tokens if extras else 0)
     for name in TOKENIZER_FILES:
         if (folder / name).exists():
@@ -116,15 +116,16 @@ def _adapter_folder(path: str | None) -> Path | None:
     return folder
 
 
-def _lora_layers(adapter) -> set[str]:
-    """Full names of the linear layers a LoRA adapter targets (adapter-inputs mode)."""
+def _lora_layers(adapter) -> dict[str, str]:
+    """Full names of the linear layers a LoRA/DoRA adapter targets -> "lora" | "dora" (adapter-inputs)."""
     from edgetune.runtime.peft import LoraConfig
 
-    if len(adapter.methods) != 1 or not isinstance(adapter.methods[0], LoraConfig) or adapter.methods[0].use_dora:
+    if len(adapter.methods) != 1 or not isinstance(adapter.methods[0], LoraConfig):
         names = ", ".join(type(m).__name__ for m in adapter.methods)
-        raise AdapterError(f"export --mode adapter-inputs takes a LoRA adapter; this one is {names} "
+        raise AdapterError(f"export --mode adapter-inputs takes a LoRA or DoRA adapter; this one is {names} "
                            "(export it with --mode merged)")
-    return {f"model.layers.{layer}.{key.rsplit('.', 1)[0]}"
+    kind = "dora" if adapter.methods[0].use_dora else "lora"
+    return {f"model.layers.{layer}.{key.rsplit('.', 1)[0]}": kind
             for layer, tensors in adapter.block_tensors[0].items() for key in tensors if key.endswith(".lora_A")}
 
 
@@ -177,23 +178,31 @@ def _save(proto, out: Path) -> None:
                     location=DATA_FILE, size_threshold=1024)
 
 
-def write_onnx_adapter(adapter, path: Path, dtype: str = "fp32") -> Path:
-    """The LoRA tensors as onnxruntime's adapter file: A^T (in, r) and scaling * B^T (r, out) per layer."""
+def write_onnx_adapter(adapter, model, path: Path, dtype: str = "fp32") -> Path:
+    """The LoRA tensors as onnxruntime's adapter file: A^T (in, r) and scaling * B^T (r, out) per layer,
+    plus DoRA's per-output scale m / ||W + s B A|| (it needs the base weights of `model`)."""
     import numpy as np
     import onnxruntime as ort
+    import torch
 
     method = adapter.methods[0]
     npdt = np.float16 if dtype == "fp16" else np.float32
     params = {}
-    for layer, tensors in adapter.block_tensors[0].items():
-        for key, a in tensors.items():
-            if not key.endswith(".lora_A"):
-                continue
-            module = key.rsplit(".", 1)[0]
-            b = tensors[f"{module}.lora_B"]
-            name = f"model.layers.{layer}.{module}"
-            params[f"{name}.lora_A.weight"] = a.detach().float().T.contiguous().numpy().astype(npdt)
-            params[f"{name}.lora_B.weight"] = (method.scaling * b.detach().float()).T.contiguous().numpy().astype(npdt)
+    with torch.no_grad():
+        for layer, tensors in adapter.block_tensors[0].items():
+            for key, a in tensors.items():
+                if not key.endswith(".lora_A"):
+                    continue
+                module = key.rsplit(".", 1)[0]
+                b = tensors[f"{module}.lora_B"].float()
+                name = f"model.layers.{layer}.{module}"
+                params[f"{name}.lora_A.weight"] = a.float().T.contiguous().numpy().astype(npdt)
+                params[f"{name}.lora_B.weight"] = (method.scaling * b).T.contiguous().numpy().astype(npdt)
+                if method.use_dora:
+                    weight = model.block(layer).get_submodule(module).weight.float()
+                    norm = (weight + method.scaling * (b @ a.float())).norm(dim=1)
+                    scale = tensors[f"{module}.lora_magnitude_vector"].float() / norm
+                    params[f"{name}.dora_scale"] = scale.numpy().astype(npdt)
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)

@@ -11,11 +11,12 @@ on a CPU, the same ones its GenAI model builder emits --
 with the I/O names onnxruntime-genai and Optimum use: `input_ids`, `attention_mask`,
 `position_ids`, `past_key_values.{i}.key|value` -> `logits`, `present.{i}.key|value`.
 
-`lora` names the linear layers (e.g. "model.layers.0.self_attn.q_proj") that get LoRA
-inputs (adapter-inputs mode):
+`lora` maps the linear layers (e.g. "model.layers.0.self_attn.q_proj") that get LoRA
+inputs (adapter-inputs mode) to "lora" or "dora":
 `model.layers.{i}.{module}.lora_A.weight` (in, r) and `...lora_B.weight` (r, out), with
 a dynamic rank r; their product (scaling folded into B) is added to the layer's output.
-Fed zero-rank tensors, they add nothing and the base model runs.
+Fed zero-rank tensors, they add nothing and the base model runs. DoRA layers also take
+`...dora_scale` (out,), the magnitude over the adapted weight's row norms (default ones).
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def _np(t, dtype) -> np.ndarray:
     return t.detach().float().cpu().numpy().astype(dtype)
 
 
-def build_decoder(model, dtype: str = "fp32", lora: set[str] | frozenset = frozenset(),
+def build_decoder(model, dtype: str = "fp32", lora: dict[str, str] | None = None,
                   context_length: int | None = None, extras: GraphExtras | None = None) -> onnx.ModelProto:
     """The whole CausalLM `model` (weights as they are now: merge an adapter first) as ONNX."""
     import torch
@@ -107,6 +108,7 @@ def build_decoder(model, dtype: str = "fp32", lora: set[str] | frozenset = froze
 
     cfg = model.config
     extras = extras or GraphExtras()
+    lora = lora or {}
     elem, npdt = _FLOAT[dtype]
     g = GraphBuilder()
     L, H, KVH, hd, D = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
@@ -244,14 +246,16 @@ def _norm(g: GraphBuilder, residual: str, pending: str | None, weight: np.ndarra
 
 
 def _linear(g: GraphBuilder, x: str, layer, name: str, npdt, lora, elem: int) -> str:
-    """x @ W^T (+ b) (+ x @ A @ B when `name` takes LoRA inputs)."""
+    """x @ W^T (+ x @ A @ B when `name` takes LoRA inputs) (* DoRA's scale) (+ b)."""
     y = g.node("MatMul", [x, g.init(f"{name}.MatMul.weight", _np(layer.weight.T, npdt))])
-    if layer.bias is not None:
-        y = g.node("Add", [y, g.init(f"{name}.bias", _np(layer.bias, npdt))])
     if name in lora:
         d_out, d_in = layer.weight.shape
         # Inputs that default to zero-rank initializers: with no adapter active they add nothing.
         a = g.input(g.init(f"{name}.lora_A.weight", np.zeros((d_in, 0), npdt)), elem, [d_in, "lora_rank"])
         b = g.input(g.init(f"{name}.lora_B.weight", np.zeros((0, d_out), npdt)), elem, ["lora_rank", d_out])
         y = g.node("Add", [y, g.node("MatMul", [g.node("MatMul", [x, a]), b])])
+        if lora[name] == "dora":  # magnitude / ||W + s B A|| per output, default 1: the base layer
+            y = g.node("Mul", [y, g.input(g.init(f"{name}.dora_scale", np.ones(d_out, npdt)), elem, [d_out])])
+    if layer.bias is not None:
+        y = g.node("Add", [y, g.init(f"{name}.bias", _np(layer.bias, npdt))])
     return y

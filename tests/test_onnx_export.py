@@ -172,11 +172,12 @@ def _genai_greedy(out, prompt, n, adapter_file=None):
     return got
 
 
-def test_two_onnx_adapters_switch_in_one_session_and_match_their_merged_exports(tiny, tmp_path):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_two_onnx_adapters_switch_in_one_session_and_match_their_merged_exports(dora, tiny, tmp_path):
     import onnxruntime as ort
 
     folder = tiny("llama")
-    lora = [LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))]
+    lora = [LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"), use_dora=dora)]
     base_out = None
     sess = None
     for i, seed in enumerate((1, 2)):
@@ -256,7 +257,7 @@ def test_bad_inputs_are_refused_before_writing_a_model(tiny, tmp_path):
     with pytest.raises(AdapterError):
         export(ExportOptions(model=str(folder), adapter=str(foreign), out=str(tmp_path / "b")))
     ia3 = _adapter(folder, MERGEABLE["ia3"], tmp_path / "ia3")
-    with pytest.raises(AdapterError, match="adapter-inputs takes a LoRA adapter"):
+    with pytest.raises(AdapterError, match="adapter-inputs takes a LoRA or DoRA adapter"):
         export(ExportOptions(model=str(folder), adapter=str(ia3), out=str(tmp_path / "c"), mode="adapter-inputs"))
     both = _adapter(folder, [PrefixTuningConfig(num_virtual_tokens=3), PromptTuningConfig(num_virtual_tokens=2)],
                     tmp_path / "both")
