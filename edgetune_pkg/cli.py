@@ -81,19 +81,28 @@ def _train_defaults() -> dict:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a model (+ adapter)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="embedded", help="Hugging Face folder, .gguf file, or 'embedded'")
-    p.add_argument("--adapter", default=None, help="adapter folder (HF PEFT layout) to apply")
+    p = sub.add_parser("generate", help="generate text from a model (+ adapter), or from an ONNX export (--onnx)",
+                       description="Stream generated text to stdout: with PyTorch (--model [--adapter]), or from an "
+                                   "`edgetune export` folder with onnxruntime and no torch (--onnx [--onnx-adapter]).")
+    # --model has no argparse default, so that giving it next to --onnx can be told apart and refused.
+    p.add_argument("--model", default=None, help="PyTorch: Hugging Face folder, .gguf file, or 'embedded' "
+                                                 "(the default without --onnx)")
+    p.add_argument("--adapter", default=None, help="PyTorch: adapter folder (HF PEFT layout) to apply")
+    p.add_argument("--onnx", default=None, metavar="DIR", help="ONNX export folder (`edgetune export --out`): "
+                                                               "generate with onnxruntime, without torch")
+    p.add_argument("--onnx-adapter", default=None, metavar="FILE",
+                   help="with --onnx: an .onnx_adapter file to activate (adapter-inputs exports)")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the model's chat template")
     p.add_argument("--system", default=None, help="with --chat: a system message")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: %(default)s)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (default unless --temperature is given)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (sampling when given)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="PyTorch: cpu, cuda or auto (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="with --onnx: onnxruntime intra-op threads (default: %(default)s, onnxruntime's choice)")
     p.set_defaults(func=_run_generate)
 
 
