@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quick start: set up the environment, start a local cluster (a coordinator and two worker nodes
 # on this machine), fine-tune the embedded SmolLM2-135M-Instruct with LoRA through it on
-# examples/data/assistant.jsonl, then chat with the fine-tuned model. CPU is enough.
+# examples/data/assistant.jsonl, chat with the fine-tuned model, then export it to ONNX and
+# chat with it again through onnxruntime, as a device would. CPU is enough.
 #
 #   bash scripts/quickstart.sh                # the whole journey, a few minutes on 2 CPU cores
 #   bash scripts/quickstart.sh --steps 2      # extra arguments go to `edgetune finetune`
@@ -93,3 +94,9 @@ echo "[quickstart] the fine-tuned answer (adapter in $OUT/adapter):"
   --adapter "$OUT/adapter" \
   --chat --prompt "$PROMPT" \
   --greedy --max-new-tokens 48
+
+echo "[quickstart] exporting the fine-tuned model to ONNX -> $OUT/onnx"
+"$EDGETUNE" export --model embedded --adapter "$OUT/adapter" --out "$OUT/onnx"
+
+echo "[quickstart] the fine-tuned answer on the device (onnxruntime, no PyTorch):"
+"$EDGETUNE" generate --onnx "$OUT/onnx" --chat --prompt "$PROMPT" --greedy --max-new-tokens 48
