@@ -35,6 +35,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgetune.runtime.errors import AdapterError, ConfigError, ModelLoadError
+from edgetune.runtime.sampling import SamplingConfig
 from edgetune.runtime.tokenizer import Tokenizer, load_tokenizer
 
 GENAI_CONFIG = "genai_config.json"
@@ -149,29 +150,7 @@ def encode_prompt(tokenizer: Tokenizer, text: str, *, chat: bool = False, system
     return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Greedy, or temperature + top-p sampling (the rules of edgetune.runtime.generation)."""
-
-    max_new_tokens: int = 64
-    greedy: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.max_new_tokens < 0:
-            problems.append(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if not self.greedy and self.temperature <= 0:
-            problems.append(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if problems:
-            raise ConfigError("generation: " + "; ".join(problems))
-
-
-def pick_token(logits: np.ndarray, cfg: Sampling, rng: np.random.Generator | None) -> int:
+def pick_token(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator | None) -> int:
     """One token from last-position logits (V,): argmax (first of ties), or a seeded sample."""
     if cfg.greedy:
         return int(np.argmax(logits))
@@ -370,7 +349,7 @@ class OnnxGenerator:
         streaming. `adapter` names an `.onnx_adapter` file to activate (adapter-inputs
         exports only); None runs the base model.
         """
-        cfg = Sampling(max_new_tokens, greedy, temperature, top_p, seed)
+        cfg = SamplingConfig(max_new_tokens, greedy, temperature, top_p, seed)
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         context = self.config.context_length
         if not ids or len(ids) >= context:

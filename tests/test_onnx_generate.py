@@ -19,7 +19,8 @@ import pytest
 
 from edgetune.cli import main
 from edgetune.runtime.errors import AdapterError, ConfigError, ModelLoadError
-from edgetune.runtime.onnx_generate import OnnxGenerator, Sampling, pick_token, position_ids
+from edgetune.runtime.onnx_generate import OnnxGenerator, pick_token, position_ids
+from edgetune.runtime.sampling import SamplingConfig as Sampling
 from edgetune.tests.tiny import make_tiny_folder
 
 # onnxruntime's GroupQueryAttention needs head_dim % 16 == 0: width 64 with 4 heads -> head_dim 16
