@@ -136,8 +136,6 @@ def test_methods_that_cannot_merge_export_as_graph_nodes(name, tiny, tmp_path):
     """Bottleneck adapters become nodes, prefix/prompt tuning virtual tokens in the graph and
     its KV cache; mergeable methods of the same stack are still folded in. Batch 1: onnxruntime's
     GroupQueryAttention takes a multi-token step with past context (the prefix) one row at a time."""
-    import onnxruntime_genai as og
-
     folder = tiny("llama")
     adapter = _adapter(folder, UNMERGEABLE[name], tmp_path / "adapter")
     out = export(ExportOptions(model=str(folder), adapter=str(adapter), out=str(tmp_path / "x"), context_length=CTX))
@@ -153,12 +151,13 @@ def test_methods_that_cannot_merge_export_as_graph_nodes(name, tiny, tmp_path):
     assert _genai_greedy(out, prompt, 8) == want[:8]
 
 
-def _genai_greedy(out, prompt, n, adapter_file=None):
+def _genai_greedy(out, prompt, n, adapter_file=None, stop_at_eos=False):
     import onnxruntime_genai as og
 
     model = og.Model(str(out))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
+    params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + (1 if stop_at_eos else n),
+                              do_sample=False)
     gen = og.Generator(model, params)
     if adapter_file is not None:
         adapters = og.Adapters(model)
@@ -218,8 +217,6 @@ def test_fp16_and_quantized_exports_stay_close(tiny, tmp_path):
 
 
 def test_onnxruntime_genai_greedy_equals_edgetune_greedy(tiny, tmp_path):
-    import onnxruntime_genai as og
-
     folder = tiny("llama")
     lora = [LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"))]
     adapter = _adapter(folder, lora, tmp_path / "adapter")
@@ -229,19 +226,8 @@ def test_onnxruntime_genai_greedy_equals_edgetune_greedy(tiny, tmp_path):
     for mode in ("merged", "adapter-inputs"):
         out = export(ExportOptions(model=str(folder), adapter=str(adapter), out=str(tmp_path / mode), mode=mode,
                                    context_length=CTX))
-        model = og.Model(str(out))
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
-        gen = og.Generator(model, params)
-        if mode == "adapter-inputs":
-            adapters = og.Adapters(model)
-            adapters.load(str(out / "adapter.onnx_adapter"), "trained")
-            gen.set_active_adapter(adapters, "trained")
-        gen.append_tokens(np.array([prompt], dtype=np.int32))
-        got = []
-        while not gen.is_done():
-            gen.generate_next_token()
-            got.append(int(gen.get_next_tokens()[0]))
+        adapter_file = out / "adapter.onnx_adapter" if mode == "adapter-inputs" else None
+        got = _genai_greedy(out, prompt, 12, adapter_file, stop_at_eos=True)
         eos = json.loads((out / "genai_config.json").read_text())["model"]["eos_token_id"]
         assert got == want[:len(got)] and (len(got) == 12 or got[-1] in np.atleast_1d(eos)), (mode, got, want)
 
