@@ -81,7 +81,8 @@ def export(opts: ExportOptions) -> Path:
             extras = merge_or_extract(adapter, model)
         else:
             lora = _lora_layers(adapter)  # the base graph: LoRA arrives as inputs
-    proto = build_decoder(model, opts.dtype, lora, opts.context_length or None, extras)
+    proto = build_decoder(model, opts.dtype, lora, opts.context_length or None, extras,
+                          untie_head=opts.quantize is not None)
     _save(proto, out)
     if opts.quantize:
         _quantize(out, opts.quantize)

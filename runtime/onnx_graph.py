@@ -100,8 +100,13 @@ def _np(t, dtype) -> np.ndarray:
 
 
 def build_decoder(model, dtype: str = "fp32", lora: dict[str, str] | None = None,
-                  context_length: int | None = None, extras: GraphExtras | None = None) -> onnx.ModelProto:
-    """The whole CausalLM `model` (weights as they are now: merge an adapter first) as ONNX."""
+                  context_length: int | None = None, extras: GraphExtras | None = None,
+                  untie_head: bool = False) -> onnx.ModelProto:
+    """The whole CausalLM `model` (weights as they are now: merge an adapter first) as ONNX.
+
+    `untie_head` stores tied embeddings twice, the table for the lookup and the head for
+    the MatMul, so quantization can turn the head into MatMulNBits (a Gather cannot share it).
+    """
     import torch
 
     from edgetune.runtime.model import rope_inv_freq
@@ -153,7 +158,7 @@ def build_decoder(model, dtype: str = "fp32", lora: dict[str, str] | None = None
 
     # embeddings; with tied embeddings one (D, V) matrix serves the embedding (transposed) and the head
     head = g.init("lm_head.MatMul.weight", _np(model.head_weight.T, npdt))  # (D, V)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and not untie_head:
         table = g.node("Transpose", [head], perm=[1, 0])  # (V, D)
     else:
         table = g.init("model.embed_tokens.weight", _np(model.embed_tokens.weight, npdt))
