@@ -4,7 +4,7 @@ Not a trace: each block is written as the few operators onnxruntime runs fastest
 on a CPU, the same ones its GenAI model builder emits --
 
     SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (residual add + RMSNorm)
-    MatMul on the packed q|k|v weights
+    MatMul on the packed q|k|v weights (three MatMuls where q/k/v take LoRA inputs)
     GroupQueryAttention (rotary embedding, GQA, KV cache and causal mask in one kernel)
     MatMul, Sigmoid, Mul (SiLU-gated MLP)
 
@@ -177,9 +177,12 @@ def build_decoder(model, dtype: str = "fp32", lora: dict[str, str] | None = None
         p = f"model.layers.{i}"
         x, residual = _norm(g, residual, pending, _np(block.input_layernorm.weight, npdt), f"{p}.input_layernorm.weight", eps)
         attn = block.self_attn
-        q = _linear(g, x, attn.q_proj, f"{p}.self_attn.q_proj", npdt, lora, elem)
-        k = _linear(g, x, attn.k_proj, f"{p}.self_attn.k_proj", npdt, lora, elem)
-        v = _linear(g, x, attn.v_proj, f"{p}.self_attn.v_proj", npdt, lora, elem)
+        qkv_names = [f"{p}.self_attn.{n}_proj" for n in "qkv"]
+        if any(n in lora for n in qkv_names):  # LoRA inputs on q/k/v: three MatMuls
+            q, k, v = (_linear(g, x, getattr(attn, f"{n}_proj"), name, npdt, lora, elem)
+                       for n, name in zip("qkv", qkv_names))
+        else:  # one MatMul on the packed q|k|v weights; GroupQueryAttention splits it
+            q, k, v = _packed_qkv(g, x, attn, f"{p}.self_attn.qkv_proj", npdt), "", ""
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         if i in extras.prefix:  # the prefix enters the cache on the first call
             past_k, past_v = (_prefixed(g, past, arr.astype(npdt), batch, first, f"{p}.prefix_{kind}")
@@ -248,6 +251,18 @@ def _norm(g: GraphBuilder, residual: str, pending: str | None, weight: np.ndarra
         return g.node("SimplifiedLayerNormalization", [residual, w], axis=-1, epsilon=eps, stash_type=1), residual
     out, _, _, summed = g.node("SkipSimplifiedLayerNormalization", [residual, pending, w], 4, domain=MS, epsilon=eps)
     return out, summed
+
+
+def _packed_qkv(g: GraphBuilder, x: str, attn, name: str, npdt) -> str:
+    """x @ [Wq; Wk; Wv]^T (+ [bq; bk; bv]): (B, S, (H + 2 KVH) hd)."""
+    import torch
+
+    w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], dim=0)  # (q + 2kv, D)
+    y = g.node("MatMul", [x, g.init(f"{name}.MatMul.weight", _np(w.T, npdt))])
+    if attn.q_proj.bias is not None:
+        b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        y = g.node("Add", [y, g.init(f"{name}.bias", _np(b, npdt))])
+    return y
 
 
 def _linear(g: GraphBuilder, x: str, layer, name: str, npdt, lora, elem: int) -> str:
