@@ -220,8 +220,12 @@ QUANT_ACCURACY_LEVEL = 4
 
 def _quantize(out: Path, precision: str) -> None:
     """Replace every weight MatMul by MatMulNBits (4 or 8 bits); LoRA MatMuls stay float."""
+    import logging
+
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per MatMul otherwise
 
     model = onnx.load(str(out / "model.onnx"))  # with its external data
     lora = [n.name for n in model.graph.node if n.op_type == "MatMul" and any("lora_" in i for i in n.input)]

@@ -249,7 +249,10 @@ def _norm(g: GraphBuilder, residual: str, pending: str | None, weight: np.ndarra
     w = g.init(name, weight)
     if pending is None:
         return g.node("SimplifiedLayerNormalization", [residual, w], axis=-1, epsilon=eps, stash_type=1), residual
-    out, _, _, summed = g.node("SkipSimplifiedLayerNormalization", [residual, pending, w], 4, domain=MS, epsilon=eps)
+    g._count += 1
+    out, summed = f"/skipnorm_{g._count}/out", f"/skipnorm_{g._count}/sum"
+    # the optional mean / inverse-std outputs stay unnamed: the kernel then skips writing them
+    g.node("SkipSimplifiedLayerNormalization", [residual, pending, w], [out, "", "", summed], domain=MS, epsilon=eps)
     return out, summed
 
 
