@@ -56,22 +56,18 @@ class ShardServer:
     def _load(spec: ShardSpec, manifest, config: dict, tensors: dict | None):
         import torch
 
+        from edgetune.runtime.checkpoint import SafetensorsCheckpoint
         from edgetune.runtime.config import ModelConfig
-        from edgetune.runtime.manifest import checkpoint_manifest, tensor_sha256, verify
-        from edgetune.runtime.model_io import build_part, load_model, part_shapes
+        from edgetune.runtime.manifest import entry, verify
+        from edgetune.runtime.model_io import build_part, part_shapes, resolve_model_folder
 
-        device = torch.device(spec.device)
-        if tensors is None:
-            part = load_model(spec.model, start=spec.start, end=spec.end, edge=False, device=device)
-            names = part_shapes(part.config, spec.start, spec.end, edge=False)
-            loaded = checkpoint_manifest(part.source_path, names)
-        else:
-            cfg = ModelConfig.from_hf_dict(config)
-            part = build_part(cfg, spec.start, spec.end, False, lambda shapes: tensors, device, torch.float32)
-            loaded = [wire.ManifestEntry(n, str(t.dtype).removeprefix("torch."), tuple(t.shape), tensor_sha256(t))
-                      for n, t in tensors.items()]
-        verify(loaded, manifest, who=f"node {spec.name}")
-        return part
+        cfg = ModelConfig.from_hf_dict(config)
+        if tensors is None:  # read this part's tensors once, as stored: hashed, then built from
+            ckpt = SafetensorsCheckpoint(resolve_model_folder(spec.model))
+            tensors = {n: ckpt.read_raw(n) for n in part_shapes(cfg, spec.start, spec.end, edge=False)}
+        verify([entry(n, t) for n, t in tensors.items()], manifest, who=f"node {spec.name}")
+        return build_part(cfg, spec.start, spec.end, False, lambda shapes: tensors, torch.device(spec.device),
+                          torch.float32)
 
     def address(self) -> str:
         return self._address

@@ -32,12 +32,12 @@ def tensor_sha256(t: torch.Tensor) -> str:
 def checkpoint_manifest(folder: str | Path, names: Iterable[str] | None = None) -> list[ManifestEntry]:
     """Entries for `names` (default: every tensor) of a safetensors checkpoint, read one at a time."""
     ckpt = SafetensorsCheckpoint(folder)
-    wanted = sorted(ckpt.shapes if names is None else names)
-    entries = []
-    for name in wanted:
-        t = ckpt.read_raw(name)
-        entries.append(ManifestEntry(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), tensor_sha256(t)))
-    return entries
+    return [entry(name, ckpt.read_raw(name)) for name in sorted(ckpt.shapes if names is None else names)]
+
+
+def entry(name: str, t: torch.Tensor) -> ManifestEntry:
+    """The manifest entry of one tensor as stored (its own dtype)."""
+    return ManifestEntry(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), tensor_sha256(t))
 
 
 def fingerprint(entries: Iterable[ManifestEntry]) -> str:

@@ -240,13 +240,10 @@ _GENAI_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Q
 
 def _write_genai_config(cfg, out: Path, opts: ExportOptions, folder: Path, virtual_tokens: int = 0) -> None:
     """genai_config.json: what onnxruntime-genai needs to run the folder as it is."""
-    special = {}
-    tok_cfg = folder / "tokenizer_config.json"
-    if (folder / "generation_config.json").exists():
-        special = json.loads((folder / "generation_config.json").read_text())
-    eos = special.get("eos_token_id", cfg.eos_token_id if hasattr(cfg, "eos_token_id") else None)
     hf = json.loads((folder / "config.json").read_text())
-    eos = eos if eos is not None else hf.get("eos_token_id")
+    generation = folder / "generation_config.json"
+    special = json.loads(generation.read_text()) if generation.exists() else {}
+    eos = special.get("eos_token_id", hf.get("eos_token_id"))
     bos = special.get("bos_token_id", hf.get("bos_token_id"))
     pad = special.get("pad_token_id", hf.get("pad_token_id")) or (eos[0] if isinstance(eos, list) else eos)
     context = opts.context_length or cfg.max_position_embeddings
@@ -270,7 +267,6 @@ def _write_genai_config(cfg, out: Path, opts: ExportOptions, folder: Path, virtu
                    "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 50, "top_p": 1.0},
     }
-    del tok_cfg
     (out / "genai_config.json").write_text(json.dumps(config, indent=2))
     # what edgetune itself records (onnxruntime-genai refuses unknown keys in its config)
     (out / EXPORT_INFO).write_text(json.dumps({"mode": opts.mode, "dtype": opts.dtype, "quantize": opts.quantize,

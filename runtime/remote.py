@@ -131,13 +131,14 @@ def local_model_folder(model: str) -> Path | None:
 class RemoteTrainer:
     """The connection to a cluster, before training starts: token, coordinator, route, edge folder."""
 
-    def __init__(self, cfg: TrainConfig, client: CoordinatorClient, token: str, route: wire.Route, folder: Path) -> None:
+    def __init__(self, cfg: TrainConfig, client: CoordinatorClient, token: str, route: wire.Route, folder: Path,
+                 has_local_model: bool = True) -> None:
         self.cfg = cfg
         self.client = client
         self.token = token
         self.route = route
         self.folder = folder
-        self.has_local_model = True
+        self.has_local_model = has_local_model  # False: only the edge part was fetched from the cluster
 
     @classmethod
     def connect(cls, cfg: TrainConfig) -> "RemoteTrainer":
@@ -151,9 +152,7 @@ class RemoteTrainer:
         # The edge checks its own tensors against the cluster's manifest.
         edge_names = [e.name for e in route.manifest if not e.name.startswith("model.layers.")]
         verify(checkpoint_manifest(folder, edge_names), route.manifest, who=f"the edge's model {folder}")
-        trainer = cls(cfg, client, token, route, folder)
-        trainer.has_local_model = local
-        return trainer
+        return cls(cfg, client, token, route, folder, has_local_model=local)
 
     @staticmethod
     def _edge_folder(model: str, route: wire.Route, client: CoordinatorClient) -> tuple[Path, bool]:
