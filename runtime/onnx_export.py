@@ -133,8 +133,8 @@ def _lora_layers(adapter) -> dict[str, str]:
 def merge_or_extract(adapter, model):
     """Fold every mergeable method into `model`'s weights; return the others as GraphExtras.
 
-    Bottleneck adapters become graph nodes; prefix and prompt tuning become virtual
-    tokens (at most one of the two in a stack).
+    Bottleneck adapters become graph nodes; prefix and prompt tuning become constant
+    keys/values ahead of the KV cache (at most one of the two in a stack).
     """
     import torch
 
@@ -147,6 +147,8 @@ def merge_or_extract(adapter, model):
     if len(virtual) > 1:
         raise AdapterError(f"export: a stack with more than one virtual-token method ({', '.join(virtual)}) "
                            "is not supported")
+    if any(isinstance(m, PromptTuningConfig) for m in adapter.methods):
+        extras.prefix = _prompt_keys_values(adapter, model)  # before merging: the whole adapter acts
     with torch.no_grad():
         for method, blocks, edge in zip(adapter.methods, adapter.block_tensors, adapter.edge_tensors):
             if method.mergeable:
@@ -163,10 +165,28 @@ def merge_or_extract(adapter, model):
                 extras.prefix = {layer: (t["prefix_key"].float().numpy(), t["prefix_value"].float().numpy())
                                  for layer, t in derived.items()}
             elif isinstance(method, PromptTuningConfig):
-                extras.prompt = edge["prompt_embeddings"].detach().float().numpy()
+                pass  # done above
             else:
                 raise AdapterError(f"export: {type(method).__name__} has no ONNX form yet")
     return extras
+
+
+def _prompt_keys_values(adapter, model) -> dict:
+    """Prompt tuning's virtual tokens come first, so causal attention keeps their keys and values
+    (every layer's, rotated at positions 0..P-1) independent of the input: run them once, with
+    the whole adapter, and store the result. layer -> (keys, values), each (P, KVH, hd)."""
+    import torch
+
+    from edgetune.runtime.model import KVCache
+
+    cache = KVCache()
+    model.adapter = adapter
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 0, dtype=torch.long), cache=cache)  # no real token: the virtual ones alone
+    finally:
+        model.adapter = None
+    return {layer: tuple(t[0].transpose(0, 1).float().numpy() for t in kv) for layer, kv in cache.layers.items()}
 
 
 # -- writing ----------------------------------------------------------------------------
@@ -272,6 +292,6 @@ def _write_genai_config(cfg, out: Path, opts: ExportOptions, folder: Path, virtu
     (out / EXPORT_INFO).write_text(json.dumps({"mode": opts.mode, "dtype": opts.dtype, "quantize": opts.quantize,
                                                "adapter": ADAPTER_FILE if opts.mode == "adapter-inputs" else None,
                                                "base_model": str(folder),
-                                               # prefix/prompt tuning: the KV cache holds this many tokens
-                                               # ahead of the real ones (the graph adds them to the mask itself)
+                                               # prefix/prompt tuning: constant keys/values the graph puts
+                                               # ahead of the caller's cache (and counts in the mask itself)
                                                "virtual_tokens": virtual_tokens}, indent=2))

@@ -192,6 +192,8 @@ class OnnxGenerator:
         if not self.folder.is_dir():
             raise ModelLoadError(f"{self.folder}: ONNX export folder not found; pass the --out folder of `edgetune export`")
         self.config = read_genai_config(self.folder)
+        info = self.folder / "edgetune_export.json"  # absent in other exporters' folders
+        self.virtual_tokens = int(json.loads(info.read_text()).get("virtual_tokens", 0)) if info.exists() else 0
         self.tokenizer = load_tokenizer(self.folder)
         self.session = _open_session(self.folder / self.config.filename, providers, threads)
         self._check_graph()
@@ -236,6 +238,11 @@ class OnnxGenerator:
         """One forward pass: (B, T) ids, (B, past + T) mask -> logits (B, T, V) and presents, as OrtValues."""
         cfg = self.config
         B, T = input_ids.shape
+        if B > 1 and T > 1 and (attention_mask.shape[1] > T or self.virtual_tokens):
+            # onnxruntime's GroupQueryAttention refuses it; say why in our terms
+            raise ConfigError(f"{self.folder}: {T} new tokens after past context (a continued conversation, or the "
+                              "prefix of a prefix/prompt-tuning export) run one sequence at a time on this graph; "
+                              f"got a batch of {B}: call once per sequence")
         arrays: dict[str, Any] = {cfg.inputs["input_ids"]: input_ids.astype(np.int64),
                                   cfg.inputs["attention_mask"]: attention_mask.astype(np.int64)}
         if self.takes_positions:

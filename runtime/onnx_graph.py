@@ -73,21 +73,19 @@ class GraphExtras:
     """The parts of an adapter that cannot be folded into the weights, as graph pieces.
 
     bottleneck: layer -> [(kind "serial" | "parallel", tensors, activation, scaling)]
-    prefix: layer -> (keys, values), each (P, kv_heads, head_dim): visible to every query,
-        held in the KV cache ahead of the real tokens (not rotated, as in HF PEFT)
-    prompt: (P, hidden) virtual token embeddings, prepended on the first call
-    Either way the P virtual tokens count as past tokens: real tokens sit at positions P.. and
-    the attention mask the caller feeds (real tokens only) is extended by P ones.
+    prefix: layer -> (keys, values), each (P, kv_heads, head_dim): constants every query
+        attends to ahead of the KV cache -- prefix tuning's (not rotated, as in HF PEFT), or
+        prompt tuning's virtual tokens run through the model once at export (they precede
+        every real token, so their keys and values never depend on the input).
+    The prefix stays out of the cache the caller holds (`present` has real tokens only, as
+    onnxruntime-genai expects), and real tokens sit at positions P.., as in PyTorch.
     """
 
     bottleneck: dict = field(default_factory=dict)
     prefix: dict = field(default_factory=dict)
-    prompt: np.ndarray | None = None
 
     @property
     def virtual_tokens(self) -> int:
-        if self.prompt is not None:
-            return int(self.prompt.shape[0])
         return int(next(iter(self.prefix.values()))[0].shape[0]) if self.prefix else 0
 
 
@@ -134,18 +132,11 @@ def build_decoder(model, dtype: str = "fp32", lora: dict[str, str] | None = None
     P = extras.virtual_tokens
     batch = g.node("Slice", [g.node("Shape", [ids]), g.init("const/zero_1d", np.array([0], np.int64)),
                              g.init("const/one_1d", np.array([1], np.int64))])  # [B]
-    first = None
-    if P:  # the virtual tokens are past tokens the caller does not count
+    if P:  # the attention sees P more keys than the caller counts, and real tokens sit at P..
         ones = g.node("ConstantOfShape", [g.node("Concat", [batch, g.init("const/P", np.array([P], np.int64))], axis=0)],
                       value=helper.make_tensor("one", TensorProto.INT64, [1], [1]))
         mask = g.node("Concat", [ones, mask], axis=1)  # (B, P + total)
         pos = g.node("Add", [pos, g.init("const/P_scalar", np.array(P, np.int64))])
-        # where the virtual tokens start in a concat [virtual, x]: 0 on the first call, P (skip them) after
-        past_len = g.node("Slice", [g.node("Shape", ["past_key_values.0.key"]), g.init("const/two_1d", np.array([2], np.int64)),
-                                    g.init("const/three_1d", np.array([3], np.int64))])
-        started = g.node("Cast", [g.node("Greater", [past_len, g.init("const/zero_i64", np.array([0], np.int64))])],
-                         to=TensorProto.INT64)
-        first = g.node("Mul", [started, g.init("const/P_1d", np.array([P], np.int64))])  # [0] or [P]
     # GroupQueryAttention wants int32 per-row "last real position" and the total length.
     one = g.init("const/one_i64", np.array([1], np.int64))
     seqlens = g.node("Cast", [g.node("Sub", [g.node("ReduceSum", [mask, one], keepdims=0), one])], to=TensorProto.INT32)
@@ -163,15 +154,6 @@ def build_decoder(model, dtype: str = "fp32", lora: dict[str, str] | None = None
     else:
         table = g.init("model.embed_tokens.weight", _np(model.embed_tokens.weight, npdt))
     h = g.node("Gather", [table, ids])  # (B, S, D)
-    if extras.prompt is not None:  # prompt tuning: (B, P + S, D) on the first call
-        prompt = g.init("prompt_embeddings", extras.prompt.astype(npdt)[None])  # (1, P, D)
-        shape = g.node("Concat", [batch, g.init("const/prompt_shape", np.array(extras.prompt.shape, np.int64))], axis=0)
-        h = _after(g, g.node("Concat", [g.node("Expand", [prompt, shape]), h], axis=1), first, axis=1)
-        # ... and their positions 0..P-1 ahead of the real tokens' (already shifted by P)
-        virtual_pos = g.node("Expand", [g.init("const/prompt_pos", np.arange(P, dtype=np.int64)[None]),
-                                        g.node("Concat", [batch, g.init("const/P_1d_b", np.array([P], np.int64))], axis=0)])
-        pos = _after(g, g.node("Concat", [virtual_pos, pos], axis=1), first, axis=1)
-
     residual, pending = h, None  # pending: the last sublayer output not yet added to the residual
     for i, block in enumerate(model.blocks()):
         p = f"model.layers.{i}"
@@ -184,13 +166,20 @@ def build_decoder(model, dtype: str = "fp32", lora: dict[str, str] | None = None
         else:  # one MatMul on the packed q|k|v weights; GroupQueryAttention splits it
             q, k, v = _packed_qkv(g, x, attn, f"{p}.self_attn.qkv_proj", npdt), "", ""
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-        if i in extras.prefix:  # the prefix enters the cache on the first call
-            past_k, past_v = (_prefixed(g, past, arr.astype(npdt), batch, first, f"{p}.prefix_{kind}")
+        present_k, present_v = f"present.{i}.key", f"present.{i}.value"
+        if i in extras.prefix:  # attention runs on [prefix, cache, new]; the caller keeps [cache, new]
+            past_k, past_v = (_prefixed(g, past, arr.astype(npdt), batch, f"{p}.prefix_{kind}")
                               for past, arr, kind in zip((past_k, past_v), extras.prefix[i], ("key", "value")))
+            present_k, present_v = f"{p}/attn/present_key", f"{p}/attn/present_value"
         out = g.node("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos, sin, pos],
-                     [f"{p}/attn/output", f"present.{i}.key", f"present.{i}.value"], domain=MS,
+                     [f"{p}/attn/output", present_k, present_v], domain=MS,
                      num_heads=H, kv_num_heads=KVH, scale=float(hd ** -0.5), do_rotary=1, rotary_interleaved=0,
                      local_window_size=-1)[0]
+        if i in extras.prefix:
+            for full, kind in ((present_k, "key"), (present_v, "value")):
+                g.node("Slice", [full, g.init(f"{p}.prefix_{kind}.length", np.array([P], np.int64)),
+                                 g.init(f"{p}.prefix_{kind}.end", np.array([I64_MAX])),
+                                 g.init(f"{p}.prefix_{kind}.axis", np.array([2], np.int64))], [f"present.{i}.{kind}"])
         o = _linear(g, out, attn.o_proj, f"{p}.self_attn.o_proj", npdt, lora, elem)
         for kind, t, act, _ in extras.bottleneck.get(i, []):
             if kind == "serial":
@@ -211,28 +200,15 @@ def build_decoder(model, dtype: str = "fp32", lora: dict[str, str] | None = None
                 pending = g.node("Add", [pending, g.node("Mul", [side, g.init(f"{p}.parallel_adapter.scaling",
                                                                               np.array(scaling, npdt))])])
     x, _ = _norm(g, residual, pending, _np(model.norm.weight, npdt), "model.norm.weight", eps)
-    if extras.prompt is None:
-        g.node("MatMul", [x, head], ["logits"])
-    else:  # the caller asked for its own S tokens' logits only
-        seq = g.node("Slice", [g.node("Shape", [ids]), g.init("const/one_1d_b", np.array([1], np.int64)),
-                               g.init("const/two_1d_b", np.array([2], np.int64))])
-        g.node("Slice", [g.node("MatMul", [x, head]), g.node("Neg", [seq]), g.init("const/max_1d", np.array([I64_MAX])),
-                         g.init("const/axis1", np.array([1], np.int64))], ["logits"])
+    g.node("MatMul", [x, head], ["logits"])
     return g.model("edgetune-decoder")
 
 
-def _after(g: GraphBuilder, x: str, start: str, axis: int) -> str:
-    """x[start:] along `axis` (start is [0] or [P]: drop the virtual tokens after the first call)."""
-    return g.node("Slice", [x, start, g.init(f"const/max_{g._count}", np.array([I64_MAX])),
-                            g.init(f"const/axis_{g._count}", np.array([axis], np.int64))])
-
-
-def _prefixed(g: GraphBuilder, past: str, prefix: np.ndarray, batch: str, first: str, name: str) -> str:
-    """The layer's past with the prefix (P, KVH, hd) ahead of it: [prefix, past][first:] on axis 2."""
+def _prefixed(g: GraphBuilder, past: str, prefix: np.ndarray, batch: str, name: str) -> str:
+    """The layer's past with the prefix (P, KVH, hd) ahead of it: (B, KVH, P + past, hd)."""
     arr = np.ascontiguousarray(prefix.transpose(1, 0, 2))[None]  # (1, KVH, P, hd)
     shape = g.node("Concat", [batch, g.init(f"{name}.shape", np.array(arr.shape[1:], np.int64))], axis=0)
-    full = g.node("Concat", [g.node("Expand", [g.init(name, arr), shape]), past], axis=2)
-    return _after(g, full, first, axis=2)
+    return g.node("Concat", [g.node("Expand", [g.init(name, arr), shape]), past], axis=2)
 
 
 def _bottleneck(g: GraphBuilder, x: str, t: dict, prefix: str, act: str, npdt, name: str) -> str:

@@ -133,8 +133,8 @@ UNMERGEABLE = {
 
 @pytest.mark.parametrize("name", list(UNMERGEABLE))
 def test_methods_that_cannot_merge_export_as_graph_nodes(name, tiny, tmp_path):
-    """Bottleneck adapters become nodes, prefix/prompt tuning virtual tokens in the graph and
-    its KV cache; mergeable methods of the same stack are still folded in. Batch 1: onnxruntime's
+    """Bottleneck adapters become nodes, prefix/prompt tuning constant keys/values ahead of the KV
+    cache; mergeable methods of the same stack are still folded in. Batch 1: onnxruntime's
     GroupQueryAttention takes a multi-token step with past context (the prefix) one row at a time."""
     folder = tiny("llama")
     adapter = _adapter(folder, UNMERGEABLE[name], tmp_path / "adapter")
@@ -142,13 +142,43 @@ def test_methods_that_cannot_merge_export_as_graph_nodes(name, tiny, tmp_path):
     reference = _reference(folder, adapter)
     assert _compare_with_cache(_session(out), reference, IDS[:1], steps=6) <= 1e-4
     assert _compare_with_cache(_session(out), _reference(folder), IDS[:1], steps=0) > 1e-2
-    if "prefix" in name or "prompt" in name:
-        return  # their KV cache holds the virtual tokens too: onnxruntime-genai's preallocated cache cannot
-    # onnxruntime-genai runs it as it is
-    prompt = IDS[0, :6].tolist()
+    # onnxruntime-genai runs it as it is (its cache holds the real tokens only)
+    _assert_genai_greedy_equals(reference, out, IDS[0, :6].tolist(), 8)
+    assert _genai_logits_error(out, reference, IDS[0, :6].tolist(), steps=4) <= 1e-4
+    if "prefix" in name or "prompt" in name:  # the graph cannot take a batch's prompts behind the prefix at once
+        from edgetune.runtime.onnx_generate import OnnxGenerator
+
+        with pytest.raises(ConfigError, match="one sequence at a time"):
+            OnnxGenerator(out).logits(IDS.numpy())
+
+
+def _genai_logits_error(out, reference, prompt, steps):
+    """Max |logit difference| of genai vs PyTorch over the prompt and `steps` steps fed PyTorch's greedy tokens."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + steps + 1, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], dtype=np.int32))
+    ids, worst = list(prompt), 0.0
+    for _ in range(steps + 1):
+        with torch.no_grad():
+            want = reference(torch.tensor([ids]))[0, -1].numpy()
+        got = np.asarray(gen.get_output("logits")).reshape(-1, want.shape[-1])[-1]
+        worst = max(worst, float(np.abs(got - want).max()))
+        ids.append(int(want.argmax()))
+        gen.append_tokens(np.array([ids[-1:]], dtype=np.int32))
+    return worst
+
+
+def _assert_genai_greedy_equals(reference, out, prompt, n, adapter_file=None):
+    """genai's greedy tokens are edgetune's PyTorch ones, up to the end or an end-of-sequence token."""
     with torch.no_grad():
-        want = reference.generate(torch.tensor([prompt]), max_new_tokens=8)[0, len(prompt):].tolist()
-    assert _genai_greedy(out, prompt, 8) == want[:8]
+        want = reference.generate(torch.tensor([prompt]), max_new_tokens=n)[0, len(prompt):].tolist()
+    got = _genai_greedy(out, prompt, n, adapter_file, stop_at_eos=True)
+    eos = json.loads((out / "genai_config.json").read_text())["model"]["eos_token_id"]
+    assert got == want[:len(got)] and (len(got) == n or got[-1] in np.atleast_1d(eos)), (got, want)
 
 
 def _genai_greedy(out, prompt, n, adapter_file=None, stop_at_eos=False):
@@ -220,16 +250,12 @@ def test_onnxruntime_genai_greedy_equals_edgetune_greedy(tiny, tmp_path):
     folder = tiny("llama")
     lora = [LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"))]
     adapter = _adapter(folder, lora, tmp_path / "adapter")
-    prompt = [5, 17, 33, 2 + 40, 61]
-    with torch.no_grad():
-        want = _reference(folder, adapter).generate(torch.tensor([prompt]), max_new_tokens=12)[0, len(prompt):].tolist()
+    reference = _reference(folder, adapter)
     for mode in ("merged", "adapter-inputs"):
         out = export(ExportOptions(model=str(folder), adapter=str(adapter), out=str(tmp_path / mode), mode=mode,
                                    context_length=CTX))
         adapter_file = out / "adapter.onnx_adapter" if mode == "adapter-inputs" else None
-        got = _genai_greedy(out, prompt, 12, adapter_file, stop_at_eos=True)
-        eos = json.loads((out / "genai_config.json").read_text())["model"]["eos_token_id"]
-        assert got == want[:len(got)] and (len(got) == 12 or got[-1] in np.atleast_1d(eos)), (mode, got, want)
+        _assert_genai_greedy_equals(reference, out, [5, 17, 33, 2 + 40, 61], 12, adapter_file)
 
 
 # -- refusals, before any long work -----------------------------------------------------
