@@ -6,7 +6,8 @@ One run prepares everything in a work folder, then measures:
 
 - preparation: a LoRA adapter trained for a few steps on examples/data/assistant.jsonl, the
   merged model written as a Hugging Face folder, edgetune's exports (fp32 merged, fp32
-  adapter-inputs, int4 merged) and the builder's fp32 and int4 exports of that merged folder;
+  adapter-inputs, int4 and int8 merged) and the builder's fp32 and int4 exports of that merged
+  folder; prefix-tuning and serial-adapter adapters exported merged, for their speed;
 - speed: batch 1, a `--prompt-tokens` prompt, exactly `--new-tokens` greedy tokens (no stop
   at eos). Every ONNX graph runs under the same numpy + onnxruntime loop of this file (one
   prompt pass, then one-token steps feeding present -> past; `position_ids` only where the
@@ -14,7 +15,7 @@ One run prepares everything in a work folder, then measures:
   generation, transformers' `generate`, and onnxruntime-genai's own loop on both fp32 exports.
   Each measured run is its own subprocess; the runners alternate round by round; medians;
 - quality: perplexity on benchmarks/data/heldout.txt (windows of `--window` tokens, one
-  full-sequence pass each with an empty past) for the fp32 and int4 exports;
+  full-sequence pass each with an empty past) for the fp32, int4 and int8 exports;
 - the int4 graphs' MatMulNBits attributes, edgetune's against the builder's.
 
 A table of the targets with PASS/MISS ends the report.
@@ -47,14 +48,18 @@ RUNNERS = {
     "edgetune-fp32": ("ort", "edgetune-fp32"),
     "edgetune-inputs": ("ort", "edgetune-inputs"),
     "edgetune-int4": ("ort", "edgetune-int4"),
+    "edgetune-int8": ("ort", "edgetune-int8"),
+    "edgetune-prefix": ("ort", "edgetune-prefix"),
+    "edgetune-serial": ("ort", "edgetune-serial"),
     "builder-fp32": ("ort", "builder-fp32"),
     "builder-int4": ("ort", "builder-int4"),
     "edgetune-pytorch": ("edgetune", "merged-hf"),
     "transformers": ("hf", "merged-hf"),
     "genai:edgetune-fp32": ("genai", "edgetune-fp32"),
     "genai:builder-fp32": ("genai", "builder-fp32"),
+    "genai:edgetune-prefix": ("genai", "edgetune-prefix"),
 }
-PPL_RUNNERS = ("edgetune-fp32", "builder-fp32", "edgetune-int4", "builder-int4")
+PPL_RUNNERS = ("edgetune-fp32", "builder-fp32", "edgetune-int4", "builder-int4", "edgetune-int8")
 PROFILE_RUNNERS = ("edgetune-fp32", "builder-fp32", "edgetune-int4", "builder-int4")
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
        "PYTHONWARNINGS": "ignore"}
@@ -97,7 +102,8 @@ def _timed(label: str, times: dict, fn, *args) -> None:
 
 
 # the file each preparation step writes last (exports: genai_config.json)
-DONE_MARKER = {"adapter": "adapter_config.json", "merged-hf": "config.json"}
+DONE_MARKER = {"adapter": "adapter_config.json", "adapter-prefix": "adapter_config.json",
+               "adapter-serial": "adapter_config.json", "merged-hf": "config.json"}
 
 
 def prepare(cfg: BenchConfig) -> dict:
@@ -108,11 +114,16 @@ def prepare(cfg: BenchConfig) -> dict:
     _prompt_ids(cfg, base)  # a too long --prompt-tokens fails here, before the long work
     times: dict[str, float] = {}
     steps = [
-        ("adapter", lambda: _train_adapter(cfg, base)),
+        ("adapter", lambda: _train_adapter(cfg, base, "lora", "adapter")),
+        ("adapter-prefix", lambda: _train_adapter(cfg, base, "prefix", "adapter-prefix")),
+        ("adapter-serial", lambda: _train_adapter(cfg, base, "serial_adapter", "adapter-serial")),
         ("merged-hf", lambda: _merged_folder(cfg, base)),
         ("edgetune-fp32", lambda: _edgetune_export(cfg, base, "edgetune-fp32", "merged", None)),
         ("edgetune-inputs", lambda: _edgetune_export(cfg, base, "edgetune-inputs", "adapter-inputs", None)),
         ("edgetune-int4", lambda: _edgetune_export(cfg, base, "edgetune-int4", "merged", "int4")),
+        ("edgetune-int8", lambda: _edgetune_export(cfg, base, "edgetune-int8", "merged", "int8")),
+        ("edgetune-prefix", lambda: _edgetune_export(cfg, base, "edgetune-prefix", "merged", None, "adapter-prefix")),
+        ("edgetune-serial", lambda: _edgetune_export(cfg, base, "edgetune-serial", "merged", None, "adapter-serial")),
         ("builder-fp32", lambda: _builder_export(cfg, "fp32")),
         ("builder-int4", lambda: _builder_export(cfg, "int4")),
     ]
@@ -122,15 +133,18 @@ def prepare(cfg: BenchConfig) -> dict:
     return times
 
 
-def _train_adapter(cfg: BenchConfig, base: Path) -> None:
+def _train_adapter(cfg: BenchConfig, base: Path, method: str, name: str) -> None:
+    """LoRA r=8 on q/v (the merged exports'), or prefix tuning (20 virtual tokens) or a serial adapter
+    (bottleneck 64) for the plainer graphs' speed."""
     from edgetune.runtime.train import TrainConfig, finetune
 
-    shutil.rmtree(cfg.folder("run"), ignore_errors=True)  # a run interrupted earlier
-    run = finetune(TrainConfig(model=str(base), data=str(EXAMPLES), out=str(cfg.folder("run")), method="lora", rank=8,
+    run_dir = cfg.folder(f"run-{name}")
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run interrupted earlier
+    run = finetune(TrainConfig(model=str(base), data=str(EXAMPLES), out=str(run_dir), method=method, rank=8,
                                alpha=16, target_modules=("q_proj", "v_proj"), lr=3e-3, steps=cfg.train_steps,
                                batch_size=2, max_seq_len=64, eval_fraction=0.0, save_every=0, progress=False,
                                threads=cfg.threads))
-    shutil.copytree(run.adapter_dir, cfg.folder("adapter"))
+    shutil.copytree(run.adapter_dir, cfg.folder(name))
 
 
 def _merged_folder(cfg: BenchConfig, base: Path) -> None:
@@ -152,13 +166,14 @@ def _merged_folder(cfg: BenchConfig, base: Path) -> None:
     shutil.copyfile(base / "config.json", out / "config.json")
 
 
-def _edgetune_export(cfg: BenchConfig, base: Path, name: str, mode: str, quantize: str | None) -> None:
+def _edgetune_export(cfg: BenchConfig, base: Path, name: str, mode: str, quantize: str | None,
+                     adapter: str = "adapter") -> None:
     import logging
 
     from edgetune.runtime.onnx_export import ExportOptions, export
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per MatMul otherwise
-    export(ExportOptions(model=str(base), adapter=str(cfg.folder("adapter")), out=str(cfg.folder(name)), mode=mode,
+    export(ExportOptions(model=str(base), adapter=str(cfg.folder(adapter)), out=str(cfg.folder(name)), mode=mode,
                          quantize=quantize))
 
 
@@ -535,7 +550,8 @@ def run_parent(cfg: BenchConfig, sched: Schedule, json_path: str | None) -> dict
         ppl[runner] = spawn_worker(cfg, f"ppl:{runner}")
         print(f"perplexity {runner}: {ppl[runner]['ppl']:.4f}", file=sys.stderr, flush=True)
     graphs = {name: inspect_graph(cfg.folder(name)) for name in ("edgetune-fp32", "edgetune-inputs", "builder-fp32",
-                                                                 "edgetune-int4", "builder-int4")}
+                                                                 "edgetune-int4", "builder-int4", "edgetune-int8",
+                                                                 "edgetune-prefix", "edgetune-serial")}
     sizes = {name: _size_mb(cfg.folder(name)) for name in graphs}
     result = {"config": asdict(cfg), "schedule": asdict(sched), "prepare_s": prep, "runs": runs,
               "discarded_runs": discarded, "ppl": ppl,
@@ -574,6 +590,11 @@ def summarize(runs: list[dict], ppl: dict, graphs: dict) -> dict:
         "edgetune PyTorch / transformers": tps["edgetune-pytorch"] / tps["transformers"],
         "genai: edgetune fp32 / builder fp32": tps["genai:edgetune-fp32"] / tps["genai:builder-fp32"],
         "edgetune int4 ppl / edgetune fp32 ppl": p["edgetune-int4"] / p["edgetune-fp32"],
+        "edgetune int8 ppl / edgetune fp32 ppl": p["edgetune-int8"] / p["edgetune-fp32"],
+        "edgetune int8 / edgetune fp32 (tokens/s)": tps["edgetune-int8"] / tps["edgetune-fp32"],
+        "edgetune prefix (20 tokens) / edgetune fp32 (tokens/s)": tps["edgetune-prefix"] / tps["edgetune-fp32"],
+        "edgetune serial adapter / edgetune fp32 (tokens/s)": tps["edgetune-serial"] / tps["edgetune-fp32"],
+        "genai: edgetune prefix / edgetune fp32": tps["genai:edgetune-prefix"] / tps["genai:edgetune-fp32"],
         "builder int4 ppl / builder fp32 ppl": p["builder-int4"] / p["builder-fp32"],
         "builder fp32 ppl / edgetune fp32 ppl": p["builder-fp32"] / p["edgetune-fp32"],
     }
@@ -584,7 +605,8 @@ def summarize(runs: list[dict], ppl: dict, graphs: dict) -> dict:
 
 # whose greedy tokens each runner's are compared with: the same merged model in fp32, the other int4 export;
 # adapter-inputs with no adapter active is the base model, with nothing to compare to
-AGREEMENT_REFERENCE = {"edgetune-int4": "builder-int4", "builder-int4": "edgetune-int4", "edgetune-inputs": None}
+AGREEMENT_REFERENCE = {"edgetune-int4": "builder-int4", "builder-int4": "edgetune-int4", "edgetune-inputs": None,
+                       "edgetune-prefix": None, "edgetune-serial": None, "genai:edgetune-prefix": "edgetune-prefix"}
 
 
 def _agreement(runs: list[dict]) -> dict[str, str]:
@@ -650,7 +672,7 @@ def format_report(cfg: BenchConfig, result: dict, graphs: dict) -> str:
     if profiles:
         lines += ["", *format_profiles(profiles)]
     lines += ["", "5. ratios (info)", ""]
-    lines += [f"{k:<48}{v:>8.3f}" for k, v in s["info"].items()]
+    lines += [f"{k:<58}{v:>8.3f}" for k, v in s["info"].items()]
     lines += ["", "6. targets", "", f"{'target':<56}{'value':>8}   {'goal':<8}result"]
     for t in s["targets"]:
         lines.append(f"{t['name']:<56}{t['value']:>8.3f}   {t['op']} {t['target']:<5}{'PASS' if t['pass'] else 'MISS'}")
