@@ -65,6 +65,7 @@ class RunResult:
     losses: list[float]
     eval_loss: float | None
     steps: int
+    eval_loss_before: float | None = None  # before the first step (a fresh run with eval examples)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -155,7 +156,11 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         folder = resolve_model_folder(cfg.model)
     tokenizer = load_tokenizer(folder)
     examples = tokenize_records(load_records(cfg.data), tokenizer, cfg.max_seq_len)
-    train_examples, eval_examples = split_train_eval(examples, cfg.eval_fraction, cfg.seed)
+    if cfg.eval_data:
+        train_examples = examples
+        eval_examples = tokenize_records(load_records(cfg.eval_data), tokenizer, cfg.max_seq_len)
+    else:
+        train_examples, eval_examples = split_train_eval(examples, cfg.eval_fraction, cfg.seed)
     pad_id = resolve_pad_id(tokenizer)
     stream = BatchStream(train_examples, cfg.batch_size, cfg.seed, pad_id)
     if remote is not None:
@@ -183,9 +188,14 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
              f" through {cfg.coordinator}" if remote is not None else "")
 
     # -- train ----------------------------------------------------------------
-    bar = _progress(cfg, state.step)
-    eval_loss = None
+    eval_loss = eval_before = None
+    bar = None
     try:
+        if state.step == 0 and eval_examples:  # the baseline the run improves on
+            eval_before = evaluate(engine, adapter, eval_examples, cfg.batch_size, pad_id, device)
+            metrics.write(json.dumps({"step": 0, "eval_loss": eval_before}) + "\n")
+            log.info("eval loss before training: %.4f", eval_before)
+        bar = _progress(cfg, state.step)
         while state.step < cfg.steps:
             record = train_step(engine, params, optimizer, scheduler, stream, cfg, state, device)
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
@@ -216,7 +226,7 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     adapter_dir = out / "adapter"
     save_adapter(adapter, adapter_dir, base_model_name_or_path=str(folder))
     tokenizer.save(adapter_dir)  # so the adapter folder is self-contained for chat templates
-    return RunResult(out, adapter_dir, [h["loss"] for h in state.history], eval_loss, state.step)
+    return RunResult(out, adapter_dir, [h["loss"] for h in state.history], eval_loss, state.step, eval_before)
 
 
 def train_step(engine, params, optimizer, scheduler, stream, cfg: TrainConfig, state: TrainState, device) -> dict[str, Any]:

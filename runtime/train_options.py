@@ -55,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     # evaluation / checkpoints
     eval_fraction: float = 0.1
+    eval_data: str = ""  # a held-out JSONL file for the eval loss (then eval_fraction is not used)
     eval_every: int = 0  # 0: only at the end
     save_every: int = 50  # 0: only at the end
     keep_checkpoints: int = 2

@@ -111,7 +111,7 @@ def test_lossy_codecs_train_close_to_fp32(codec, tiny64, data_file, route, tmp_p
     patch_connect(monkeypatch, route)
     runs = {c: finetune(_cfg(tiny64, data_file, tmp_path / c, coordinator="fake:1", codec=c, dropout=0.0,
                              token_file=str(route.token_file))) for c in ("fp32", codec)}
-    sent = {c: [json.loads(line) for line in (r.out / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    sent = {c: [rec for rec in map(json.loads, (r.out / "metrics.jsonl").read_text().splitlines()) if "loss" in rec]
             for c, r in runs.items()}
     assert abs(runs[codec].losses[-1] - runs["fp32"].losses[-1]) <= 0.02 * runs["fp32"].losses[-1]
     # fewer activation bytes on the wire (adapter pushes stay exact, so not the full 2x / 4x)

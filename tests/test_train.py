@@ -153,7 +153,8 @@ def test_run_folder_contents(tiny_folder, data_file, tmp_path):
     assert json.loads((out / "config.json").read_text())["method"] == "lora"
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if "loss" in l] == [1, 2]
-    assert all(k in lines[0] for k in ("loss", "lr", "tokens_per_s", "grad_norm"))
+    assert lines[0] == {"step": 0, "eval_loss": result.eval_loss_before}  # before training
+    assert all(k in lines[1] for k in ("loss", "lr", "tokens_per_s", "grad_norm"))
     assert result.eval_loss is not None and math.isfinite(result.eval_loss)
     assert (out / "adapter" / "adapter_config.json").exists()
 
@@ -194,3 +195,31 @@ def test_config_is_frozen_and_serialisable(tiny_folder, data_file, tmp_path):
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lr = 1.0
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_eval_data_file_and_the_eval_loss_before_training(tiny_folder, data_file, tmp_path):
+    """--eval-data holds out a file of its own; the eval loss before step 1 is the base model's (LoRA
+    starts as the identity), checked against transformers on the same tokens."""
+    import transformers
+
+    from edgetune.runtime.data import load_records, tokenize_records
+    from edgetune.runtime.tokenizer import load_tokenizer
+
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"text": t.upper()}) + "\n" for t in SAMPLE_TEXTS[:3]))
+    out = tmp_path / "run"
+    result = finetune(_cfg(tiny_folder, data_file, out, steps=2, eval_data=str(eval_file), eval_fraction=0.5))
+    evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in l]
+    assert [e["step"] for e in evals] == [0, 2]
+    assert evals[0]["eval_loss"] == result.eval_loss_before and evals[1]["eval_loss"] == result.eval_loss
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
+    total, count = 0.0, 0
+    for ex in tokenize_records(load_records(eval_file), load_tokenizer(tiny_folder), 32):  # _cfg's max_seq_len
+        with torch.no_grad():
+            logits = hf(torch.tensor([ex.input_ids])).logits[0, :-1]
+        labels = torch.tensor(ex.labels[1:])
+        total += float(torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"))
+        count += int((labels != -100).sum())
+    assert result.eval_loss_before == pytest.approx(total / count, rel=1e-5)
+    assert json.loads((out / "config.json").read_text())["eval_data"] == str(eval_file)
