@@ -7,7 +7,6 @@ only the base install.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -38,6 +37,7 @@ _FINETUNE_OPTIONS: list[tuple[str, type, str]] = [
     ("max_seq_len", int, "truncate examples to this many tokens"),
     ("seed", int, "seed for adapter init, data order and dropout masks"),
     ("eval_fraction", float, "fraction of examples held out for eval loss"),
+    ("eval_data", str, "a held-out JSONL file for eval loss (instead of --eval-fraction of --data)"),
     ("eval_every", int, "eval every N steps (0: only at the end)"),
     ("save_every", int, "checkpoint every N steps (0: only at the end)"),
     ("keep_checkpoints", int, "how many recent checkpoints to keep"),
@@ -199,9 +199,23 @@ def _add_status(sub) -> None:
     p.set_defaults(func=_run_status)
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="plot a run folder's loss, throughput and per-node times; print a summary",
+                       description="Read RUN_DIR (the --out of `edgetune finetune`) and write loss.png, throughput.png, "
+                                   "nodes.png (distributed runs) and summary.txt; the summary is also printed.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder with config.json and metrics.jsonl")
+    p.add_argument("--out", default=None, metavar="DIR", help="folder for the plots and summary.txt (default: RUN_DIR)")
+    p.set_defaults(func=_run_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from edgetune.runtime.logs import LOG_FORMATS, LOG_LEVELS  # light: logging and json only
+
     parser = argparse.ArgumentParser(prog="edgetune", description="Fine-tune LLMs from a weak device; run adapters on the edge.")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity")
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="log verbosity (default: %(default)s)")
+    parser.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                        help="text: readable lines; json: one JSON object per line with time, level, logger, "
+                             "message (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_finetune(sub)
     _add_generate(sub)
@@ -210,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_coordinator(sub)
     _add_node(sub)
     _add_status(sub)
+    _add_report(sub)
     return parser
 
 
@@ -255,6 +270,12 @@ def _run_status(args: argparse.Namespace) -> int:
     return run_status(args)
 
 
+def _run_report(args: argparse.Namespace) -> int:
+    from edgetune.runtime.report import run_report
+
+    return run_report(args)
+
+
 def _run_export(args: argparse.Namespace) -> int:
     from edgetune.runtime.onnx_export import ExportOptions, export
 
@@ -274,8 +295,10 @@ def _run_prepare_model(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from edgetune.runtime.errors import EdgetuneError
+    from edgetune.runtime.logs import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
 
     try:
         return args.func(args)
