@@ -182,7 +182,7 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         checkpoints.refuse_existing()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "model_folder": str(folder)}, indent=2))
-    metrics = (out / "metrics.jsonl").open("a", encoding="utf-8")
+    metrics = _open_metrics(out / "metrics.jsonl")
     log.info("training %s (%d trainable parameters) on %d examples (%d eval), %d steps%s",
              cfg.method, adapter.num_parameters(), len(train_examples), len(eval_examples), cfg.steps,
              f" through {cfg.coordinator}" if remote is not None else "")
@@ -251,6 +251,17 @@ def train_step(engine, params, optimizer, scheduler, stream, cfg: TrainConfig, s
               "grad_norm": None if grad_norm is None else float(grad_norm), "time_s": elapsed, **engine.step_metrics()}
     state.history.append(record)
     return record
+
+
+def _open_metrics(path: Path):
+    """metrics.jsonl for appending; a line cut short by a killed run is dropped first, so the
+    next record starts on a line of its own (records of replayed steps simply repeat)."""
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with path.open("r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+    return path.open("a", encoding="utf-8")
 
 
 def _postfix(record: dict[str, Any]) -> dict[str, str]:

@@ -223,3 +223,14 @@ def test_eval_data_file_and_the_eval_loss_before_training(tiny_folder, data_file
         count += int((labels != -100).sum())
     assert result.eval_loss_before == pytest.approx(total / count, rel=1e-5)
     assert json.loads((out / "config.json").read_text())["eval_data"] == str(eval_file)
+
+
+def test_resume_after_a_line_cut_short_keeps_metrics_readable(tiny_folder, data_file, tmp_path):
+    """A run killed while writing metrics.jsonl leaves half a line; the resumed run starts a new one."""
+    out = tmp_path / "run"
+    finetune(_cfg(tiny_folder, data_file, out, steps=3, save_every=1), stop_after=2)
+    metrics = out / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 3, "loss": 1.2')  # killed mid-write
+    finetune(_cfg(tiny_folder, data_file, out, steps=3, save_every=1, resume=True))
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line parses
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
