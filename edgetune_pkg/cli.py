@@ -208,6 +208,39 @@ def _add_report(sub) -> None:
     p.set_defaults(func=_run_report)
 
 
+# demo options: (flag, type, help); defaults come from DemoOptions
+_DEMO_OPTIONS: list[tuple[str, type, str]] = [
+    ("out", str, "folder for the run, the adapter and the ONNX export (replaced if it exists)"),
+    ("steps", int, "fine-tuning steps"),
+    ("prompts", int, "held-out questions answered side by side by the base and the fine-tuned model"),
+    ("max_new_tokens", int, "longest answer, in tokens"),
+    ("small_node_memory", str, "--memory-limit of node-small, the node that gets fewer blocks"),
+    ("model", str, "base model: a Hugging Face folder, a .gguf file, or 'embedded'"),
+    ("data", str, "training data (JSONL)"),
+    ("eval_data", str, "held-out data (JSONL): eval loss, and the questions asked at the end"),
+    ("lr", float, "peak learning rate"),
+]
+
+
+def _add_demo(sub) -> None:
+    from dataclasses import fields
+
+    from edgetune.runtime.demo import DemoOptions
+
+    p = sub.add_parser("demo", help="the whole journey on this machine: a local cluster, distributed fine-tuning, "
+                                    "ONNX export, base vs fine-tuned answers with onnxruntime",
+                       description="Start a coordinator and two worker nodes of different capacity here, fine-tune "
+                                   "the embedded SmolLM2-135M-Instruct on the Fernhill Library facts through them, "
+                                   "export to ONNX, answer held-out questions with the base and the fine-tuned model "
+                                   "(onnxruntime only) and plot the run. A few minutes on 2 CPU cores; every process "
+                                   "it starts is stopped at the end.")
+    defaults = {f.name: f.default for f in fields(DemoOptions)}
+    for name, typ, help_text in _DEMO_OPTIONS:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=defaults[name],
+                       help=f"{help_text} (default: {defaults[name]})")
+    p.set_defaults(func=_run_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from edgetune.runtime.logs import LOG_FORMATS, LOG_LEVELS  # light: logging and json only
 
@@ -225,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_node(sub)
     _add_status(sub)
     _add_report(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -268,6 +302,13 @@ def _run_status(args: argparse.Namespace) -> int:
     from edgetune.runtime.status_cli import run_status
 
     return run_status(args)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from edgetune.runtime.demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(**{name: getattr(args, name) for name, _, _ in _DEMO_OPTIONS}))
+    return 0
 
 
 def _run_report(args: argparse.Namespace) -> int:

@@ -1,0 +1,183 @@
+"""A whole cluster on this machine, started the way a user starts one: an `edgetune coordinator`
+process and `edgetune node` processes, each in a session of its own, on free ports, with Ray's
+files in a short temporary folder.
+
+    with LocalCluster.start(nodes=[["--threads", "1"], ["--threads", "1", "--memory-limit", "600M"]]) as c:
+        c.edgetune("finetune", "--coordinator", c.address, "--token-file", str(c.token_file), ...)
+        print(format_status(c.status()))
+
+`stop()` ends the nodes, then the coordinator, and makes sure no process they started (Ray's
+included) survives -- found by session id, so nothing else on the machine is touched. The
+demo (`edgetune demo`) and the multi-process tests use it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgetune.runtime.ports import free_port
+from edgetune.runtime.ray_process import session_pids
+
+EDGETUNE = [sys.executable, "-m", "edgetune.cli"]
+STARTUP_TIMEOUT_S = 120.0
+
+
+def child_env() -> dict[str, str]:
+    """This environment for the cluster's processes, without the caller's Ray settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    return env
+
+
+class ClusterError(RuntimeError):
+    """The local cluster did not come up; the message carries the processes' log tails."""
+
+
+@dataclass
+class LocalCluster:
+    root: Path
+    address: str
+    token_file: Path
+    coordinator: subprocess.Popen
+    nodes: list[subprocess.Popen] = field(default_factory=list)
+    node_names: list[str] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, nodes: list[list[str]], extra: list[str] = (), names: list[str] | None = None,
+              timeout_s: float = STARTUP_TIMEOUT_S) -> "LocalCluster":
+        """A coordinator (`extra`: more of its flags) and one node per entry of `nodes` (its flags),
+        named `names` (default node-0, node-1, ...); returns once every node has joined."""
+        names = list(names or [f"node-{i}" for i in range(len(nodes))])
+        root = Path(tempfile.mkdtemp(prefix="et-cl-", dir="/tmp"))  # short: Ray's socket paths live below it
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        token = root / "token"
+        log = root / "coordinator.log"
+        proc = _spawn(["coordinator", "--host", "127.0.0.1", "--port", str(port), "--token-file", str(token),
+                       "--temp-dir", str(root / "h"), *extra], log)
+        cluster = cls(root, address, token, proc, node_names=names, logs=[log])
+        try:
+            cluster.wait_for(lambda s: True, "the coordinator to answer", timeout_s)
+            for i, (name, options) in enumerate(zip(names, nodes)):
+                node_log = root / f"{name}.log"
+                cluster.logs.append(node_log)
+                cluster.nodes.append(_spawn(["node", "--coordinator", address, "--token-file", str(token),
+                                             "--name", name, "--temp-dir", str(root / f"n{i}"), *options], node_log))
+            cluster.wait_for(lambda s: sum(n.alive for n in s.nodes) == len(nodes), f"{len(nodes)} nodes to join",
+                             timeout_s)
+        except BaseException:
+            cluster.stop(check=False)
+            raise
+        return cluster
+
+    # -- use -------------------------------------------------------------------------
+    def edgetune(self, *args: str, timeout_s: float = 600.0) -> subprocess.CompletedProcess:
+        """Run an `edgetune` command to completion and capture its output."""
+        return subprocess.run([*EDGETUNE, *args], capture_output=True, text=True, env=child_env(), timeout=timeout_s)
+
+    def client(self):
+        from edgetune.runtime import rpc
+        from edgetune.runtime.cluster_client import CoordinatorClient
+
+        return CoordinatorClient(self.address, rpc.load_token(self.token_file))
+
+    def status(self):
+        client = self.client()
+        try:
+            return client.status()
+        finally:
+            client.close()
+
+    def wait_for(self, predicate, what: str, timeout_s: float = STARTUP_TIMEOUT_S):
+        """Poll the coordinator's status until `predicate(status)` holds."""
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            if self.coordinator.poll() is not None:
+                raise ClusterError(f"the coordinator exited ({self.coordinator.returncode}):\n{self.log_text()}")
+            try:
+                status = self.status()
+                if predicate(status):
+                    return status
+            except Exception as e:  # not up yet
+                last = e
+            time.sleep(0.5)
+        raise ClusterError(f"timed out after {timeout_s:.0f} s waiting for {what} ({last})\n{self.log_text()}")
+
+    def kill_node(self, i: int) -> None:
+        """The node vanishes: SIGKILL its process and every process of its Ray node."""
+        node = self.nodes[i]
+        ray_sessions = _children_sessions(node.pid)
+        os.killpg(node.pid, signal.SIGKILL)
+        for sid in ray_sessions:
+            for pid in session_pids(sid):
+                _kill(pid)
+        node.wait(10)
+
+    def log_text(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in self.logs if p.exists())
+
+    # -- teardown --------------------------------------------------------------------
+    def stop(self, check: bool = True) -> list[int]:
+        """Stop every process; returns (and with `check`, raises on) the pids that had to be killed."""
+        procs = [self.coordinator, *self.nodes]
+        sessions = [p.pid for p in procs] + [sid for p in procs for sid in _children_sessions(p.pid)]
+        for proc in [*self.nodes, self.coordinator]:  # nodes first: they leave the cluster
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        left: list[int] = []
+        while time.monotonic() < deadline:
+            left = [pid for sid in sessions for pid in session_pids(sid)]
+            if not left:
+                break
+            time.sleep(0.2)
+        for pid in left:
+            _kill(pid)
+        shutil.rmtree(self.root, ignore_errors=True)
+        if check and left:
+            raise ClusterError(f"processes survived the cluster's shutdown and were killed: {left}")
+        return left
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop(check=exc[0] is None)
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+    with log.open("w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([*EDGETUNE, *args], stdout=out, stderr=subprocess.STDOUT, env=child_env(),
+                                start_new_session=True)
+
+
+def _children_sessions(pid: int) -> list[int]:
+    """Sessions of `pid`'s descendants that differ from its own (Ray's `ray start` runs in its own)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        own = os.getsid(pid)
+        return sorted({os.getsid(c.pid) for c in parent.children(recursive=True)} - {own})
+    except (psutil.Error, ProcessLookupError, PermissionError):
+        return []
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

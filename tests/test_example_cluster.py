@@ -1,0 +1,69 @@
+"""examples/cluster/local_cluster.sh as a user runs it: the cluster comes up with its nodes,
+`edgetune status` and `edgetune finetune` work against the address it prints, and Ctrl-C
+leaves no process behind."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from edgetune.runtime.local_cluster import child_env
+from edgetune.runtime.ray_process import session_pids
+from edgetune.tests.tiny import SAMPLE_TEXTS, make_tiny_folder
+
+pytestmark = pytest.mark.slow
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "cluster" / "local_cluster.sh"
+
+
+def _read_until_ready(proc: subprocess.Popen, timeout_s: float = 180) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the script exited ({proc.wait()}) before it was ready:\n{''.join(lines)}")
+        lines.append(line)
+        if "[cluster] ready:" in line:
+            return lines
+    raise AssertionError("the script was not ready in time:\n" + "".join(lines))
+
+
+def test_local_cluster_script_serves_finetune_and_stops_cleanly(tmp_path):
+    model = tmp_path / "tiny"
+    make_tiny_folder("llama", model, hidden_size=64, intermediate_size=128, num_hidden_layers=4)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in SAMPLE_TEXTS))
+    env = {**child_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "EDGETUNE_MODEL": str(model),
+           "EDGETUNE_NODES": "node-a node-b"}
+    proc = subprocess.Popen(["bash", str(SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+    sessions: set[int] = set()
+    try:
+        out = "".join(_read_until_ready(proc))
+        address, token = re.search(r"ready: --coordinator (\S+) --token-file (\S+)", out).groups()
+        sessions = {os.getsid(c.pid) for c in psutil.Process(proc.pid).children(recursive=True)}
+        # the status table the script printed has both nodes alive, each with its blocks assigned later
+        assert re.search(r"^node-a\s+alive", out, re.M) and re.search(r"^node-b\s+alive", out, re.M), out
+        run = subprocess.run([sys.executable, "-m", "edgetune.cli", "finetune", "--coordinator", address,
+                              "--token-file", token, "--model", str(model), "--data", str(data), "--steps", "2",
+                              "--batch-size", "2", "--max-seq-len", "32", "--out", str(tmp_path / "run"),
+                              "--no-progress"], capture_output=True, text=True, env=child_env(), timeout=300)
+        assert run.returncode == 0, run.stderr
+        records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        stages = [r["stages"] for r in records if "loss" in r]
+        assert len(stages) == 2 and {s["node"] for s in stages[0]} <= {"node-a", "node-b"}
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the script's terminal
+        tail = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "[cluster] stopped" in tail, tail
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(session_pids(s) for s in sessions):
+        time.sleep(0.5)
+    assert not [pid for s in sessions for pid in session_pids(s)], "processes survived the script"
