@@ -10,6 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to options whose help does not already say their default."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
 # finetune options: (flag, type, help). Defaults come from TrainConfig so the
 # CLI, config files and the Python API cannot drift apart; --help shows them.
 _FINETUNE_OPTIONS: list[tuple[str, type, str]] = [
@@ -57,10 +64,10 @@ def _add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a model on a cluster (--coordinator) or here (--local)",
                        description="Fine-tune a PEFT adapter, on a cluster's nodes (--coordinator HOST:PORT) or in this "
                                    "process (--local). Options may come from --config (YAML or TOML); flags override it.")
-    p.add_argument("--local", action="store_true", help="train in this process instead of on a cluster")
-    p.add_argument("--config", type=Path, default=None, help="YAML or TOML file with finetune options")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--local", action="store_true", help="train in this process instead of on a cluster (default: off)")
+    p.add_argument("--config", type=Path, default=None, help="YAML or TOML file with finetune options; flags override it (default: none)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out (default: off)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a progress bar)")
     defaults = _train_defaults()
     for name, typ, help_text in _FINETUNE_OPTIONS:
         shown = defaults.get(name)
@@ -87,17 +94,17 @@ def _add_generate(sub) -> None:
     # --model has no argparse default, so that giving it next to --onnx can be told apart and refused.
     p.add_argument("--model", default=None, help="PyTorch: Hugging Face folder, .gguf file, or 'embedded' "
                                                  "(the default without --onnx)")
-    p.add_argument("--adapter", default=None, help="PyTorch: adapter folder (HF PEFT layout) to apply")
+    p.add_argument("--adapter", default=None, help="PyTorch: adapter folder (HF PEFT layout) to apply (default: none, the base model)")
     p.add_argument("--onnx", default=None, metavar="DIR", help="ONNX export folder (`edgetune export --out`): "
-                                                               "generate with onnxruntime, without torch")
+                                                               "generate with onnxruntime, without torch (default: none, PyTorch)")
     p.add_argument("--onnx-adapter", default=None, metavar="FILE",
-                   help="with --onnx: an .onnx_adapter file to activate (adapter-inputs exports)")
-    p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the model's chat template")
-    p.add_argument("--system", default=None, help="with --chat: a system message")
+                   help="with --onnx: an .onnx_adapter file to activate (adapter-inputs exports; default: none)")
+    p.add_argument("--prompt", required=True, help="prompt text (required)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the model's chat template (default: off)")
+    p.add_argument("--system", default=None, help="with --chat: a system message (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: %(default)s)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (default unless --temperature is given)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (sampling when given)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (sampling when given; default: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="PyTorch: cpu, cuda or auto (default: %(default)s)")
@@ -108,7 +115,7 @@ def _add_generate(sub) -> None:
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a model (+ adapter) to ONNX for onnxruntime / onnxruntime-genai",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Defaults)
     p.add_argument("--model", default="embedded", help="base model: Hugging Face folder, .gguf file or 'embedded'")
     p.add_argument("--adapter", default=None, help="adapter folder (HF PEFT layout) to export with the base")
     p.add_argument("--out", required=True, help="output folder: model.onnx, its weights, genai_config.json, tokenizer")
@@ -123,7 +130,7 @@ def _add_export(sub) -> None:
 
 def _add_prepare_model(sub) -> None:
     p = sub.add_parser("prepare-model", help="convert a GGUF (default: the embedded SmolLM2) into a cached HF folder and print its path")
-    p.add_argument("model", nargs="?", default="embedded", help="a .gguf file, a folder, or 'embedded'")
+    p.add_argument("model", nargs="?", default="embedded", help="a .gguf file, a folder, or 'embedded' (default: embedded)")
     p.set_defaults(func=_run_prepare_model)
 
 
@@ -156,7 +163,7 @@ def ray_ports_from(args):
 
 def _add_coordinator(sub) -> None:
     p = sub.add_parser("coordinator", help="start a coordinator: a Ray head (or join one) + the route service",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Defaults)
     p.add_argument("--host", default="0.0.0.0", help="interface the coordinator's gRPC service listens on")
     p.add_argument("--port", type=int, default=7700, help="port of the coordinator's gRPC service (0: pick a free one)")
     p.add_argument("--ray-address", default=None, help="join this existing Ray cluster instead of starting a Ray head")
@@ -173,7 +180,7 @@ def _add_coordinator(sub) -> None:
 
 def _add_node(sub) -> None:
     p = sub.add_parser("node", help="join a coordinator's cluster as a worker node (foreground; Ctrl-C leaves)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Defaults)
     p.add_argument("--coordinator", required=True, help="HOST:PORT of `edgetune coordinator`")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where this node runs its blocks")
     p.add_argument("--memory-limit", default=None, help="memory this node may use for blocks, e.g. 2G or 512M "
@@ -193,7 +200,7 @@ def _add_node(sub) -> None:
 
 def _add_status(sub) -> None:
     p = sub.add_parser("status", help="print the cluster: nodes, hardware, assigned layers, health and load",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Defaults)
     p.add_argument("--coordinator", required=True, help="HOST:PORT of `edgetune coordinator`")
     _add_token_file(p)
     p.set_defaults(func=_run_status)

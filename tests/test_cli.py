@@ -44,6 +44,29 @@ def test_every_train_option_has_a_flag_with_its_default_in_help(capsys):
             assert f"(default: {shown})" in " ".join(text.split()), name
 
 
+def _subcommands():
+    import argparse
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+@pytest.mark.parametrize("command", sorted(_subcommands()))
+def test_every_option_of_every_command_says_its_default_in_help(command, capsys):
+    """`edgetune COMMAND --help` names each option's default (or says it is required)."""
+    import argparse
+
+    parser = _subcommands()[command]
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert capsys.readouterr().out.startswith(f"usage: edgetune {command}")
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction) or (not action.option_strings and action.required):
+            continue
+        shown = parser._get_formatter()._expand_help(action)  # the text --help prints for it
+        assert "default" in shown or "required" in shown, (command, action.dest, shown)
+
+
 @pytest.mark.parametrize("suffix, body", [
     (".yaml", "model: M\ndata: D\nrank: 4\ntarget_modules: [q_proj, k_proj]\nlr: 0.01\nsteps: 7\n"),
     (".toml", 'model = "M"\ndata = "D"\nrank = 4\ntarget-modules = ["q_proj", "k_proj"]\nlr = 0.01\nsteps = 7\n'),
