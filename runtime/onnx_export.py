@@ -3,7 +3,7 @@
 The folder is what onnxruntime-genai loads as it is: `model.onnx` (+ `model.onnx.data`,
 external weights), `genai_config.json`, and the tokenizer files.
 
-    >>> export(ExportOptions(model="embedded", adapter="runs/quickstart/adapter", out="export/"))
+    >>> export(ExportOptions(model="embedded", adapter="runs/demo/run/adapter", out="export/"))
 
 Modes:
 - `merged`: the adapter is folded into the weights (exact for LoRA, DoRA, (IA)^3,
