@@ -48,3 +48,14 @@ def test_every_repository_path_a_readme_names_exists(readme):
                            text))
     missing = [p for p in sorted(named) if not (ROOT / p).exists() and not (ROOT / (p + ".py")).exists()]
     assert not missing, f"{readme.name} names files that do not exist: {missing}"
+
+
+@pytest.mark.slow
+def test_the_readme_python_api_example_runs(tmp_path, monkeypatch, capsys):
+    """The Python API block of README.md, executed as written (in a scratch folder: it saves an adapter)."""
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+               if "import edgetune" in b]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md (Python API)", "exec"), {"__name__": "readme_example"})
+    assert (tmp_path / "my-adapter" / "adapter_config.json").exists()
+    assert capsys.readouterr().out.strip()  # the generated answer was printed
