@@ -8,12 +8,12 @@ error that names the feature -- never silently wrong numbers.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgetune.runtime.errors import ConfigError, ModelLoadError, UnsupportedModelError
+from edgetune.runtime.jsonfile import read_json_object
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -115,13 +115,9 @@ class ModelConfig:
     def from_file(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = read_json_object(path, ModelLoadError)
         except FileNotFoundError:
             raise ModelLoadError(f"{path}: config file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise ModelLoadError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         return cls.from_hf_dict(raw, source=str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:

@@ -114,7 +114,7 @@ def build_decoder(model, dtype: str = "fp32", lora: dict[str, str] | None = None
     lora = lora or {}
     elem, npdt = _FLOAT[dtype]
     g = GraphBuilder()
-    L, H, KVH, hd, D = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    L, H, KVH, hd = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     eps = float(cfg.rms_norm_eps)
     ctx_len = context_length or cfg.max_position_embeddings
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from edgetune.runtime.atomic import atomic_write, atomic_write_text
 from edgetune.runtime.errors import ConfigError, DataError
+from edgetune.runtime.jsonfile import read_json_object
 
 __all__ = ["Report", "RunMetrics", "RunSummary", "format_summary", "read_metrics", "run_report", "summarize",
            "write_report"]
@@ -187,13 +188,7 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     if not path.exists():
         log.warning("%s: no config.json; the summary will not name the model and method", run_dir)
         return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}); restore it or delete it and run the report again") from None
-    if not isinstance(config, dict):
-        raise DataError(f"{path}: expected a JSON object of run options; restore it or delete it")
-    return config
+    return read_json_object(path, DataError, "restore it, or delete it and run the report again")
 
 
 def summarize(metrics: RunMetrics, config: dict[str, Any], run_dir: Path) -> RunSummary:

@@ -37,6 +37,7 @@ from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as Backend
 
 from edgetune.runtime.errors import TokenizerError
+from edgetune.runtime.jsonfile import read_json_object
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -225,13 +226,7 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(path, TokenizerError)
 
 
 def _token_content(value: Any, path: Path) -> str | None:
