@@ -22,6 +22,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edgetune.runtime.errors import AdapterError, ConfigError
 
 MODES = ("merged", "adapter-inputs")
@@ -85,7 +87,7 @@ def export(opts: ExportOptions) -> Path:
                           untie_head=opts.quantize is not None)
     _save(proto, out)
     if opts.quantize:
-        _quantize(out, opts.quantize)
+        _quantize(out, opts.quantize, tied=model.config.tie_word_embeddings)
     if lora:
         write_onnx_adapter(adapter, model, out / ADAPTER_FILE, opts.dtype)
     _write_genai_config(model.config, out, opts, folder, extras.virtual_tokens if extras else 0)
@@ -202,7 +204,6 @@ def _save(proto, out: Path) -> None:
 def write_onnx_adapter(adapter, model, path: Path, dtype: str = "fp32") -> Path:
     """The LoRA tensors as onnxruntime's adapter file: A^T (in, r) and scaling * B^T (r, out) per layer,
     plus DoRA's per-output scale m / ||W + s B A|| (it needs the base weights of `model`)."""
-    import numpy as np
     import onnxruntime as ort
     import torch
 
@@ -238,8 +239,9 @@ QUANT_BLOCK_SIZE = 32
 QUANT_ACCURACY_LEVEL = 4
 
 
-def _quantize(out: Path, precision: str) -> None:
-    """Replace every weight MatMul by MatMulNBits (4 or 8 bits); LoRA MatMuls stay float."""
+def _quantize(out: Path, precision: str, tied: bool = False) -> None:
+    """Replace every weight MatMul by MatMulNBits (4 or 8 bits), and the embedding lookup by
+    GatherBlockQuantized on blocks of the same kind; LoRA MatMuls stay float."""
     import logging
 
     import onnx
@@ -249,10 +251,66 @@ def _quantize(out: Path, precision: str) -> None:
 
     model = onnx.load(str(out / "model.onnx"))  # with its external data
     lora = [n.name for n in model.graph.node if n.op_type == "MatMul" and any("lora_" in i for i in n.input)]
-    quantizer = MatMulNBitsQuantizer(model, bits=4 if precision == "int4" else 8, block_size=QUANT_BLOCK_SIZE,
+    bits = 4 if precision == "int4" else 8
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=QUANT_BLOCK_SIZE,
                                      is_symmetric=True, accuracy_level=QUANT_ACCURACY_LEVEL, nodes_to_exclude=lora)
     quantizer.process()
-    _save(quantizer.model.model, out)
+    model = quantizer.model.model
+    _quantize_embedding(model, bits, tied)
+    _save(model, out)
+
+
+def _quantize_embedding(model, bits: int, tied: bool) -> None:
+    """The (V, D) embedding table as symmetric blocks along D (GatherBlockQuantized). A tied
+    table is the LM head's own quantized weights, shared as onnxruntime-genai's builder does;
+    an untied one is quantized here in the same layout."""
+    from onnx import helper, numpy_helper
+
+    from edgetune.runtime.onnx_graph import MS
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    at, gather = next(((i, n) for i, n in enumerate(graph.node) if n.op_type == "Gather" and n.input[0] in inits),
+                      (None, None))
+    if gather is None:
+        return
+    table = numpy_helper.to_array(inits[gather.input[0]])  # (V, D)
+    V, D = table.shape
+    if D % QUANT_BLOCK_SIZE:
+        return  # a partial last block would not line up with D: the table stays float
+    head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits"), None)
+    if tied and head is not None and len(head.input) == 3:  # symmetric: no zero points
+        data, scales = head.input[1], head.input[2]  # (V, D / block, block * bits / 8), (V, D / block)
+    else:
+        packed, scale = block_quantize(table, bits, QUANT_BLOCK_SIZE)
+        data, scales = f"{gather.input[0]}_Q{bits}", f"{gather.input[0]}_scales"
+        graph.initializer.extend([numpy_helper.from_array(packed, data), numpy_helper.from_array(scale, scales)])
+    shape = f"{gather.input[0]}_Q_shape"
+    graph.initializer.append(numpy_helper.from_array(np.array([V, -1], np.int64), shape))
+    rows = f"{gather.name}/rows"
+    nodes = [helper.make_node("Reshape", [data, shape], [rows], name=f"{gather.name}/Reshape"),  # (V, D * bits / 8)
+             helper.make_node("GatherBlockQuantized", [rows, gather.input[1], scales], list(gather.output),
+                              name=f"{gather.name}/GatherBlockQuantized", domain=MS, bits=bits,
+                              block_size=QUANT_BLOCK_SIZE, gather_axis=0, quantize_axis=1)]
+    graph.node.remove(gather)
+    for k, node in enumerate(nodes):
+        graph.node.insert(at + k, node)
+    graph.initializer.remove(inits[gather.input[0]])
+
+
+def block_quantize(table: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric blockwise quantization along the last axis, in MatMulNBits' layout: (rows, cols)
+    -> packed uint8 (rows, cols / block, block * bits / 8) and scales (rows, cols / block), with
+    value = (q - 2^(bits-1)) * scale; 4-bit pairs hold the even column in the low nibble."""
+    rows, cols = table.shape
+    blocks = table.astype(np.float32).reshape(rows, cols // block, block)
+    top = 2 ** (bits - 1) - 1
+    scale = np.abs(blocks).max(axis=-1) / top
+    scale[scale == 0] = 1.0
+    q = (np.clip(np.rint(blocks / scale[..., None]), -top, top) + 2 ** (bits - 1)).astype(np.uint8)
+    if bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    return q, scale.astype(table.dtype)
 
 
 _GENAI_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}

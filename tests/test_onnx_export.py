@@ -224,8 +224,9 @@ def test_two_onnx_adapters_switch_in_one_session_and_match_their_merged_exports(
     assert _compare_with_cache(sess, _reference(folder), IDS, steps=4) <= 1e-4
 
 
-def test_fp16_and_quantized_exports_stay_close(tiny, tmp_path):
-    folder = tiny("llama")
+@pytest.mark.parametrize("arch", ["llama", "llama_tied"])
+def test_fp16_and_quantized_exports_stay_close(arch, tiny, tmp_path):
+    folder = tiny(arch)
     reference = _reference(folder)
     with torch.no_grad():
         ref = reference(IDS).numpy()
@@ -282,3 +283,53 @@ def test_bad_inputs_are_refused_before_writing_a_model(tiny, tmp_path):
     with pytest.raises(ConfigError, match="needs --adapter"):
         ExportOptions(model=str(folder), out=str(tmp_path / "e"), mode="adapter-inputs")
     assert not any(p.name == "model.onnx" for p in tmp_path.rglob("*"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama_tied"])
+@pytest.mark.parametrize("quantize", ["int4", "int8"])
+def test_quantized_exports_look_up_quantized_embeddings(arch, quantize, tiny, tmp_path):
+    """The embedding table is stored as blocks too (a tied one shares the LM head's); onnxruntime's
+    GatherBlockQuantized on the stored tensors gives every row of the float table within half a
+    quantization step (edgetune's rounding) or one (onnxruntime's quantizer, for the tied head)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    folder = tiny(arch)
+    out = export(ExportOptions(model=str(folder), out=str(tmp_path / "q"), context_length=CTX, quantize=quantize))
+    proto = onnx.load(str(out / "model.onnx"))
+    graph = proto.graph
+    table = _reference(folder).embed_tokens.weight.detach().numpy()  # (V, D)
+    floats = [t.name for t in graph.initializer if list(t.dims) == list(table.shape)]
+    assert not floats, f"float copies of the table left: {floats}"
+    [gbq] = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    [reshape] = [n for n in graph.node if gbq.input[0] in n.output]
+    inits = {t.name: t for t in graph.initializer}
+    lookup = helper.make_graph(
+        [reshape, gbq], "lookup", [helper.make_tensor_value_info(gbq.input[1], onnx.TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info(gbq.output[0], onnx.TensorProto.FLOAT, ["n", table.shape[1]])],
+        [inits[n] for n in (*reshape.input, gbq.input[2])])
+    rows = _run_alone(lookup, {gbq.input[1]: np.arange(table.shape[0])})  # (V, D)
+    step = np.abs(numpy_helper.to_array(inits[gbq.input[2]])).repeat(32, axis=1)  # each value's quantization step
+    assert np.abs(rows - table).max() > 0  # really quantized
+    if arch == "llama":  # quantized by edgetune: round to nearest
+        assert np.all(np.abs(rows - table) <= step / 2 + 1e-6)
+        return
+    # tied: one copy serves the lookup and the LM head, and both kernels read it alike
+    [head] = [n for n in graph.node if n.output[0] == "logits"]
+    assert head.op_type == "MatMulNBits" and reshape.input[0] == head.input[1] and gbq.input[2] == head.input[2]
+    D = table.shape[1]
+    matmul = helper.make_graph(  # identity @ W^T: the head's weights as MatMulNBits decodes them
+        [head], "head", [helper.make_tensor_value_info(head.input[0], onnx.TensorProto.FLOAT, [D, D])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [D, table.shape[0]])],
+        [inits[n] for n in head.input[1:]])
+    decoded = _run_alone(matmul, {head.input[0]: np.eye(D, dtype=np.float32)}).T  # (V, D)
+    assert np.abs(rows - decoded).max() <= 1e-5
+    assert np.all(np.abs(rows - table) <= step + 1e-6)  # onnxruntime's quantizer: within one step
+
+
+def _run_alone(graph, feeds):
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
