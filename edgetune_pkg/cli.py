@@ -217,7 +217,7 @@ def _add_report(sub) -> None:
 
 # demo options: (flag, type, help); defaults come from DemoOptions
 _DEMO_OPTIONS: list[tuple[str, type, str]] = [
-    ("out", str, "folder for the run, the adapter and the ONNX export (replaced if it exists)"),
+    ("out", str, "folder for the run, the adapter and the ONNX export (an earlier demo's is replaced; any other existing folder is refused)"),
     ("steps", int, "fine-tuning steps"),
     ("prompts", int, "held-out questions answered side by side by the base and the fine-tuned model"),
     ("max_new_tokens", int, "longest answer, in tokens"),

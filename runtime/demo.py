@@ -59,9 +59,7 @@ def run_demo(opts: DemoOptions, say=print) -> DemoResult:
     """Run the demo, printing each stage with `say`; returns where everything was written."""
     from edgetune.runtime.local_cluster import LocalCluster
 
-    out = Path(opts.out)
-    if out.exists():
-        shutil.rmtree(out)  # the demo always starts fresh
+    out = _fresh_folder(Path(opts.out))
     started = time.perf_counter()
     say(_banner("1. a local cluster: a coordinator and two worker nodes"))
     nodes = [["--threads", "1"], ["--threads", "1", "--memory-limit", opts.small_node_memory]]
@@ -86,6 +84,21 @@ def run_demo(opts: DemoOptions, say=print) -> DemoResult:
     say(_report(run.out))
     say(f"\ndemo finished in {time.perf_counter() - started:.0f} s; no process is left running")
     return DemoResult(run.out, run.adapter_dir, export_dir, run.eval_loss_before, run.eval_loss, answers)
+
+
+DEMO_MARKER = ".edgetune-demo"
+
+
+def _fresh_folder(out: Path) -> Path:
+    """An empty `out`: a previous demo's folder is replaced, anything else is refused."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / DEMO_MARKER).exists():
+            raise ConfigError(f"demo: {out} exists and is not a folder an earlier demo wrote; pick another --out "
+                              "(the demo replaces its folder on every run)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `edgetune demo`; the next demo run replaces this folder\n")
+    return out
 
 
 # -- stages ---------------------------------------------------------------------------------

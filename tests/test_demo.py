@@ -95,3 +95,15 @@ def test_demo_options_are_checked_before_anything_starts(tmp_path):
         DemoOptions(steps=0)
     with pytest.raises(ConfigError, match="data file not found"):
         DemoOptions(data=str(tmp_path / "missing.jsonl"))
+    (tmp_path / "mine.txt").write_text("a user's file")
+    with pytest.raises(ConfigError, match="not a folder an earlier demo wrote"):
+        run_demo(DemoOptions(out=str(tmp_path)), say=lambda _: None)
+    assert (tmp_path / "mine.txt").read_text() == "a user's file"
+
+
+def test_a_second_demo_replaces_the_first_ones_folder(tmp_path):
+    from edgetune.runtime.demo import _fresh_folder
+
+    out = _fresh_folder(tmp_path / "demo")  # as a first run leaves it
+    (out / "stale.txt").write_text("from the last run")
+    assert _fresh_folder(out) == out and not (out / "stale.txt").exists() and (out / ".edgetune-demo").exists()
