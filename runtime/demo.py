@@ -58,7 +58,9 @@ class DemoResult:
 def run_demo(opts: DemoOptions, say=print) -> DemoResult:
     """Run the demo, printing each stage with `say`; returns where everything was written."""
     from edgetune.runtime.local_cluster import LocalCluster
+    from edgetune.runtime.model_io import resolve_model_folder
 
+    resolve_model_folder(opts.model)  # a wrong --model fails here, before any process starts
     out = _fresh_folder(Path(opts.out))
     started = time.perf_counter()
     say(_banner("1. a local cluster: a coordinator and two worker nodes"))

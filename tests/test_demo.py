@@ -89,12 +89,14 @@ def test_no_process_outlives_the_demo(demo):
 
 
 def test_demo_options_are_checked_before_anything_starts(tmp_path):
-    from edgetune.runtime.errors import ConfigError
+    from edgetune.runtime.errors import ConfigError, ModelLoadError
 
     with pytest.raises(ConfigError, match="steps must be positive"):
         DemoOptions(steps=0)
     with pytest.raises(ConfigError, match="data file not found"):
         DemoOptions(data=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        run_demo(DemoOptions(model=str(tmp_path / "no-model"), out=str(tmp_path / "d")), say=lambda _: None)
     (tmp_path / "mine.txt").write_text("a user's file")
     with pytest.raises(ConfigError, match="not a folder an earlier demo wrote"):
         run_demo(DemoOptions(out=str(tmp_path)), say=lambda _: None)
