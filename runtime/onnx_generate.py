@@ -35,6 +35,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgetune.runtime.errors import AdapterError, ConfigError, ModelLoadError
+from edgetune.runtime.jsonfile import read_json_object
 from edgetune.runtime.sampling import SamplingConfig
 from edgetune.runtime.tokenizer import Tokenizer, load_tokenizer
 
@@ -193,7 +194,7 @@ class OnnxGenerator:
             raise ModelLoadError(f"{self.folder}: ONNX export folder not found; pass the --out folder of `edgetune export`")
         self.config = read_genai_config(self.folder)
         info = self.folder / "edgetune_export.json"  # absent in other exporters' folders
-        self.virtual_tokens = int(json.loads(info.read_text()).get("virtual_tokens", 0)) if info.exists() else 0
+        self.virtual_tokens = int(read_json_object(info, ModelLoadError).get("virtual_tokens", 0)) if info.exists() else 0
         self.tokenizer = load_tokenizer(self.folder)
         self.session = _open_session(self.folder / self.config.filename, providers, threads)
         self._check_graph()

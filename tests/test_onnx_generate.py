@@ -268,6 +268,10 @@ def test_missing_or_malformed_folders_are_named(export_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="num_key_value_heads|3, past"):
         OnnxGenerator(broken)
     (broken / "genai_config.json").write_text(json.dumps(config))
+    (broken / "edgetune_export.json").write_text("[1, 2")  # edgetune's own record, damaged
+    with pytest.raises(ModelLoadError, match="edgetune_export.json: not valid JSON"):
+        OnnxGenerator(broken)
+    (broken / "edgetune_export.json").unlink()  # other exporters write none
     (broken / "model.onnx").unlink()
     with pytest.raises(ModelLoadError, match="model.onnx: ONNX model file not found"):
         OnnxGenerator(broken)
