@@ -256,10 +256,13 @@ class RayProcess:
             )
         logger.info("%s: ray start pid %d, log %s", self.label, self.pid, self.log_path)
 
-    def wait_ready(self, ready_timeout_s: float) -> str:
+    def wait_ready(self, ready_timeout_s: float, crash_retries: int = 1) -> str:
         """Block until the launched `ray start` reports the node up; returns the cluster address.
 
-        On failure or timeout the process is stopped and RayStartError carries its log's tail.
+        A `ray start` killed by a signal before it is up -- an abort inside Ray's own gRPC
+        ("Check failed: wakeup_fd_->ConsumeWakeup()"), seen now and then on a loaded machine --
+        is launched again, `crash_retries` times. On any other failure, or a timeout, the
+        process is stopped and RayStartError carries its log's tail.
         """
         if self._popen is None:
             raise RayStartError(f"{self.label}: launch() first")
@@ -267,6 +270,13 @@ class RayProcess:
         try:
             while not ready.exists():
                 code = _exit_code(self._popen.pid)
+                if code is not None and code < 0 and crash_retries > 0:
+                    logger.warning("%s: ray start died of signal %d while starting; starting it again",
+                                   self.label, -code)
+                    self.stop(grace_s=5)
+                    self._popen, crash_retries = None, crash_retries - 1
+                    self.launch()
+                    continue
                 if code is not None or time.monotonic() - self._launched_at > ready_timeout_s:
                     why = f"exited with {code}" if code is not None else f"was not up after {ready_timeout_s:.0f} s"
                     raise RayStartError(f"{self.label}: ray start {why}; last lines of {self.log_path}:\n{self.log_tail()}")

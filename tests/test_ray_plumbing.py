@@ -185,6 +185,14 @@ FAKE_RAY_START = textwrap.dedent("""
     if mode == "exit":
         print("boom: cannot reach the GCS", flush=True)
         sys.exit(3)
+    if mode.startswith("abort"):  # abort-N: the first N starts die of SIGABRT, as Ray's gRPC sometimes does
+        tries = os.path.join(os.path.dirname(temp_dir), "tries")
+        n = int(open(tries).read()) + 1 if os.path.exists(tries) else 1
+        open(tries, "w").write(str(n))
+        if n <= int(mode.split("-")[1]):
+            print(f"start {n}: Check failed: wakeup_fd_->ConsumeWakeup().ok()", flush=True)
+            os.abort()
+        mode = "ok"
     def on_term(*_):
         open(os.path.join(temp_dir, "got_sigterm"), "w").close()
         sys.exit(0)
@@ -243,6 +251,19 @@ def test_process_kill_takes_whole_session_at_once(tmp_path, fake):
 def test_process_that_exits_early_raises_with_log_tail(fake):
     with pytest.raises(RayStartError, match=r"(?s)exited with 3.*boom: cannot reach the GCS"):
         fake("exit").start(ready_timeout_s=20)
+
+
+def test_a_start_that_aborts_once_is_launched_again(tmp_path, fake):
+    proc = fake("abort-1")
+    assert proc.start(ready_timeout_s=20) == "192.0.2.2:6379"
+    assert (tmp_path / "tries").read_text() == "2"
+    proc.stop(grace_s=5)
+
+
+def test_a_start_that_keeps_aborting_is_an_error_with_its_log(tmp_path, fake):
+    with pytest.raises(RayStartError, match=r"(?s)exited with -6.*start 2: Check failed"):
+        fake("abort-5").start(ready_timeout_s=20)
+    assert (tmp_path / "tries").read_text() == "2"  # one retry, no more
 
 
 def test_process_not_ready_in_time_is_stopped(fake):
