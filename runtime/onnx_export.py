@@ -85,9 +85,9 @@ def export(opts: ExportOptions) -> Path:
             lora = _lora_layers(adapter)  # the base graph: LoRA arrives as inputs
     proto = build_decoder(model, opts.dtype, lora, opts.context_length or None, extras,
                           untie_head=opts.quantize is not None)
-    _save(proto, out)
     if opts.quantize:
-        _quantize(out, opts.quantize, tied=model.config.tie_word_embeddings)
+        proto = _quantize(proto, opts.quantize, tied=model.config.tie_word_embeddings)
+    _save(proto, out)
     if lora:
         write_onnx_adapter(adapter, model, out / ADAPTER_FILE, opts.dtype)
     _write_genai_config(model.config, out, opts, folder, extras.virtual_tokens if extras else 0)
@@ -239,17 +239,15 @@ QUANT_BLOCK_SIZE = 32
 QUANT_ACCURACY_LEVEL = 4
 
 
-def _quantize(out: Path, precision: str, tied: bool = False) -> None:
-    """Replace every weight MatMul by MatMulNBits (4 or 8 bits), and the embedding lookup by
+def _quantize(model, precision: str, tied: bool = False):
+    """The graph with every weight MatMul as MatMulNBits (4 or 8 bits) and the embedding lookup as
     GatherBlockQuantized on blocks of the same kind; LoRA MatMuls stay float."""
     import logging
 
-    import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per MatMul otherwise
 
-    model = onnx.load(str(out / "model.onnx"))  # with its external data
     lora = [n.name for n in model.graph.node if n.op_type == "MatMul" and any("lora_" in i for i in n.input)]
     bits = 4 if precision == "int4" else 8
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=QUANT_BLOCK_SIZE,
@@ -257,7 +255,7 @@ def _quantize(out: Path, precision: str, tied: bool = False) -> None:
     quantizer.process()
     model = quantizer.model.model
     _quantize_embedding(model, bits, tied)
-    _save(model, out)
+    return model
 
 
 def _quantize_embedding(model, bits: int, tied: bool) -> None:
@@ -274,15 +272,14 @@ def _quantize_embedding(model, bits: int, tied: bool) -> None:
                       (None, None))
     if gather is None:
         return
-    table = numpy_helper.to_array(inits[gather.input[0]])  # (V, D)
-    V, D = table.shape
+    V, D = inits[gather.input[0]].dims  # the table (V, D)
     if D % QUANT_BLOCK_SIZE:
         return  # a partial last block would not line up with D: the table stays float
     head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits"), None)
     if tied and head is not None and len(head.input) == 3:  # symmetric: no zero points
         data, scales = head.input[1], head.input[2]  # (V, D / block, block * bits / 8), (V, D / block)
     else:
-        packed, scale = block_quantize(table, bits, QUANT_BLOCK_SIZE)
+        packed, scale = block_quantize(numpy_helper.to_array(inits[gather.input[0]]), bits, QUANT_BLOCK_SIZE)
         data, scales = f"{gather.input[0]}_Q{bits}", f"{gather.input[0]}_scales"
         graph.initializer.extend([numpy_helper.from_array(packed, data), numpy_helper.from_array(scale, scales)])
     shape = f"{gather.input[0]}_Q_shape"

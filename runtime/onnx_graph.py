@@ -103,7 +103,8 @@ def build_decoder(model, dtype: str = "fp32", lora: dict[str, str] | None = None
     """The whole CausalLM `model` (weights as they are now: merge an adapter first) as ONNX.
 
     `untie_head` stores tied embeddings twice, the table for the lookup and the head for
-    the MatMul, so quantization can turn the head into MatMulNBits (a Gather cannot share it).
+    the MatMul, so the quantizer sees the head as a MatMul weight; it then ties them again
+    (the lookup reads the head's quantized blocks, onnx_export._quantize_embedding).
     """
     import torch
 
