@@ -26,7 +26,6 @@ onnxruntime adapter file (`RunOptions.add_active_adapter`) instead.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -89,11 +88,7 @@ def read_genai_config(folder: str | Path) -> GenaiConfig:
     if not path.is_file():
         raise ModelLoadError(f"{path}: not found; an ONNX export folder needs the {GENAI_CONFIG} that "
                              "`edgetune export` (or onnxruntime-genai's model builder) writes")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    model = raw.get("model") if isinstance(raw, dict) else None
+    model = read_json_object(path, ConfigError).get("model")
     decoder = model.get("decoder") if isinstance(model, dict) else None
     if not isinstance(decoder, dict):
         raise ConfigError(f"{path}: expected an object with 'model': {{'decoder': {{...}}}}")
@@ -222,6 +217,7 @@ class OnnxGenerator:
             raise ModelLoadError(f"{where}: {first.name} is {first.type} {shape}, but the config says "
                                  f"(batch, {cfg.num_kv_heads}, past, {cfg.head_size}) float; re-export the folder")
         self.takes_positions = cfg.inputs["position_ids"] in inputs
+        self._output_names = [cfg.outputs["logits"], *present]  # fetched by every step
         known = set(need_in) | {cfg.inputs["position_ids"]}
         extra = {n: i for n, i in inputs.items() if n not in known}
         for name, arg in extra.items():
@@ -248,10 +244,11 @@ class OnnxGenerator:
                                   cfg.inputs["attention_mask"]: attention_mask.astype(np.int64)}
         if self.takes_positions:
             arrays[cfg.inputs["position_ids"]] = position_ids(attention_mask, T)
-        empty = np.zeros((B, cfg.num_kv_heads, 0, cfg.head_size), self.kv_dtype)
-        for layer in range(cfg.num_layers):
-            k, v = past[layer] if past is not None else (empty, empty)
-            arrays.update(zip(cfg.past_names(layer), (k, v)))
+        if past is None:  # the first pass: an empty cache
+            empty = np.zeros((B, cfg.num_kv_heads, 0, cfg.head_size), self.kv_dtype)
+            past = [(empty, empty)] * cfg.num_layers
+        for layer, kv in enumerate(past):
+            arrays.update(zip(cfg.past_names(layer), kv))
         feeds = {n: a if isinstance(a, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
                  for n, a in arrays.items()}
         run_options = None
@@ -264,8 +261,7 @@ class OnnxGenerator:
             # tensors after the feeds: feeding those same tensors keeps the result independent of which
             # copy it takes.
             feeds.update(params)
-        names = [cfg.outputs["logits"]] + [n for layer in range(cfg.num_layers) for n in cfg.present_names(layer)]
-        out = self.session.run_with_ort_values(names, feeds, run_options)
+        out = self.session.run_with_ort_values(self._output_names, feeds, run_options)
         return out[0], [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(cfg.num_layers)]
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, past: KV | None = None,
