@@ -12,7 +12,6 @@ Every process the demo starts is stopped before it returns, also on failure or C
 """
 from __future__ import annotations
 
-import json
 import shutil
 import textwrap
 import time
@@ -57,10 +56,13 @@ class DemoResult:
 
 def run_demo(opts: DemoOptions, say=print) -> DemoResult:
     """Run the demo, printing each stage with `say`; returns where everything was written."""
+    from edgetune.runtime.data import load_records
     from edgetune.runtime.local_cluster import LocalCluster
     from edgetune.runtime.model_io import resolve_model_folder
 
-    resolve_model_folder(opts.model)  # a wrong --model fails here, before any process starts
+    resolve_model_folder(opts.model)  # a wrong --model or held-out file fails here, before any process starts
+    held_out = load_records(opts.eval_data)
+    questions = _questions(held_out, opts.prompts, opts.eval_data)
     out = _fresh_folder(Path(opts.out))
     started = time.perf_counter()
     say(_banner("1. a local cluster: a coordinator and two worker nodes"))
@@ -70,7 +72,7 @@ def run_demo(opts: DemoOptions, say=print) -> DemoResult:
         say(_plan(cluster, opts.model))
         say(_banner("2. fine-tuning on the cluster (the adapter and its optimizer stay in this process)"))
         run = _finetune(cluster, opts, out / "run")
-    say(f"eval loss on {_count_lines(opts.eval_data)} held-out questions: "
+    say(f"eval loss on {len(held_out)} held-out questions: "
         f"{_fmt(run.eval_loss_before)} before -> {_fmt(run.eval_loss)} after {run.steps} steps")
     say(f"run folder: {run.out} (config.json, metrics.jsonl, checkpoints/); adapter: {run.adapter_dir}")
 
@@ -80,7 +82,7 @@ def run_demo(opts: DemoOptions, say=print) -> DemoResult:
         "tokenizer)")
 
     say(_banner("4. on the device: onnxruntime alone, base model vs fine-tuned"))
-    answers = _answers(export_dir, _questions(opts.eval_data, opts.prompts), opts.max_new_tokens)
+    answers = _answers(export_dir, questions, opts.max_new_tokens)
     say(format_side_by_side(answers))
     say(_banner("5. the run, plotted"))
     say(_report(run.out))
@@ -176,23 +178,13 @@ def _zip_longest(a: list[str], b: list[str]):
     return zip(a + [""] * (n - len(a)), b + [""] * (n - len(b)))
 
 
-def _questions(eval_data: str, n: int) -> list[str]:
-    """The first user message of the first `n` held-out records."""
-    out = []
-    for line in Path(eval_data).read_text(encoding="utf-8").splitlines():
-        record = json.loads(line) if line.strip() else {}
-        user = [m["content"] for m in record.get("messages", []) if m.get("role") == "user"]
-        if user:
-            out.append(user[0])
-        if len(out) == n:
-            break
+def _questions(records, n: int, source: str) -> list[str]:
+    """The first user message of the first `n` held-out chat records."""
+    users = ([m.content for m in getattr(r, "messages", ()) if m.role == "user"] for r in records)
+    out = [u[0] for u in users if u][:n]
     if not out:
-        raise ConfigError(f"demo: {eval_data} has no chat record with a user message to ask")
+        raise ConfigError(f"demo: {source} has no chat record with a user message to ask")
     return out
-
-
-def _count_lines(path: str) -> int:
-    return sum(1 for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
 
 
 def _banner(text: str) -> str:
