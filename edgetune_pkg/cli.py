@@ -68,17 +68,23 @@ def _add_finetune(sub) -> None:
     p.add_argument("--config", type=Path, default=None, help="YAML or TOML file with finetune options; flags override it (default: none)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out (default: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a progress bar)")
-    defaults = _train_defaults()
-    for name, typ, help_text in _FINETUNE_OPTIONS:
-        shown = defaults.get(name)
-        if isinstance(shown, tuple):
-            shown = ",".join(map(str, shown))
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
-                       help=f"{help_text} (default: {shown})")
+    # argparse defaults stay None: only the flags given override a --config file
+    _add_options(p, _FINETUNE_OPTIONS, _train_defaults(), parse_defaults=False)
     for name, help_text in _FINETUNE_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", default=None,
                        help=f"{help_text} (default: off)")
     p.set_defaults(func=_run_finetune)
+
+
+def _add_options(p, options: list[tuple[str, type, str]], defaults: dict, parse_defaults: bool) -> None:
+    """One --flag per (name, type, help) of a dataclass-backed option list; its help names the
+    dataclass default, which is also argparse's default when `parse_defaults`."""
+    for name, typ, help_text in options:
+        shown = defaults.get(name)
+        if isinstance(shown, tuple):
+            shown = ",".join(map(str, shown))
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ,
+                       default=defaults.get(name) if parse_defaults else None, help=f"{help_text} (default: {shown})")
 
 
 def _train_defaults() -> dict:
@@ -241,10 +247,7 @@ def _add_demo(sub) -> None:
                                    "export to ONNX, answer held-out questions with the base and the fine-tuned model "
                                    "(onnxruntime only) and plot the run. A few minutes on 2 CPU cores; every process "
                                    "it starts is stopped at the end.")
-    defaults = {f.name: f.default for f in fields(DemoOptions)}
-    for name, typ, help_text in _DEMO_OPTIONS:
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=defaults[name],
-                       help=f"{help_text} (default: {defaults[name]})")
+    _add_options(p, _DEMO_OPTIONS, {f.name: f.default for f in fields(DemoOptions)}, parse_defaults=True)
     p.set_defaults(func=_run_demo)
 
 
