@@ -185,7 +185,8 @@ def _timed_feed(rec: Recorder, feed, count_bytes: bool):
 
 def instrument_edge(rec: Recorder) -> None:
     """Record the edge's encodes, decodes, waits on the route and step windows (this process only)."""
-    from edgetune.runtime import remote, serde, train
+    from edgetune.runtime.train import remote, loop as train
+    from edgetune.runtime.wire import serde
 
     encode = rec.timed("encode", serde.down_frames, materialize=True)
 
@@ -211,7 +212,7 @@ def instrument_edge(rec: Recorder) -> None:
 def instrument_node(rec: Recorder, events_file: Path) -> None:
     """Record a node's compute and (de)serialisation; flush them to `events_file` as each step ends."""
     from edgetune.nodes.shard import ShardSession
-    from edgetune.runtime import serde, wire
+    from edgetune.runtime.wire import serde, messages as wire
 
     up = rec.timed("encode", serde.up_frames, materialize=True)
 
@@ -294,8 +295,8 @@ def run_node(args: argparse.Namespace) -> None:
 
     from edgetune.nodes.service import serve
     from edgetune.nodes.shard import Shard
-    from edgetune.runtime import rpc
-    from edgetune.runtime.model_io import load_model
+    from edgetune.runtime.wire import rpc
+    from edgetune.runtime.model.loader import load_model
 
     torch.set_num_threads(args.threads)
     part = load_model(args.node_model, start=args.start, end=args.end, edge=False)
@@ -313,14 +314,14 @@ def _import_side(side: str) -> None:
     import torch  # noqa: F401
     import torch._dynamo  # noqa: F401
 
-    import edgetune.runtime.data  # noqa: F401
-    import edgetune.runtime.model_io  # noqa: F401
+    import edgetune.runtime.train.data  # noqa: F401
+    import edgetune.runtime.model.loader  # noqa: F401
     import edgetune.runtime.peft  # noqa: F401
-    import edgetune.runtime.tokenizer  # noqa: F401
-    import edgetune.runtime.train  # noqa: F401
+    import edgetune.runtime.text.tokenizer  # noqa: F401
+    import edgetune.runtime.train.loop  # noqa: F401
 
     if side == "dist":
-        import edgetune.runtime.remote  # noqa: F401  (grpc, serde, the stubs)
+        import edgetune.runtime.train.remote  # noqa: F401  (grpc, serde, the stubs)
         import edgetune.tests.node_harness  # noqa: F401
 
 
@@ -328,7 +329,7 @@ def _connect(route: RouteSpec, model: str) -> None:
     """finetune(coordinator=...) in this process gets `route` without asking a coordinator."""
     from types import SimpleNamespace
 
-    from edgetune.runtime import rpc, wire
+    from edgetune.runtime.wire import rpc, messages as wire
     from edgetune.tests.node_harness import LocalRoute, patch_connect
 
     hops = [wire.Hop(*h) for h in route.hops]
@@ -338,7 +339,7 @@ def _connect(route: RouteSpec, model: str) -> None:
 
 
 def _train_config(cfg: BenchConfig, side: str, codec: str, out: str, token_file: str):
-    from edgetune.runtime.train import TrainConfig
+    from edgetune.runtime.train.loop import TrainConfig
 
     dist = side == "dist"
     return TrainConfig(model=cfg.model, data=cfg.data, out=out, method="lora", rank=cfg.rank, alpha=cfg.alpha,
@@ -363,7 +364,7 @@ def run_worker(spec: dict) -> dict:
     _import_side(side)
     import torch
 
-    from edgetune.runtime.train import finetune
+    from edgetune.runtime.train.loop import finetune
 
     torch.set_num_threads(cfg.threads if side == "dist" else cfg.local_threads)
     rss_import = _max_rss_mb()
@@ -399,9 +400,9 @@ def _env(threads: int) -> dict[str, str]:
 
 def start_nodes(cfg: BenchConfig, workdir: Path) -> tuple[list[subprocess.Popen], RouteSpec]:
     """Two node processes, blocks [0, L/2) and [L/2, L); returns them and the route to them."""
-    from edgetune.runtime import rpc
-    from edgetune.runtime.config import ModelConfig
-    from edgetune.runtime.manifest import checkpoint_manifest, fingerprint
+    from edgetune.runtime.wire import rpc
+    from edgetune.runtime.model.config import ModelConfig
+    from edgetune.runtime.model.manifest import checkpoint_manifest, fingerprint
 
     layers = ModelConfig.from_file(Path(cfg.model) / "config.json").num_layers
     fp = fingerprint(checkpoint_manifest(cfg.model))
@@ -661,7 +662,7 @@ def _main(args: argparse.Namespace) -> None:
     steps, repeats = (3, 1) if args.quick else (args.steps, args.repeats)
     model = args.model
     if model is None:
-        from edgetune.runtime.embedded import embedded_model_path
+        from edgetune.runtime.model.embedded import embedded_model_path
 
         model = str(embedded_model_path())
     cfg = BenchConfig(model=model, data="", steps=steps, warmup=min(args.warmup, steps - 1), batch_size=args.batch,

@@ -108,7 +108,7 @@ DONE_MARKER = {"adapter": "adapter_config.json", "adapter-prefix": "adapter_conf
 
 def prepare(cfg: BenchConfig) -> dict:
     """Build whatever the work folder lacks; returns seconds per step (reused steps are left out)."""
-    from edgetune.runtime.embedded import embedded_model_path
+    from edgetune.runtime.model.embedded import embedded_model_path
 
     base = embedded_model_path()
     _prompt_ids(cfg, base)  # a too long --prompt-tokens fails here, before the long work
@@ -136,7 +136,7 @@ def prepare(cfg: BenchConfig) -> dict:
 def _train_adapter(cfg: BenchConfig, base: Path, method: str, name: str) -> None:
     """LoRA r=8 on q/v (the merged exports'), or prefix tuning (20 virtual tokens) or a serial adapter
     (bottleneck 64) for the plainer graphs' speed."""
-    from edgetune.runtime.train import TrainConfig, finetune
+    from edgetune.runtime.train.loop import TrainConfig, finetune
 
     run_dir = cfg.folder(f"run-{name}")
     shutil.rmtree(run_dir, ignore_errors=True)  # a run interrupted earlier
@@ -149,7 +149,7 @@ def _train_adapter(cfg: BenchConfig, base: Path, method: str, name: str) -> None
 
 def _merged_folder(cfg: BenchConfig, base: Path) -> None:
     """The base model with the adapter folded in, as a Hugging Face folder (the builder's and transformers' input)."""
-    from edgetune.runtime.model_io import load_model
+    from edgetune.runtime.model.loader import load_model
     from edgetune.runtime.peft.hf_format import load_adapter
     from safetensors.torch import save_file
 
@@ -170,7 +170,7 @@ def _edgetune_export(cfg: BenchConfig, base: Path, name: str, mode: str, quantiz
                      adapter: str = "adapter") -> None:
     import logging
 
-    from edgetune.runtime.onnx_export import ExportOptions, export
+    from edgetune.runtime.onnx.export import ExportOptions, export
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per MatMul otherwise
     export(ExportOptions(model=str(base), adapter=str(cfg.folder(adapter)), out=str(cfg.folder(name)), mode=mode,
@@ -413,7 +413,7 @@ def _torch_worker(cfg: BenchConfig, runner: str, prompt: list[int]) -> dict:
     ids = torch.tensor([prompt])
     t = time.perf_counter()
     if RUNNERS[runner][0] == "edgetune":
-        from edgetune.runtime.model_io import load_model
+        from edgetune.runtime.model.loader import load_model
 
         model = load_model(folder)
 

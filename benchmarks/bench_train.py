@@ -82,9 +82,9 @@ def _edgetune_step(cfg: BenchConfig) -> Callable[[], float]:
     """Load edgetune's model + LoRA; return one training step (returns the loss)."""
     import torch
 
-    from edgetune.runtime.model_io import load_model
+    from edgetune.runtime.model.loader import load_model
     from edgetune.runtime.peft import LoraConfig, attach_adapter
-    from edgetune.runtime.train import batch_loss_sum
+    from edgetune.runtime.train.loop import batch_loss_sum
 
     model = load_model(cfg.model)
     adapter = attach_adapter(model, LoraConfig(r=cfg.rank, alpha=cfg.alpha, target_modules=TARGET_MODULES))
@@ -142,9 +142,9 @@ def _import_side(side: str) -> None:
         import peft  # noqa: F401
         import transformers  # noqa: F401
     else:
-        import edgetune.runtime.model_io  # noqa: F401
+        import edgetune.runtime.model.loader  # noqa: F401
         import edgetune.runtime.peft  # noqa: F401
-        import edgetune.runtime.train  # noqa: F401
+        import edgetune.runtime.train.loop  # noqa: F401
 
 
 def _profile_table(step: Callable[[], float], rows: int) -> str:
@@ -295,7 +295,7 @@ def _main(args: argparse.Namespace) -> None:
 
         threads = torch.get_num_threads()
     if model is None:
-        from edgetune.runtime.embedded import embedded_model_path
+        from edgetune.runtime.model.embedded import embedded_model_path
 
         model = str(embedded_model_path())
     cfg = BenchConfig(model=model, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,

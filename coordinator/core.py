@@ -5,7 +5,7 @@ restarts actors; this module decides *what* runs where. For a model it:
 
 1. lists the live edgetune nodes (Ray nodes carrying the edgetune resource),
 2. profiles each once (memory, cores, GPU, measured block time, link estimate),
-3. partitions the blocks with coordinator/partition.py,
+3. partitions the blocks with edgetune.runtime.plan (cost model + partition),
 4. places one shard actor per used node and waits until each serves its range,
 5. answers GetRoute with the shard addresses in block order.
 
@@ -23,15 +23,15 @@ from pathlib import Path
 import ray
 
 from edgetune.coordinator import placement
-from edgetune.coordinator.partition import ModelCost, StageNode, partition
-from edgetune.runtime import wire
+from edgetune.runtime.plan.cost import model_cost
+from edgetune.runtime.plan.partition import StageNode, partition
+from edgetune.runtime.wire import messages as wire
 from edgetune.runtime.errors import PartitionError
 from edgetune.runtime.errors import ConfigError, EdgetuneError, SessionError
-from edgetune.runtime.node_labels import NODE_RESOURCE, NodeOptions
+from edgetune.runtime.cluster.node_labels import NODE_RESOURCE, NodeOptions
 
 log = logging.getLogger("edgetune.coordinator")
 
-REFERENCE_TOKENS = 128  # the profiler's micro-batch: 1 x 128 tokens
 EDGE_FILES_SKIP = (".safetensors", ".safetensors.index.json", ".lock", ".gguf")
 
 
@@ -82,7 +82,7 @@ class Coordinator:
 
     # -- membership ---------------------------------------------------------------------
     def join(self, name: str) -> wire.JoinReply:
-        from edgetune.runtime.node_labels import check_name
+        from edgetune.runtime.cluster.node_labels import check_name
 
         check_name(name)
         taken = [n for n in self.nodes() if n.alive and n.options.name == name]
@@ -107,9 +107,9 @@ class Coordinator:
     # -- models ---------------------------------------------------------------------------
     def model_info(self, model: str) -> ModelInfo:
         """The model's config and manifest, read here once (the coordinator needs the model)."""
-        from edgetune.runtime.config import ModelConfig
-        from edgetune.runtime.manifest import checkpoint_manifest, fingerprint
-        from edgetune.runtime.model_io import resolve_model_folder
+        from edgetune.runtime.model.config import ModelConfig
+        from edgetune.runtime.model.manifest import checkpoint_manifest, fingerprint
+        from edgetune.runtime.model.loader import resolve_model_folder
 
         with self._lock:
             info = self.state.models.get(model)
@@ -124,7 +124,7 @@ class Coordinator:
 
     def edge_part(self, model: str) -> wire.EdgePart:
         """config.json, tokenizer files, and the edge's tensors as stored, for an edge without the model."""
-        from edgetune.runtime.checkpoint import SafetensorsCheckpoint
+        from edgetune.runtime.model.weights import SafetensorsCheckpoint
 
         info = self.model_info(model)
         files = {p.name: p.read_bytes() for p in sorted(info.folder.iterdir())
@@ -218,7 +218,7 @@ class Coordinator:
         fetch = o.fetch_weights or not placement.has_model(node.node_id, info.name)
         tensors_ref = None
         if fetch:  # the node lacks the file: ship its blocks through Ray's object store
-            from edgetune.runtime.checkpoint import SafetensorsCheckpoint
+            from edgetune.runtime.model.weights import SafetensorsCheckpoint
 
             ckpt = SafetensorsCheckpoint(info.folder)
             names = [e.name for e in info.manifest if _block_of(e.name) is not None
@@ -262,18 +262,6 @@ class PlacementUnavailable(SessionError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, code="UNAVAILABLE")
-
-
-def model_cost(config) -> ModelCost:
-    """Bytes the partitioner charges per block, for the profiler's 1 x REFERENCE_TOKENS micro-batch (fp32)."""
-    d, f = config.hidden_size, config.intermediate_size
-    linears = config.linear_shapes()  # name -> (out, in)
-    weights = sum(o * i + (o if config.linear_has_bias(name) else 0) for name, (o, i) in linears.items())
-    block_bytes = 4 * (weights + 2 * d)  # + the two RMSNorm scales
-    hidden = 4 * REFERENCE_TOKENS * d
-    # saved for backward per block: roughly the inputs and outputs of every matmul and norm
-    saved = 4 * REFERENCE_TOKENS * (4 * d + 2 * config.q_dim + 2 * config.kv_dim + 3 * f)
-    return ModelCost(config.num_layers, block_bytes, hidden, saved)
 
 
 def _block_of(name: str) -> int | None:

@@ -20,7 +20,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from edgetune.runtime import wire
+from edgetune.runtime.wire import messages as wire
 from edgetune.runtime.errors import EdgetuneError
 
 log = logging.getLogger("edgetune.coordinator")

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgetune.runtime.errors import ConfigError
-from edgetune.runtime.ports import free_port
-from edgetune.runtime.ray_process import (
+from edgetune.runtime.wire.ports import free_port
+from edgetune.runtime.cluster.ray_process import (
     AUTH_MODES,
     RayAuth,
     RayPorts,

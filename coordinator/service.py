@@ -1,6 +1,6 @@
 """The coordinator's gRPC service: thin -- decode, call `Coordinator`, encode.
 
-edgetune's exceptions become gRPC status codes (runtime/rpc.py); anything else
+edgetune's exceptions become gRPC status codes (runtime/wire/rpc.py); anything else
 is a bug and becomes INTERNAL with its message, never a crashed coordinator.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import logging
 
 from edgetune.coordinator.core import Coordinator
 from edgetune.proto.v1 import coordinator_pb2_grpc
-from edgetune.runtime import rpc, serde
+from edgetune.runtime.wire import rpc, serde
 from edgetune.runtime.errors import EdgetuneError
 
 log = logging.getLogger("edgetune.coordinator")

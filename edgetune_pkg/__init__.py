@@ -16,12 +16,12 @@ __version__ = "0.1.0"
 
 # public name -> (module, attribute); resolved on first access.
 _LAZY = {
-    "load_model": ("edgetune.runtime.model_io", "load_model"),
+    "load_model": ("edgetune.runtime.model.loader", "load_model"),
     "load_adapter": ("edgetune.runtime.peft.hf_format", "load_adapter"),
     "save_adapter": ("edgetune.runtime.peft.hf_format", "save_adapter"),
     "attach_adapter": ("edgetune.runtime.peft.adapter", "attach_adapter"),
-    "load_tokenizer": ("edgetune.runtime.tokenizer", "load_tokenizer"),
-    "embedded_model_path": ("edgetune.runtime.embedded", "embedded_model_path"),
+    "load_tokenizer": ("edgetune.runtime.text.tokenizer", "load_tokenizer"),
+    "embedded_model_path": ("edgetune.runtime.model.embedded", "embedded_model_path"),
     "EdgetuneError": ("edgetune.runtime.errors", "EdgetuneError"),
 }
 

@@ -88,7 +88,7 @@ def _add_options(p, options: list[tuple[str, type, str]], defaults: dict, parse_
 
 
 def _train_defaults() -> dict:
-    from edgetune.runtime.train_options import TRAIN_DEFAULTS
+    from edgetune.runtime.train.options import TRAIN_DEFAULTS
 
     return TRAIN_DEFAULTS
 
@@ -144,30 +144,9 @@ def _add_token_file(p) -> None:
     p.add_argument("--token-file", default=None, help="the cluster's shared token (default: ~/.config/edgetune/token)")
 
 
-def _add_ray_ports(p) -> None:
-    """`--ray-node-manager-port` etc.: fixed ports for this machine's Ray node, for firewalls.
-
-    All default to 0: Ray binds free ports, so several nodes can share a host.
-    """
-    from dataclasses import fields
-
-    from edgetune.runtime.ray_process import RayPorts
-
-    group = p.add_argument_group("Ray ports (0: a free one; fix them where a firewall needs it)")
-    for f in fields(RayPorts):
-        group.add_argument("--ray-" + f.name.replace("_", "-"), dest="ray_port_" + f.name, type=int, default=0,
-                           metavar="PORT", help=f"Ray's {f.name.replace('_', ' ')}")
-
-
-def ray_ports_from(args):
-    from dataclasses import fields
-
-    from edgetune.runtime.ray_process import RayPorts
-
-    return RayPorts(**{f.name: getattr(args, "ray_port_" + f.name) for f in fields(RayPorts)})
-
-
 def _add_coordinator(sub) -> None:
+    from edgetune.commands.ray_ports import add_ray_ports
+
     p = sub.add_parser("coordinator", help="start a coordinator: a Ray head (or join one) + the route service",
                        formatter_class=_Defaults)
     p.add_argument("--host", default="0.0.0.0", help="interface the coordinator's gRPC service listens on")
@@ -180,11 +159,13 @@ def _add_coordinator(sub) -> None:
     p.add_argument("--temp-dir", default=None, help="Ray's session folder (default: a fresh temporary folder)")
     _add_token_file(p)
     p.add_argument("--new-token", action="store_true", help="write a fresh token to --token-file even if one exists")
-    _add_ray_ports(p)
+    add_ray_ports(p)
     p.set_defaults(func=_run_coordinator)
 
 
 def _add_node(sub) -> None:
+    from edgetune.commands.ray_ports import add_ray_ports
+
     p = sub.add_parser("node", help="join a coordinator's cluster as a worker node (foreground; Ctrl-C leaves)",
                        formatter_class=_Defaults)
     p.add_argument("--coordinator", required=True, help="HOST:PORT of `edgetune coordinator`")
@@ -200,7 +181,7 @@ def _add_node(sub) -> None:
     p.add_argument("--temp-dir", default=None, help="Ray's folder for this node (default: a fresh temporary folder)")
     p.add_argument("--node-ip", default=None, help="this machine's address as the other nodes reach it")
     _add_token_file(p)
-    _add_ray_ports(p)
+    add_ray_ports(p)
     p.set_defaults(func=_run_node)
 
 
@@ -238,7 +219,7 @@ _DEMO_OPTIONS: list[tuple[str, type, str]] = [
 def _add_demo(sub) -> None:
     from dataclasses import fields
 
-    from edgetune.runtime.demo import DemoOptions
+    from edgetune.commands.demo import DemoOptions
 
     p = sub.add_parser("demo", help="the whole journey on this machine: a local cluster, distributed fine-tuning, "
                                     "ONNX export, base vs fine-tuned answers with onnxruntime",
@@ -252,7 +233,7 @@ def _add_demo(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgetune.runtime.logs import LOG_FORMATS, LOG_LEVELS  # light: logging and json only
+    from edgetune.commands.logs import LOG_FORMATS, LOG_LEVELS  # light: logging and json only
 
     parser = argparse.ArgumentParser(prog="edgetune", description="Fine-tune LLMs from a weak device; run adapters on the edge.")
     parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="log verbosity (default: %(default)s)")
@@ -274,14 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- handlers
 def _run_finetune(args: argparse.Namespace) -> int:
-    from edgetune.runtime.train_options import train_config_from
+    from edgetune.runtime.train.options import train_config_from
 
     cfg = train_config_from(args)
     if args.local == bool(cfg.coordinator):
         print("edgetune finetune: give either --coordinator HOST:PORT (train on a cluster) or --local "
               "(train in this process)", file=sys.stderr)
         return 2
-    from edgetune.runtime.train import finetune
+    from edgetune.runtime.train.loop import finetune
 
     result = finetune(cfg)
     print(f"adapter saved to {result.adapter_dir}")
@@ -291,44 +272,44 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from edgetune.runtime.generate_cli import run_generate
+    from edgetune.commands.generate import run_generate
 
     return run_generate(args)
 
 
 def _run_coordinator(args: argparse.Namespace) -> int:
-    from edgetune.coordinator.main import run_coordinator
+    from edgetune.commands.coordinator import run_coordinator
 
     return run_coordinator(args)
 
 
 def _run_node(args: argparse.Namespace) -> int:
-    from edgetune.nodes.main import run_node
+    from edgetune.commands.node import run_node
 
     return run_node(args)
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    from edgetune.runtime.status_cli import run_status
+    from edgetune.commands.status import run_status
 
     return run_status(args)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from edgetune.runtime.demo import DemoOptions, run_demo
+    from edgetune.commands.demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(**{name: getattr(args, name) for name, _, _ in _DEMO_OPTIONS}))
     return 0
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from edgetune.runtime.report import run_report
+    from edgetune.commands.report import run_report
 
     return run_report(args)
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from edgetune.runtime.onnx_export import ExportOptions, export
+    from edgetune.runtime.onnx.export import ExportOptions, export
 
     out = export(ExportOptions(model=args.model, adapter=args.adapter, out=args.out, mode=args.mode, dtype=args.dtype,
                                quantize=args.quantize, context_length=args.context_length))
@@ -337,7 +318,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_prepare_model(args: argparse.Namespace) -> int:
-    from edgetune.runtime.embedded import resolve_model_path
+    from edgetune.runtime.model.embedded import resolve_model_path
 
     print(resolve_model_path(args.model))
     return 0
@@ -347,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from edgetune.runtime.errors import EdgetuneError
-    from edgetune.runtime.logs import setup_logging
+    from edgetune.commands.logs import setup_logging
 
     setup_logging(args.log_level, args.log_format)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from edgetune.runtime import wire
+from edgetune.runtime.wire import messages as wire
 
 log = logging.getLogger("edgetune.node")
 
@@ -41,7 +41,7 @@ class ShardServer:
 
         from edgetune.nodes.service import serve
         from edgetune.nodes.shard import Shard
-        from edgetune.runtime.manifest import fingerprint
+        from edgetune.runtime.model.manifest import fingerprint
 
         if spec.threads > 0:
             torch.set_num_threads(spec.threads)
@@ -56,10 +56,10 @@ class ShardServer:
     def _load(spec: ShardSpec, manifest, config: dict, tensors: dict | None):
         import torch
 
-        from edgetune.runtime.checkpoint import SafetensorsCheckpoint
-        from edgetune.runtime.config import ModelConfig
-        from edgetune.runtime.manifest import entry, verify
-        from edgetune.runtime.model_io import build_part, part_shapes, resolve_model_folder
+        from edgetune.runtime.model.weights import SafetensorsCheckpoint
+        from edgetune.runtime.model.config import ModelConfig
+        from edgetune.runtime.model.manifest import entry, verify
+        from edgetune.runtime.model.loader import build_part, part_shapes, resolve_model_folder
 
         cfg = ModelConfig.from_hf_dict(config)
         if tensors is None:  # read this part's tensors once, as stored: hashed, then built from
@@ -84,7 +84,7 @@ class ShardServer:
 
 def has_model(model: str) -> bool:
     """Whether this machine can read `model` itself (runs on the node, as a Ray task)."""
-    from edgetune.runtime.model_io import resolve_model_folder
+    from edgetune.runtime.model.loader import resolve_model_folder
 
     try:
         return (resolve_model_folder(model) / "config.json").exists()

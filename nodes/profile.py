@@ -14,8 +14,9 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
+from edgetune.runtime.plan.cost import REFERENCE_TOKENS  # the partitioner charges memory for the same micro-batch
+
 REFERENCE_BATCH = 1
-REFERENCE_TOKENS = 128
 FIXED_BYTES = 256 * 2**20  # a node process's own footprint (torch, gRPC, Ray worker) beside its blocks
 
 
@@ -54,8 +55,8 @@ def time_block(config_dict: dict, device: str, repeats: int = 3) -> float:
     """Median seconds of forward + backward through one block of this shape (random weights)."""
     import torch
 
-    from edgetune.runtime.config import ModelConfig
-    from edgetune.runtime.model import Block, CausalLM
+    from edgetune.runtime.model.config import ModelConfig
+    from edgetune.runtime.model.transformer import Block, CausalLM
 
     config = ModelConfig.from_hf_dict(config_dict)
     dev = torch.device(device)

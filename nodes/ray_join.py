@@ -3,7 +3,7 @@ with edgetune's resources and labels, in the foreground, leaving cleanly on Ctrl
 
 Each node advertises
   resources  {"edgetune_node": 1, "edgetune_node:<name>": 1}
-  labels     edgetune's node options (`edgetune.runtime.node_labels`: name,
+  labels     edgetune's node options (`edgetune.runtime.cluster.node_labels`: name,
              device, threads, memory limit, ...)
 so the coordinator finds nodes with `ray.nodes()` and pins a shard actor to one
 with `resources={"edgetune_node:<name>": 1}`, a NodeAffinitySchedulingStrategy
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgetune.runtime.errors import ConfigError
-from edgetune.runtime.node_labels import NODE_RESOURCE, NodeOptions
-from edgetune.runtime.ray_process import RayAuth, RayPorts, RayProcess, RayStartError, check_temp_dir, logger, ray_env
+from edgetune.runtime.cluster.node_labels import NODE_RESOURCE, NodeOptions
+from edgetune.runtime.cluster.ray_process import RayAuth, RayPorts, RayProcess, RayStartError, check_temp_dir, logger, ray_env
 
 DEVICES = ("cpu", "cuda")
 # A Ray label value: <= 63 chars, alphanumeric at both ends, [-_.] allowed inside.

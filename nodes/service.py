@@ -26,7 +26,7 @@ import grpc
 
 from edgetune.nodes.shard import Shard, ShardSession
 from edgetune.proto.v1 import node_pb2_grpc
-from edgetune.runtime import rpc, serde, wire
+from edgetune.runtime.wire import node_client, rpc, serde, messages as wire
 from edgetune.runtime.errors import EdgetuneError, SessionError
 
 log = logging.getLogger("edgetune.node")
@@ -213,8 +213,7 @@ class _Relay:
         self.next_hop = msg.route[1]
         self._channel = rpc.make_channel(self.next_hop.address, self.token)
         self._down_q = queue.Queue()
-        stub = node_pb2_grpc.NodeStub(self._channel)
-        self._call = stub.Session(self._frames_down(), timeout=self.deadline_s)
+        self._call = node_client.open_session(self._channel, self._frames_down(), self.deadline_s)
         threading.Thread(target=self.read_downstream, args=(self._call,), daemon=True, name="edgetune-session-next").start()
         self._down(wire.Open(msg.session_id, msg.model, msg.fingerprint, msg.route[1:], msg.codec, msg.methods_json))
 

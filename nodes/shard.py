@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edgetune.runtime import wire
+from edgetune.runtime.wire import messages as wire
 from edgetune.runtime.errors import SessionError
-from edgetune.runtime.model import CausalLM
+from edgetune.runtime.model.transformer import CausalLM
 from edgetune.runtime.peft.adapter import block_adapters, methods_from_json, split_block_key
 
 log = logging.getLogger("edgetune.node")

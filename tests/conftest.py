@@ -42,10 +42,10 @@ CLUSTER_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4)
 
 
 def cluster_node_options() -> list[dict]:
-    from edgetune.coordinator.core import model_cost
+    from edgetune.runtime.plan.cost import model_cost
     from edgetune.nodes.profile import FIXED_BYTES
-    from edgetune.runtime.config import ModelConfig
-    from edgetune.runtime.node_labels import NodeOptions
+    from edgetune.runtime.model.config import ModelConfig
+    from edgetune.runtime.cluster.node_labels import NodeOptions
     from edgetune.tests.tiny import tiny_hf_config
 
     cost = model_cost(ModelConfig.from_hf_dict(tiny_hf_config("llama", **CLUSTER_MODEL).to_dict()))

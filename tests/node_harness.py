@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgetune.runtime import wire
+from edgetune.runtime.wire import messages as wire
 
 
 @dataclass
@@ -30,10 +30,10 @@ class LocalRoute:
 def start_route(folder: Path, splits: list[int], token_dir: Path, max_cached: int = 64, device: str = "cpu") -> LocalRoute:
     from edgetune.nodes.service import serve
     from edgetune.nodes.shard import Shard
-    from edgetune.runtime import rpc
-    from edgetune.runtime.config import ModelConfig
-    from edgetune.runtime.manifest import checkpoint_manifest, fingerprint
-    from edgetune.runtime.model_io import load_model
+    from edgetune.runtime.wire import rpc
+    from edgetune.runtime.model.config import ModelConfig
+    from edgetune.runtime.model.manifest import checkpoint_manifest, fingerprint
+    from edgetune.runtime.model.loader import load_model
 
     config = ModelConfig.from_file(Path(folder) / "config.json")
     token_file = Path(token_dir) / "token"
@@ -67,7 +67,7 @@ class _FakeClient:
 
 def patch_connect(monkeypatch, local: LocalRoute) -> _FakeClient:
     """finetune(coordinator=...) gets `local`'s route without a coordinator."""
-    from edgetune.runtime import remote
+    from edgetune.runtime.train import remote
 
     client = _FakeClient(local.route)
 

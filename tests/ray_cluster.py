@@ -30,7 +30,7 @@ from typing import Any
 
 from edgetune.coordinator.ray_head import RayHead, RayHeadConfig
 from edgetune.nodes.ray_join import RayNodeConfig, RayNodeProcess
-from edgetune.runtime.ray_process import RayAuth, session_pids
+from edgetune.runtime.cluster.ray_process import RayAuth, session_pids
 
 # Kill detection ~ period * threshold = 2 s; a hung node ~ (period + timeout) * threshold = 10 s.
 # The timeout is generous because this 2-core host is shared with other test runs.

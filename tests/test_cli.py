@@ -6,7 +6,7 @@ import json
 import pytest
 
 from edgetune.cli import build_parser, main
-from edgetune.runtime.train_options import TRAIN_DEFAULTS, train_config_from
+from edgetune.runtime.train.options import TRAIN_DEFAULTS, train_config_from
 from edgetune.tests.tiny import make_tiny_folder
 
 
@@ -144,8 +144,8 @@ def test_local_and_coordinator_together_are_refused(capsys):
 
 
 def test_unreachable_coordinator_and_missing_token_are_clear_errors(tiny_folder, chat_file, tmp_path, capsys):
-    from edgetune.runtime import rpc
-    from edgetune.runtime.ports import free_port
+    from edgetune.runtime.wire import rpc
+    from edgetune.runtime.wire.ports import free_port
 
     base = ["finetune", "--model", str(tiny_folder), "--data", str(chat_file), "--out", str(tmp_path / "o")]
     assert main([*base, "--coordinator", "127.0.0.1:1", "--token-file", str(tmp_path / "none")]) == 1

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from edgetune.runtime.train import TrainConfig, finetune
-from edgetune.runtime.ports import free_ports
+from edgetune.runtime.train.loop import TrainConfig, finetune
+from edgetune.runtime.wire.ports import free_ports
 from edgetune.tests.cli_cluster import CliCluster
 from edgetune.tests.tiny import make_tiny_folder
 
@@ -73,8 +73,8 @@ def test_cli_finetune_on_a_cluster_equals_local(cluster, model_and_data, tmp_pat
     records = [json.loads(line) for line in (tmp_path / "remote" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["bytes_sent"] > 0 and r["stages"] for r in records if "loss" in r)
 
-    from edgetune.runtime import rpc
-    from edgetune.runtime.cluster_client import CoordinatorClient
+    from edgetune.runtime.wire import rpc
+    from edgetune.runtime.wire.coordinator_client import CoordinatorClient
 
     client = CoordinatorClient(cluster.address, rpc.load_token(cluster.token_file))
     hops = client.get_route(str(model)).hops
@@ -98,7 +98,7 @@ def test_node_killed_mid_step_is_replaced_and_the_adapter_is_unchanged(cluster, 
     """Kill the first node of the route between a step's backward and its end: the edge gets
     an error, asks for a new route (the coordinator moves the blocks to the other node), replays
     the step, and the adapter equals an uninterrupted run's."""
-    from edgetune.runtime import remote
+    from edgetune.runtime.train import remote
 
     model, data = model_and_data
     killed = []

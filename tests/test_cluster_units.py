@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgetune.runtime import wire
+from edgetune.runtime.wire import messages as wire
 from edgetune.runtime.errors import AdapterError, ConfigError, EdgetuneError, ModelLoadError
 from edgetune.tests.tiny import make_tiny_folder, make_tiny_model
 
@@ -69,7 +69,7 @@ def _rewrite(folder: Path, change) -> None:
 
 # ----------------------------------------------------------------------------- manifest
 def test_manifest_lists_every_tensor_with_stored_dtype_shape_and_sha256(tiny, tmp_path):
-    from edgetune.runtime.manifest import checkpoint_manifest
+    from edgetune.runtime.model.manifest import checkpoint_manifest
 
     folder = _copy_folder(tiny, tmp_path / "mixed")
     # mixed stored dtypes, so "stored dtype" cannot be confused with the dtype edgetune computes in
@@ -92,7 +92,7 @@ def test_manifest_lists_every_tensor_with_stored_dtype_shape_and_sha256(tiny, tm
 
 
 def test_manifest_of_a_sharded_checkpoint_equals_the_single_file_one(tmp_path):
-    from edgetune.runtime.manifest import checkpoint_manifest, fingerprint
+    from edgetune.runtime.model.manifest import checkpoint_manifest, fingerprint
 
     model = make_tiny_model("llama", tmp_path / "single")
     model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
@@ -103,7 +103,7 @@ def test_manifest_of_a_sharded_checkpoint_equals_the_single_file_one(tmp_path):
 
 
 def test_fingerprint_is_order_independent_and_sees_one_ulp(tiny, tmp_path):
-    from edgetune.runtime.manifest import checkpoint_manifest, fingerprint
+    from edgetune.runtime.model.manifest import checkpoint_manifest, fingerprint
 
     entries = checkpoint_manifest(tiny)
     shuffled = list(entries)
@@ -128,7 +128,7 @@ def test_fingerprint_is_order_independent_and_sees_one_ulp(tiny, tmp_path):
 
 
 def test_verify_names_the_tensor_whose_weights_dtype_or_shape_differ(tiny, tmp_path):
-    from edgetune.runtime.manifest import checkpoint_manifest, verify
+    from edgetune.runtime.model.manifest import checkpoint_manifest, verify
 
     manifest = checkpoint_manifest(tiny)
     verify(manifest, manifest, who="node-a")  # same entries: passes
@@ -166,7 +166,7 @@ NODE_OPTIONS = [
 
 @pytest.mark.parametrize("kw", NODE_OPTIONS, ids=lambda kw: kw["name"][:12])
 def test_node_options_round_trip_through_valid_ray_labels(kw):
-    from edgetune.runtime.node_labels import NodeOptions
+    from edgetune.runtime.cluster.node_labels import NodeOptions
 
     options = NodeOptions(**kw)
     labels = options.labels()
@@ -183,14 +183,14 @@ def test_node_options_round_trip_through_valid_ray_labels(kw):
     (dict(name="a", threads=-1), "threads"), (dict(name="a", memory_limit_bytes=-5), "memory"),
 ])
 def test_invalid_node_options_name_the_field(kw, field):
-    from edgetune.runtime.node_labels import NodeOptions
+    from edgetune.runtime.cluster.node_labels import NodeOptions
 
     with pytest.raises(ConfigError, match=field):
         NodeOptions(**kw)
 
 
 def test_labels_that_are_not_an_edgetune_nodes_raise_config_error():
-    from edgetune.runtime.node_labels import LABEL_THREADS, NodeOptions
+    from edgetune.runtime.cluster.node_labels import LABEL_THREADS, NodeOptions
 
     with pytest.raises(ConfigError):
         NodeOptions.from_labels({"zone": "eu-1"})
@@ -257,8 +257,8 @@ def test_profile_memory_is_the_smaller_of_limit_and_available_ram(monkeypatch):
 # ----------------------------------------------------------------------------- cost model
 @pytest.mark.parametrize("arch", ["llama", "llama_tied", "mistral"])
 def test_model_cost_charges_one_blocks_real_fp32_bytes(arch, tmp_path):
-    from edgetune.coordinator.core import REFERENCE_TOKENS, model_cost
-    from edgetune.runtime.model_io import load_model
+    from edgetune.runtime.plan.cost import REFERENCE_TOKENS, model_cost
+    from edgetune.runtime.model.loader import load_model
 
     make_tiny_model(arch, tmp_path, intermediate_size=80)  # f != 2d, so d and f cannot be swapped unseen
     model = load_model(tmp_path)
@@ -273,8 +273,8 @@ def test_model_cost_charges_one_blocks_real_fp32_bytes(arch, tmp_path):
 @pytest.mark.parametrize("arch, kw", [("llama", {"head_dim": 16}), ("qwen2", {}),
                                       ("llama", {"attention_bias": True, "mlp_bias": True})])
 def test_model_cost_counts_q_dim_and_biases(arch, kw, tmp_path):
-    from edgetune.coordinator.core import model_cost
-    from edgetune.runtime.model_io import load_model
+    from edgetune.runtime.plan.cost import model_cost
+    from edgetune.runtime.model.loader import load_model
 
     make_tiny_model(arch, tmp_path, **kw)
     model = load_model(tmp_path)
@@ -292,7 +292,7 @@ def test_block_of():
 
 # ----------------------------------------------------------------------------- status table
 def test_format_status_shows_names_health_layers_sessions_and_load():
-    from edgetune.runtime.status_cli import format_status
+    from edgetune.commands.status import format_status
 
     alive = wire.NodeStatus(name="gpu-a", ray_node_id="n1", host="10.0.0.5", alive=True, device="cuda",
                             gpu_name="H100", memory_bytes=3 * 2**30, cpus=16, threads=8, block_time_s=0.0123,
@@ -317,7 +317,7 @@ def test_format_status_shows_names_health_layers_sessions_and_load():
 
 
 def test_format_status_flags_a_placed_node_that_does_not_answer_and_an_empty_cluster():
-    from edgetune.runtime.status_cli import format_status
+    from edgetune.commands.status import format_status
 
     silent = wire.NodeStatus(name="c", alive=True, stages=[wire.Hop("m", "", 15, 30)], info=None)
     text = format_status(wire.ClusterStatus("h:1", [silent]))
@@ -336,9 +336,9 @@ def _edge_part(folder: Path) -> wire.EdgePart:
 
 
 def test_save_edge_part_writes_a_folder_load_model_reads(tiny, tmp_path):
-    from edgetune.runtime.cluster_client import save_edge_part
-    from edgetune.runtime.model_io import load_model
-    from edgetune.runtime.tokenizer import load_tokenizer
+    from edgetune.runtime.wire.coordinator_client import save_edge_part
+    from edgetune.runtime.model.loader import load_model
+    from edgetune.runtime.text.tokenizer import load_tokenizer
 
     part = _edge_part(tiny)
     assert sorted(part.tensors) == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
@@ -364,7 +364,7 @@ def test_save_edge_part_writes_a_folder_load_model_reads(tiny, tmp_path):
 
 @pytest.mark.parametrize("bad", ["../evil.json", "..", "a/b.json", "/etc/passwd", "dir\\x.json", ".hidden", ""])
 def test_save_edge_part_refuses_paths_from_the_coordinator(bad, tiny, tmp_path):
-    from edgetune.runtime.cluster_client import save_edge_part
+    from edgetune.runtime.wire.coordinator_client import save_edge_part
 
     part = _edge_part(tiny)
     part.files[bad] = b"x"

@@ -1,4 +1,4 @@
-"""Tests of edgetune.runtime.data: records, loss masks, truncation, splits and resumable batches.
+"""Tests of edgetune.runtime.train.data: records, loss masks, truncation, splits and resumable batches.
 
 The tokenizer is a small byte-level BPE trained here with `tokenizers`, wrapped in a test
 double with the interface edgetune's tokenizer offers. Expected ids and masks are computed
@@ -17,7 +17,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from edgetune.runtime.data import (
+from edgetune.runtime.train.data import (
     IGNORE_INDEX,
     BatchStream,
     ChatMessage,
@@ -251,7 +251,7 @@ def test_chat_mask_equals_transformers_assistant_token_mask(backend):
 def test_edgetune_tokenizer_folder_gives_transformers_ids_and_masks(backend, tmp_path):
     """End to end with edgetune's own tokenizer loaded from a folder transformers wrote."""
     transformers = pytest.importorskip("transformers")
-    tokenizer_module = pytest.importorskip("edgetune.runtime.tokenizer")
+    tokenizer_module = pytest.importorskip("edgetune.runtime.text.tokenizer")
     writer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(backend.to_str()),
                                                   bos_token="<s>", eos_token="<|im_end|>",
                                                   chat_template=CHATML_GENERATION)

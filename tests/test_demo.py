@@ -10,7 +10,7 @@ import psutil
 import pytest
 import torch
 
-from edgetune.runtime.demo import DemoOptions, format_side_by_side, run_demo
+from edgetune.commands.demo import DemoOptions, format_side_by_side, run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -63,9 +63,9 @@ def test_training_lowered_the_held_out_loss_and_wrote_everything(demo):
 
 def test_the_answers_are_the_models_own_greedy_answers(demo):
     """onnxruntime's base and fine-tuned answers equal PyTorch greedy generation without and with the adapter."""
-    from edgetune.runtime.model_io import load_model
+    from edgetune.runtime.model.loader import load_model
     from edgetune.runtime.peft.hf_format import load_adapter
-    from edgetune.runtime.tokenizer import load_tokenizer
+    from edgetune.runtime.text.tokenizer import load_tokenizer
 
     result, text = demo
     [(question, base, tuned)] = result.answers
@@ -104,7 +104,7 @@ def test_demo_options_are_checked_before_anything_starts(tmp_path):
 
 
 def test_a_second_demo_replaces_the_first_ones_folder(tmp_path):
-    from edgetune.runtime.demo import _fresh_folder
+    from edgetune.commands.demo import _fresh_folder
 
     out = _fresh_folder(tmp_path / "demo")  # as a first run leaves it
     (out / "stale.txt").write_text("from the last run")

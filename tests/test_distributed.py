@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from edgetune.runtime.train import TrainConfig, finetune
+from edgetune.runtime.train.loop import TrainConfig, finetune
 from edgetune.tests.node_harness import patch_connect, start_route
 from edgetune.tests.tiny import SAMPLE_TEXTS, make_tiny_folder
 
@@ -121,7 +121,7 @@ def test_lossy_codecs_train_close_to_fp32(codec, tiny64, data_file, route, tmp_p
 def test_the_edge_loads_exactly_embeddings_final_norm_and_head(tiny64, route, tmp_path, data_file, monkeypatch):
     from safetensors import safe_open
 
-    from edgetune.runtime.remote import RemoteTrainer
+    from edgetune.runtime.train.remote import RemoteTrainer
 
     patch_connect(monkeypatch, route)
     cfg = _cfg(tiny64, data_file, tmp_path / "r", coordinator="fake:1", token_file=str(route.token_file))
@@ -133,7 +133,7 @@ def test_the_edge_loads_exactly_embeddings_final_norm_and_head(tiny64, route, tm
     assert sum(p.numel() * p.element_size() for p in loaded.values()) == sum(t.numel() * 4 for t in edge.values())
     assert len(list(engine.model.blocks())) == 0
     # ... and yet it holds the adapter of every block, initialised as a local run would
-    from edgetune.runtime.model_io import load_model
+    from edgetune.runtime.model.loader import load_model
     from edgetune.runtime.peft import attach_adapter
 
     whole = attach_adapter(load_model(tiny64), cfg.methods(), seed=cfg.seed)

@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edgetune.runtime.local_cluster import child_env
-from edgetune.runtime.ray_process import session_pids
+from edgetune.runtime.cluster.local_cluster import child_env
+from edgetune.runtime.cluster.ray_process import session_pids
 from edgetune.tests.tiny import SAMPLE_TEXTS, make_tiny_folder
 
 pytestmark = pytest.mark.slow

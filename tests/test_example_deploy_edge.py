@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from edgetune.cli import main
-from edgetune.runtime.onnx_export import write_onnx_adapter
-from edgetune.runtime.onnx_generate import OnnxGenerator
+from edgetune.runtime.onnx.export import write_onnx_adapter
+from edgetune.runtime.onnx.generate import OnnxGenerator
 from edgetune.tests.tiny import CHATML_TEMPLATE, make_tiny_folder, randomize
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "deploy_edge" / "app.py"
@@ -45,7 +45,7 @@ LLAMA3_TEMPLATE = (
 def export(tmp_path_factory):
     """A tiny model, two random LoRA adapters of different ranks, exported once with adapter
     inputs (adapter a as adapter.onnx_adapter) plus b written as b.onnx_adapter."""
-    from edgetune.runtime.model_io import load_model
+    from edgetune.runtime.model.loader import load_model
     from edgetune.runtime.peft import LoraConfig, attach_adapter
     from edgetune.runtime.peft.hf_format import save_adapter
 
@@ -165,7 +165,7 @@ def _load_app():
 def test_chatml_fallback_renders_like_the_template(template, export):
     from tokenizers import Tokenizer as Backend
 
-    from edgetune.runtime.tokenizer import Tokenizer
+    from edgetune.runtime.text.tokenizer import Tokenizer
 
     reference = Tokenizer(Backend.from_file(str(export / "tokenizer.json")), chat_template=template)
     chatml = _load_app().chatml

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from edgetune.cli import build_parser
-from edgetune.runtime.train_options import TRAIN_DEFAULTS, TrainConfig, train_config_from
+from edgetune.runtime.train.options import TRAIN_DEFAULTS, TrainConfig, train_config_from
 from edgetune.tests.cli_cluster import CliCluster
 from edgetune.tests.tiny import SAMPLE_TEXTS, make_tiny_folder
 

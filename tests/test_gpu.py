@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from edgetune.runtime.model_io import load_model
+from edgetune.runtime.model.loader import load_model
 from edgetune.tests.tiny import make_tiny_folder
 
 pytestmark = pytest.mark.gpu
@@ -48,7 +48,7 @@ def test_bf16_on_cuda_stays_close_to_fp32(tiny):
 
 
 def test_cuda_training_matches_cpu_training(tiny, tmp_path):
-    from edgetune.runtime.train import TrainConfig, finetune
+    from edgetune.runtime.train.loop import TrainConfig, finetune
 
     folder, _ = tiny
     data = tmp_path / "d.jsonl"
@@ -63,7 +63,7 @@ def test_cuda_training_matches_cpu_training(tiny, tmp_path):
 
 def test_cuda_nodes_train_like_a_cpu_local_run(tiny, tmp_path, monkeypatch):
     """Edge on the CPU, both nodes' blocks on the GPU: the adapter matches --local on the CPU."""
-    from edgetune.runtime.train import TrainConfig, finetune
+    from edgetune.runtime.train.loop import TrainConfig, finetune
     from edgetune.tests.node_harness import patch_connect, start_route
 
     folder, _ = tiny
@@ -91,7 +91,7 @@ def test_cuda_nodes_train_like_a_cpu_local_run(tiny, tmp_path, monkeypatch):
 
 def test_profile_reports_the_gpu_and_times_a_block_on_it(tiny):
     from edgetune.nodes.profile import profile_node
-    from edgetune.runtime.config import ModelConfig
+    from edgetune.runtime.model.config import ModelConfig
 
     folder, _ = tiny
     config = ModelConfig.from_file(folder / "config.json").to_hf_dict()

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import edgetune
 from edgetune.runtime.errors import AdapterError
-from edgetune.runtime.model_io import load_model
+from edgetune.runtime.model.loader import load_model
 from edgetune.runtime.peft import (
     BitFitConfig,
     IA3Config,

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import pytest
 
 from edgetune.runtime.errors import ConfigError
-from edgetune.runtime.logs import setup_logging
+from edgetune.commands.logs import setup_logging
 
 
 @pytest.fixture

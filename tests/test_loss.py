@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgetune.runtime.loss import head_loss_sum
+from edgetune.runtime.train.loss import head_loss_sum
 
 
 def _reference(hidden, weight, labels):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edgetune.proto.v1 import node_pb2, node_pb2_grpc, tensor_pb2
-from edgetune.runtime import rpc, serde, wire
+from edgetune.runtime.wire import rpc, serde, messages as wire
 from edgetune.runtime.peft import LoraConfig
 from edgetune.runtime.peft.adapter import methods_to_json
 from edgetune.tests.node_harness import start_route

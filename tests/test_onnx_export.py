@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from edgetune.runtime.errors import AdapterError, ConfigError
-from edgetune.runtime.model_io import load_model
-from edgetune.runtime.onnx_export import ExportOptions, export
+from edgetune.runtime.model.loader import load_model
+from edgetune.runtime.onnx.export import ExportOptions, export
 from edgetune.runtime.peft import (IA3Config, LNTuningConfig, LoraConfig, ParallelAdapterConfig, PrefixTuningConfig,
                                    PromptTuningConfig, SerialAdapterConfig, attach_adapter)
 from edgetune.runtime.peft.bitfit import BitFitConfig
@@ -61,7 +61,7 @@ def _empty_past(model, batch):
 
 def _compare_with_cache(sess, model, ids, steps, run_options=None):
     """Max |logit difference| over the prompt pass and `steps` cached greedy steps."""
-    from edgetune.runtime.model import KVCache
+    from edgetune.runtime.model.transformer import KVCache
 
     B, T = ids.shape
     feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((B, T), np.int64),
@@ -146,7 +146,7 @@ def test_methods_that_cannot_merge_export_as_graph_nodes(name, tiny, tmp_path):
     _assert_genai_greedy_equals(reference, out, IDS[0, :6].tolist(), 8)
     assert _genai_logits_error(out, reference, IDS[0, :6].tolist(), steps=4) <= 1e-4
     if "prefix" in name or "prompt" in name:  # the graph cannot take a batch's prompts behind the prefix at once
-        from edgetune.runtime.onnx_generate import OnnxGenerator
+        from edgetune.runtime.onnx.generate import OnnxGenerator
 
         with pytest.raises(ConfigError, match="one sequence at a time"):
             OnnxGenerator(out).logits(IDS.numpy())

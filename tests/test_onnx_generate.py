@@ -1,4 +1,4 @@
-"""On-device generation (edgetune.runtime.onnx_generate, `edgetune generate --onnx`).
+"""On-device generation (edgetune.runtime.onnx.generate, `edgetune generate --onnx`).
 
 References, all independent of the code under test: transformers on the same
 Hugging Face folder, onnxruntime-genai on the same export, and exports made by
@@ -19,8 +19,8 @@ import pytest
 
 from edgetune.cli import main
 from edgetune.runtime.errors import AdapterError, ConfigError, ModelLoadError
-from edgetune.runtime.onnx_generate import OnnxGenerator, pick_token, position_ids
-from edgetune.runtime.sampling import SamplingConfig as Sampling
+from edgetune.runtime.onnx.generate import OnnxGenerator, pick_token, position_ids
+from edgetune.runtime.text.sampling import SamplingConfig as Sampling
 from edgetune.tests.tiny import make_tiny_folder
 
 # onnxruntime's GroupQueryAttention needs head_dim % 16 == 0: width 64 with 4 heads -> head_dim 16
@@ -167,8 +167,8 @@ def test_generation_stops_at_eos_and_at_the_context_length(gen):
 def edgetune_exports(hf_folder, tmp_path_factory):
     """`edgetune export` of a random LoRA adapter: merged, and adapter-inputs (+ adapter.onnx_adapter);
     these graphs take position_ids, which the builder's do not."""
-    from edgetune.runtime.model_io import load_model
-    from edgetune.runtime.onnx_export import ExportOptions, export
+    from edgetune.runtime.model.loader import load_model
+    from edgetune.runtime.onnx.export import ExportOptions, export
     from edgetune.runtime.peft import LoraConfig, attach_adapter
     from edgetune.runtime.peft.hf_format import save_adapter
     from edgetune.tests.tiny import randomize
@@ -324,7 +324,7 @@ def test_real_model_builder_export_greedy_equals_transformers(tmp_path):
     import torch
     import transformers
 
-    from edgetune.runtime.embedded import embedded_model_path
+    from edgetune.runtime.model.embedded import embedded_model_path
 
     folder = embedded_model_path()
     gen = OnnxGenerator(_builder_export(folder, tmp_path / "onnx"))

@@ -16,9 +16,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data" / "assistan
 
 @pytest.fixture(scope="session")
 def real_export(tmp_path_factory):
-    from edgetune.runtime.embedded import embedded_model_path
-    from edgetune.runtime.onnx_export import ExportOptions, export
-    from edgetune.runtime.train import TrainConfig, finetune
+    from edgetune.runtime.model.embedded import embedded_model_path
+    from edgetune.runtime.onnx.export import ExportOptions, export
+    from edgetune.runtime.train.loop import TrainConfig, finetune
 
     root = tmp_path_factory.mktemp("onnx_real")
     folder = embedded_model_path()
@@ -32,7 +32,7 @@ def real_export(tmp_path_factory):
 
 
 def _trained(folder, adapter_dir):
-    from edgetune.runtime.model_io import load_model
+    from edgetune.runtime.model.loader import load_model
     from edgetune.runtime.peft.hf_format import load_adapter
 
     model = load_model(folder)
@@ -41,7 +41,7 @@ def _trained(folder, adapter_dir):
 
 
 def _prompt_ids(folder):
-    from edgetune.runtime.tokenizer import load_tokenizer
+    from edgetune.runtime.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(folder)
     text = tok.apply_chat_template([{"role": "user", "content": "What is edgetune?"}], add_generation_prompt=True)

@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from edgetune.coordinator.partition import (
+from edgetune.runtime.plan.partition import (
     ModelCost, Partition, Stage, StageNode, partition, partition_route,
 )
 from edgetune.runtime.errors import EdgetuneError, PartitionError

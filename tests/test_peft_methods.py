@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from edgetune.runtime.errors import AdapterError
-from edgetune.runtime.model_io import load_model
+from edgetune.runtime.model.loader import load_model
 from edgetune.runtime.peft import (
     Adapter,
     BitFitConfig,

@@ -20,9 +20,9 @@ import pytest
 from edgetune.coordinator.ray_head import RayHeadConfig, build_head_command
 from edgetune.nodes.ray_join import RayNodeConfig, build_command, node_resource
 from edgetune.runtime.errors import ConfigError
-from edgetune.runtime.node_labels import LABEL_NAME, NodeOptions
-from edgetune.runtime.ports import free_port, free_port_range, free_ports
-from edgetune.runtime.ray_process import RayAuth, RayPorts, RayProcess, RayStartError, ray_env, session_pids
+from edgetune.runtime.cluster.node_labels import LABEL_NAME, NodeOptions
+from edgetune.runtime.wire.ports import free_port, free_port_range, free_ports
+from edgetune.runtime.cluster.ray_process import RayAuth, RayPorts, RayProcess, RayStartError, ray_env, session_pids
 
 TOKEN = "ab" * 32
 
@@ -279,7 +279,7 @@ def test_process_leaves_when_its_parent_is_killed(tmp_path, fake):
     parent = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from edgetune.runtime.ray_process import RayProcess
+        from edgetune.runtime.cluster.ray_process import RayProcess
         p = RayProcess({proc.argv!r}, env={{}}, temp_dir=Path({str(proc.temp_dir)!r}),
                        log_path=Path({str(proc.log_path)!r}), label="fake")
         p.start(ready_timeout_s=20)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgetune.runtime.train import TrainConfig, finetune
+from edgetune.runtime.train.loop import TrainConfig, finetune
 from edgetune.tests.node_harness import patch_connect, start_route
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ ADAPTER_ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def folder() -> Path:
-    from edgetune.runtime.embedded import embedded_model_path
+    from edgetune.runtime.model.embedded import embedded_model_path
 
     return embedded_model_path()  # converted once from the GGUF, then cached
 
@@ -108,7 +108,7 @@ def _checkpoint_edge_bytes(file: Path) -> dict[str, int]:
 def test_the_edge_holds_only_the_embedding_and_final_norm(folder, route, tmp_path, monkeypatch):
     from safetensors import safe_open
 
-    from edgetune.runtime.remote import RemoteTrainer
+    from edgetune.runtime.train.remote import RemoteTrainer
 
     patch_connect(monkeypatch, route)
     cfg = _cfg(folder, tmp_path / "r", coordinator="fake:1", token_file=str(route.token_file))

@@ -16,14 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def folder():
-    from edgetune.runtime.embedded import embedded_model_path
+    from edgetune.runtime.model.embedded import embedded_model_path
 
     return embedded_model_path()
 
 
 @pytest.fixture(scope="module")
 def prompt_ids(folder):
-    from edgetune.runtime.tokenizer import load_tokenizer
+    from edgetune.runtime.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(folder)
     text = tok.apply_chat_template(
@@ -35,8 +35,8 @@ def prompt_ids(folder):
 def test_logits_match_transformers_gguf_loader(folder, prompt_ids):
     import transformers
 
-    from edgetune.runtime.embedded import embedded_gguf_path
-    from edgetune.runtime.model_io import load_model
+    from edgetune.runtime.model.embedded import embedded_gguf_path
+    from edgetune.runtime.model.loader import load_model
 
     gguf = embedded_gguf_path()
     ref = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
@@ -54,7 +54,7 @@ def test_logits_match_transformers_gguf_loader(folder, prompt_ids):
 
 
 def test_a_node_share_holds_its_share_of_the_weights(folder):
-    from edgetune.runtime.model_io import load_model
+    from edgetune.runtime.model.loader import load_model
 
     def nbytes(m):
         return sum(p.numel() * p.element_size() for p in m.parameters())

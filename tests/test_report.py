@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edgetune.runtime.errors import ConfigError, DataError
-from edgetune.runtime.report import write_report
+from edgetune.commands.report import write_report
 
 NODES = ("node-0", "node-1")
 
@@ -207,7 +207,7 @@ def test_cli(tmp_path, capsys):
 
 
 def test_imports_without_matplotlib_and_says_what_to_install(tmp_path, monkeypatch):
-    code = ("import sys; import edgetune.cli, edgetune.runtime.report; "
+    code = ("import sys; import edgetune.cli, edgetune.commands.report; "
             "assert 'matplotlib' not in sys.modules and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     run = _write_run(tmp_path / "run", _step_records(2, distributed=False))
@@ -219,7 +219,7 @@ def test_imports_without_matplotlib_and_says_what_to_install(tmp_path, monkeypat
 
 def test_report_of_a_real_finetune(tmp_path):
     """A real tiny local run, then its report: the report reads exactly what train.py writes."""
-    from edgetune.runtime.train import TrainConfig, finetune
+    from edgetune.runtime.train.loop import TrainConfig, finetune
     from edgetune.tests.tiny import SAMPLE_TEXTS, make_tiny_folder
 
     make_tiny_folder("llama", tmp_path / "model")

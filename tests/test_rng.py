@@ -1,7 +1,7 @@
 """Keyed dropout masks: pure functions of their key, equal to an independent SplitMix64."""
 import torch
 
-from edgetune.runtime.rng import key_seed, keyed_dropout, keyed_uniform, splitmix64_reference
+from edgetune.runtime.peft.rng import key_seed, keyed_dropout, keyed_uniform, splitmix64_reference
 
 
 def test_values_match_plain_python_splitmix64():

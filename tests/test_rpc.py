@@ -1,4 +1,4 @@
-"""edgetune.runtime.rpc: token files, token authentication on every kind of call, health,
+"""edgetune.runtime.wire.rpc: token files, token authentication on every kind of call, health,
 and edgetune exceptions -> gRPC status codes, against a real in-process gRPC server."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgetune.proto.v1 import node_pb2, node_pb2_grpc
-from edgetune.runtime import errors, rpc, serde, wire
+from edgetune.runtime import errors
+from edgetune.runtime.wire import rpc, serde, messages as wire
 from edgetune.runtime.errors import (
     ConfigError, DataError, EdgetuneError, ModelLoadError, SessionError, UnsupportedModelError, WireError,
 )

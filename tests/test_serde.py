@@ -1,4 +1,4 @@
-"""edgetune.runtime.serde: wire dataclasses <-> protobuf frames, codecs, chunking, hostile input.
+"""edgetune.runtime.wire.serde: wire dataclasses <-> protobuf frames, codecs, chunking, hostile input.
 
 References are independent of serde: torch's own .half()/.bfloat16() for the cast codecs,
 a numpy blockwise-absmax bound for int8, and hand-built protobuf messages for every
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from edgetune.proto.v1 import coordinator_pb2, node_pb2, tensor_pb2
-from edgetune.runtime import serde, wire
+from edgetune.runtime.wire import serde, messages as wire
 from edgetune.runtime.errors import WireError
 
 

@@ -18,7 +18,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
 from edgetune.runtime.errors import TokenizerError
-from edgetune.runtime.tokenizer import load_tokenizer
+from edgetune.runtime.text.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -198,7 +198,7 @@ def test_chat_template_errors(tmp_path):
 
 
 def test_runtime_modules_do_not_import_torch():
-    code = ("import sys; import edgetune.runtime.tokenizer, edgetune.runtime.gguf_convert, edgetune.runtime.embedded; "
+    code = ("import sys; import edgetune.runtime.text.tokenizer, edgetune.runtime.model.gguf, edgetune.runtime.model.embedded; "
             "bad = [m for m in ('torch', 'transformers', 'gguf') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

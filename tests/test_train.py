@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edgetune.runtime.errors import CheckpointError, ConfigError
-from edgetune.runtime.train import TrainConfig, finetune
+from edgetune.runtime.train.loop import TrainConfig, finetune
 from edgetune.tests.tiny import SAMPLE_TEXTS, make_tiny_folder
 
 TEXTS = SAMPLE_TEXTS[:6]
@@ -48,11 +48,11 @@ def test_lora_losses_match_transformers_and_peft(tiny_folder, data_file, tmp_pat
     import peft
     import transformers
 
-    from edgetune.runtime.data import BatchStream, load_records, resolve_pad_id, split_train_eval, tokenize_records
-    from edgetune.runtime.model_io import load_model
+    from edgetune.runtime.train.data import BatchStream, load_records, resolve_pad_id, split_train_eval, tokenize_records
+    from edgetune.runtime.model.loader import load_model
     from edgetune.runtime.peft import attach_adapter
     from edgetune.runtime.peft.hf_format import save_adapter
-    from edgetune.runtime.tokenizer import load_tokenizer
+    from edgetune.runtime.text.tokenizer import load_tokenizer
 
     cfg = _cfg(tiny_folder, data_file, tmp_path / "run")
     losses = finetune(cfg).losses
@@ -161,12 +161,12 @@ def test_run_folder_contents(tiny_folder, data_file, tmp_path):
 
 @pytest.mark.parametrize("method", ["dora", "ia3", "prefix", "prompt", "ln_tuning", "serial_adapter", "parallel_adapter", "bitfit"])
 def test_every_method_trains_and_saves(tiny_folder, data_file, tmp_path, method):
-    from edgetune.runtime.data import load_records, resolve_pad_id, tokenize_records
-    from edgetune.runtime.model_io import load_model
+    from edgetune.runtime.train.data import load_records, resolve_pad_id, tokenize_records
+    from edgetune.runtime.model.loader import load_model
     from edgetune.runtime.peft import attach_adapter
     from edgetune.runtime.peft.hf_format import load_adapter
-    from edgetune.runtime.tokenizer import load_tokenizer
-    from edgetune.runtime.train import LocalEngine, evaluate
+    from edgetune.runtime.text.tokenizer import load_tokenizer
+    from edgetune.runtime.train.loop import LocalEngine, evaluate
 
     cfg = _cfg(tiny_folder, data_file, tmp_path / "run", method=method, steps=8, lr=1e-1, num_virtual_tokens=4,
                bottleneck_size=8, grad_accum=1, batch_size=3, target_modules="all-linear")
@@ -202,8 +202,8 @@ def test_eval_data_file_and_the_eval_loss_before_training(tiny_folder, data_file
     starts as the identity), checked against transformers on the same tokens."""
     import transformers
 
-    from edgetune.runtime.data import load_records, tokenize_records
-    from edgetune.runtime.tokenizer import load_tokenizer
+    from edgetune.runtime.train.data import load_records, tokenize_records
+    from edgetune.runtime.text.tokenizer import load_tokenizer
 
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("".join(json.dumps({"text": t.upper()}) + "\n" for t in SAMPLE_TEXTS[:3]))

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from edgetune.runtime import rpc
+from edgetune.runtime.wire import rpc
 
 log = logging.getLogger("edgetune.coordinator")
 
@@ -46,9 +46,9 @@ def run_coordinator(args) -> int:
 
     from edgetune.coordinator.core import Coordinator
     from edgetune.coordinator.ray_head import RayHead, RayHeadConfig, join_existing
-    from edgetune.runtime.ray_process import RayAuth
+    from edgetune.runtime.cluster.ray_process import RayAuth
     from edgetune.coordinator.service import serve
-    from edgetune.cli import ray_ports_from
+    from edgetune.commands.ray_ports import ray_ports_from
 
     token, token_path = coordinator_token(args.token_file, args.new_token)
     head = None

@@ -56,9 +56,9 @@ class DemoResult:
 
 def run_demo(opts: DemoOptions, say=print) -> DemoResult:
     """Run the demo, printing each stage with `say`; returns where everything was written."""
-    from edgetune.runtime.data import load_records
-    from edgetune.runtime.local_cluster import LocalCluster
-    from edgetune.runtime.model_io import resolve_model_folder
+    from edgetune.runtime.train.data import load_records
+    from edgetune.runtime.cluster.local_cluster import LocalCluster
+    from edgetune.runtime.model.loader import resolve_model_folder
 
     resolve_model_folder(opts.model)  # a wrong --model or held-out file fails here, before any process starts
     held_out = load_records(opts.eval_data)
@@ -109,7 +109,7 @@ def _fresh_folder(out: Path) -> Path:
 def _plan(cluster, model: str) -> str:
     """Ask for the route now (the coordinator profiles the nodes and partitions the blocks) and
     show the cluster with each node's layers."""
-    from edgetune.runtime.status_cli import format_status
+    from edgetune.commands.status import format_status
 
     client = cluster.client()
     try:
@@ -121,7 +121,7 @@ def _plan(cluster, model: str) -> str:
 
 
 def _finetune(cluster, opts: DemoOptions, run_dir: Path):
-    from edgetune.runtime.train import TrainConfig, finetune
+    from edgetune.runtime.train.loop import TrainConfig, finetune
 
     cfg = TrainConfig(model=opts.model, data=opts.data, eval_data=opts.eval_data, out=str(run_dir), method="lora",
                       rank=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), lr=opts.lr,
@@ -132,14 +132,14 @@ def _finetune(cluster, opts: DemoOptions, run_dir: Path):
 
 
 def _export(opts: DemoOptions, adapter_dir: Path, out: Path) -> Path:
-    from edgetune.runtime.onnx_export import ExportOptions, export
+    from edgetune.runtime.onnx.export import ExportOptions, export
 
     return export(ExportOptions(model=opts.model, adapter=str(adapter_dir), out=str(out), mode="adapter-inputs"))
 
 
 def _answers(export_dir: Path, questions: list[str], max_new_tokens: int) -> list[tuple[str, str, str]]:
-    from edgetune.runtime.onnx_export import ADAPTER_FILE
-    from edgetune.runtime.onnx_generate import OnnxGenerator
+    from edgetune.runtime.onnx.export import ADAPTER_FILE
+    from edgetune.runtime.onnx.generate import OnnxGenerator
 
     gen = OnnxGenerator(export_dir)
     rows = []
@@ -152,7 +152,7 @@ def _answers(export_dir: Path, questions: list[str], max_new_tokens: int) -> lis
 
 
 def _report(run_dir: Path) -> str:
-    from edgetune.runtime.report import write_report
+    from edgetune.commands.report import write_report
 
     report = write_report(run_dir)
     plots = [p for p in (report.loss_png, report.throughput_png, report.nodes_png) if p is not None]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from edgetune.runtime.onnx_generate import encode_prompt
+from edgetune.runtime.onnx.generate import encode_prompt
 
 EMBEDDED_MODEL = "embedded"
 
@@ -71,7 +71,7 @@ def run_generate(args) -> int:
 
 
 def _run_onnx(args, greedy: bool) -> int:
-    from edgetune.runtime.onnx_generate import OnnxGenerator
+    from edgetune.runtime.onnx.generate import OnnxGenerator
 
     gen = OnnxGenerator(args.onnx, threads=args.threads)
     streamer = TextStreamer(gen.tokenizer)
@@ -85,10 +85,10 @@ def _run_onnx(args, greedy: bool) -> int:
 def _run_torch(args, greedy: bool) -> int:
     import torch
 
-    from edgetune.runtime.model_io import load_model, resolve_model_folder
+    from edgetune.runtime.model.loader import load_model, resolve_model_folder
     from edgetune.runtime.peft.hf_format import load_adapter
-    from edgetune.runtime.tokenizer import load_tokenizer
-    from edgetune.runtime.train import resolve_device
+    from edgetune.runtime.text.tokenizer import load_tokenizer
+    from edgetune.runtime.train.loop import resolve_device
 
     folder = resolve_model_folder(args.model or EMBEDDED_MODEL)
     tokenizer = load_tokenizer(folder)

@@ -28,14 +28,14 @@ def _interrupt(*_) -> None:
 
 
 def run_node(args) -> int:
-    from edgetune.cli import ray_ports_from
+    from edgetune.commands.ray_ports import ray_ports_from
     from edgetune.nodes.profile import parse_size
     from edgetune.nodes.ray_join import RayNodeConfig, RayNodeProcess
-    from edgetune.runtime import rpc
-    from edgetune.runtime.cluster_client import CoordinatorClient
+    from edgetune.runtime.wire import rpc
+    from edgetune.runtime.wire.coordinator_client import CoordinatorClient
     from edgetune.runtime.errors import ConfigError
-    from edgetune.runtime.node_labels import NodeOptions
-    from edgetune.runtime.ray_process import RayAuth
+    from edgetune.runtime.cluster.node_labels import NodeOptions
+    from edgetune.runtime.cluster.ray_process import RayAuth
     from edgetune.runtime.threads import default_threads
 
     try:

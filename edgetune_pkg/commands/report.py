@@ -1,13 +1,13 @@
 """`edgetune report RUN_DIR`: plots and a short text summary of a run folder.
 
-Reads what runtime/train.py writes -- `config.json` and `metrics.jsonl`, whose
+Reads what runtime/train/loop.py writes -- `config.json` and `metrics.jsonl`, whose
 lines are training steps `{step, loss, tokens, tokens_per_s, time_s, ...}`
 (distributed runs add `bytes_sent`, `bytes_received` and per-node `stages`) and
 evaluations `{step, eval_loss}` (step 0: before training) -- and writes
 `loss.png`, `throughput.png`, `nodes.png` (distributed runs only) and
 `summary.txt`.
 
-    >>> from edgetune.runtime.report import write_report
+    >>> from edgetune.commands.report import write_report
     >>> print(write_report("runs/demo").summary)
 
 matplotlib (extra `train`) is imported only when plots are drawn, so this

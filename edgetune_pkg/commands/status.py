@@ -1,7 +1,7 @@
 """`edgetune status --coordinator HOST:PORT`: the cluster as a table."""
 from __future__ import annotations
 
-from edgetune.runtime import wire
+from edgetune.runtime.wire import messages as wire
 
 
 def _size(n: float) -> str:
@@ -37,8 +37,8 @@ def format_status(status: wire.ClusterStatus) -> str:
 
 
 def run_status(args) -> int:
-    from edgetune.runtime import rpc
-    from edgetune.runtime.cluster_client import CoordinatorClient
+    from edgetune.runtime.wire import rpc
+    from edgetune.runtime.wire.coordinator_client import CoordinatorClient
 
     token = rpc.load_token(args.token_file or rpc.default_token_path())
     client = CoordinatorClient(args.coordinator, token)

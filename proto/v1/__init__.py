@@ -2,5 +2,5 @@
 
 Regenerate the stubs with `python scripts/gen_proto.py` after editing a .proto file;
 tests/test_proto_stubs.py fails while the committed stubs are stale. Only
-`edgetune.runtime.serde` touches the generated `*_pb2` message types.
+`edgetune.runtime.wire.serde` touches the generated `*_pb2` message types.
 """

@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgetune.runtime.ports import free_port
-from edgetune.runtime.ray_process import session_pids
+from edgetune.runtime.wire.ports import free_port
+from edgetune.runtime.cluster.ray_process import session_pids
 
 EDGETUNE = [sys.executable, "-m", "edgetune.cli"]
 STARTUP_TIMEOUT_S = 120.0
@@ -84,8 +84,8 @@ class LocalCluster:
         return subprocess.run([*EDGETUNE, *args], capture_output=True, text=True, env=child_env(), timeout=timeout_s)
 
     def client(self):
-        from edgetune.runtime import rpc
-        from edgetune.runtime.cluster_client import CoordinatorClient
+        from edgetune.runtime.wire import rpc
+        from edgetune.runtime.wire.coordinator_client import CoordinatorClient
 
         return CoordinatorClient(self.address, rpc.load_token(self.token_file))
 

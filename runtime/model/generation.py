@@ -10,8 +10,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from edgetune.runtime.model import CausalLM, KVCache
-from edgetune.runtime.sampling import SamplingConfig
+from edgetune.runtime.model.transformer import CausalLM, KVCache
+from edgetune.runtime.text.sampling import SamplingConfig
 
 
 def next_token(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:

@@ -6,17 +6,17 @@ from typing import Callable
 
 import torch
 
-from edgetune.runtime.checkpoint import SafetensorsCheckpoint
-from edgetune.runtime.config import ModelConfig
+from edgetune.runtime.model.weights import SafetensorsCheckpoint
+from edgetune.runtime.model.config import ModelConfig
 from edgetune.runtime.errors import ModelLoadError
-from edgetune.runtime.model import CausalLM, rope_inv_freq
+from edgetune.runtime.model.transformer import CausalLM, rope_inv_freq
 
 
 def resolve_model_folder(path: str | Path | None) -> Path:
     """A Hugging Face folder for `path`: a folder as is, a .gguf converted once (cached), 'embedded' = SmolLM2."""
     if path is not None and Path(path).is_dir():
         return Path(path)
-    from edgetune.runtime.embedded import resolve_model_path
+    from edgetune.runtime.model.embedded import resolve_model_path
 
     return resolve_model_path(path)
 

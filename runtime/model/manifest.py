@@ -18,9 +18,9 @@ from typing import Iterable
 
 import torch
 
-from edgetune.runtime.checkpoint import SafetensorsCheckpoint
+from edgetune.runtime.model.weights import SafetensorsCheckpoint
 from edgetune.runtime.errors import ModelLoadError
-from edgetune.runtime.wire import ManifestEntry
+from edgetune.runtime.wire.messages import ManifestEntry
 
 
 def tensor_sha256(t: torch.Tensor) -> str:

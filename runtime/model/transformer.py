@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgetune.runtime.config import ModelConfig
+from edgetune.runtime.model.config import ModelConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgetune.runtime.peft.adapter import Adapter, BlockAdapter
@@ -382,6 +382,6 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Greedy or sampled generation with a KV cache; see `generation.generate`."""
-        from edgetune.runtime.generation import generate
+        from edgetune.runtime.model.generation import generate
 
         return generate(self, input_ids, **kwargs)

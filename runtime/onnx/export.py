@@ -7,7 +7,7 @@ external weights), `genai_config.json`, and the tokenizer files.
 
 Modes:
 - `merged`: the adapter is folded into the weights (exact for LoRA, DoRA, (IA)^3,
-  LN tuning, BitFit), so the graph is the plain decoder (runtime/onnx_graph.py).
+  LN tuning, BitFit), so the graph is the plain decoder (runtime/onnx/graph.py).
 - `adapter-inputs` (LoRA): one base graph whose targeted layers take LoRA tensors as
   inputs with a dynamic rank, and the adapter as `adapter.onnx_adapter` (onnxruntime's
   adapter format); more adapters for the same base are switched at run time.
@@ -64,8 +64,8 @@ class ExportOptions:
 
 def export(opts: ExportOptions) -> Path:
     """Write the ONNX folder; returns its path."""
-    from edgetune.runtime.model_io import load_model, resolve_model_folder
-    from edgetune.runtime.onnx_graph import build_decoder
+    from edgetune.runtime.model.loader import load_model, resolve_model_folder
+    from edgetune.runtime.onnx.graph import build_decoder
 
     out = _writable(Path(opts.out))
     folder = resolve_model_folder(opts.model)
@@ -140,7 +140,7 @@ def merge_or_extract(adapter, model):
     """
     import torch
 
-    from edgetune.runtime.onnx_graph import GraphExtras
+    from edgetune.runtime.onnx.graph import GraphExtras
     from edgetune.runtime.peft import ParallelAdapterConfig, PrefixTuningConfig, PromptTuningConfig, SerialAdapterConfig
 
     extras = GraphExtras()
@@ -179,7 +179,7 @@ def _prompt_keys_values(adapter, model) -> dict:
     the whole adapter, and store the result. layer -> (keys, values), each (P, KVH, hd)."""
     import torch
 
-    from edgetune.runtime.model import KVCache
+    from edgetune.runtime.model.transformer import KVCache
 
     cache = KVCache()
     model.adapter = adapter
@@ -264,7 +264,7 @@ def _quantize_embedding(model, bits: int, tied: bool) -> None:
     an untied one is quantized here in the same layout."""
     from onnx import helper, numpy_helper
 
-    from edgetune.runtime.onnx_graph import MS
+    from edgetune.runtime.onnx.graph import MS
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}

@@ -35,8 +35,8 @@ import onnxruntime as ort
 
 from edgetune.runtime.errors import AdapterError, ConfigError, ModelLoadError
 from edgetune.runtime.jsonfile import read_json_object
-from edgetune.runtime.sampling import SamplingConfig
-from edgetune.runtime.tokenizer import Tokenizer, load_tokenizer
+from edgetune.runtime.text.sampling import SamplingConfig
+from edgetune.runtime.text.tokenizer import Tokenizer, load_tokenizer
 
 GENAI_CONFIG = "genai_config.json"
 

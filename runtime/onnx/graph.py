@@ -108,7 +108,7 @@ def build_decoder(model, dtype: str = "fp32", lora: dict[str, str] | None = None
     """
     import torch
 
-    from edgetune.runtime.model import rope_inv_freq
+    from edgetune.runtime.model.transformer import rope_inv_freq
 
     cfg = model.config
     extras = extras or GraphExtras()

@@ -21,7 +21,7 @@ from edgetune.runtime.errors import AdapterError
 from edgetune.runtime.peft.base import HOOKS, Method, Tensors
 
 if TYPE_CHECKING:  # pragma: no cover
-    from edgetune.runtime.model import Block, CausalLM
+    from edgetune.runtime.model.transformer import Block, CausalLM
 
 
 class BlockAdapter:

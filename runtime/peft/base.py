@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import torch
 
-from edgetune.runtime.config import ModelConfig
+from edgetune.runtime.model.config import ModelConfig
 from edgetune.runtime.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from edgetune.runtime.model import Block, CausalLM
+    from edgetune.runtime.model.transformer import Block, CausalLM
 
 Tensors = dict[str, torch.Tensor]
 

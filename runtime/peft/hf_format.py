@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from edgetune.runtime.atomic import atomic_write
-from edgetune.runtime.config import ModelConfig
+from edgetune.runtime.model.config import ModelConfig
 from edgetune.runtime.errors import AdapterError, ConfigError
-from edgetune.runtime.model import LINEAR_NAMES, NORM_NAMES
+from edgetune.runtime.model.transformer import LINEAR_NAMES, NORM_NAMES
 from edgetune.runtime.peft.adapter import Adapter, attach_adapter
 from edgetune.runtime.peft.base import Method, Tensors, matches_target
 from edgetune.runtime.peft.bitfit import BitFitConfig
@@ -55,7 +55,7 @@ from edgetune.runtime.peft.prefix import PrefixTuningConfig
 from edgetune.runtime.peft.prompt import PromptTuningConfig
 
 if TYPE_CHECKING:  # pragma: no cover
-    from edgetune.runtime.model import CausalLM
+    from edgetune.runtime.model.transformer import CausalLM
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edgetune.runtime.model import NORM_NAMES
+from edgetune.runtime.model.transformer import NORM_NAMES
 from edgetune.runtime.peft.base import Method, Tensors, matches_target
 
 

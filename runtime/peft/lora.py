@@ -21,7 +21,7 @@ import torch
 
 from edgetune.runtime.errors import ConfigError
 from edgetune.runtime.peft.base import Method, Tensors, matches_target
-from edgetune.runtime.rng import keyed_dropout
+from edgetune.runtime.peft.rng import keyed_dropout
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ _KEYS_TO_FORMAT = {
 
 
 class TokenizerLike(Protocol):
-    """What the data pipeline needs from a tokenizer (edgetune.runtime.tokenizer provides it)."""
+    """What the data pipeline needs from a tokenizer (edgetune.runtime.text.tokenizer provides it)."""
 
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None

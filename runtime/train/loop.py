@@ -1,6 +1,6 @@
 """Local fine-tuning in one process: setup -> train -> save, as one explicit loop.
 
-    >>> from edgetune.runtime.train import TrainConfig, finetune
+    >>> from edgetune.runtime.train.loop import TrainConfig, finetune
     >>> result = finetune(TrainConfig(model="embedded", data="examples/data/assistant.jsonl", out="runs/demo"))
 
 The run folder (`out`) receives `config.json` (the resolved TrainConfig),
@@ -21,8 +21,8 @@ from typing import Any, Callable
 import torch
 
 from edgetune.runtime.errors import ConfigError
-from edgetune.runtime.loss import head_loss_sum
-from edgetune.runtime.train_options import TrainConfig
+from edgetune.runtime.train.loss import head_loss_sum
+from edgetune.runtime.train.options import TrainConfig
 
 __all__ = ["TrainConfig", "finetune", "train_step", "evaluate", "lr_lambda", "batch_loss_sum", "LocalEngine"]
 
@@ -79,7 +79,7 @@ def resolve_device(name: str) -> torch.device:
 class LocalEngine:
     """Forward and backward in this process: the whole model, with the adapter attached.
 
-    The distributed counterpart (runtime/remote.py) has the same three methods, so
+    The distributed counterpart (runtime/train/remote.py) has the same three methods, so
     finetune's loop is one loop for both.
     """
 
@@ -109,7 +109,7 @@ class LocalEngine:
 
 def evaluate(engine, adapter, examples, batch_size: int, pad_id: int, device: torch.device) -> float | None:
     """Mean next-token loss over the supervised tokens of `examples`."""
-    from edgetune.runtime.data import collate
+    from edgetune.runtime.train.data import collate
 
     if not examples:
         return None
@@ -131,12 +131,12 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     `stop_after` ends the run early after that step, as an interruption would
     (used by tests of --resume).
     """
-    from edgetune.runtime import checkpointing
-    from edgetune.runtime.data import BatchStream, load_records, resolve_pad_id, split_train_eval, tokenize_records
-    from edgetune.runtime.model_io import load_model, resolve_model_folder
+    from edgetune.runtime.train import checkpoints as checkpointing
+    from edgetune.runtime.train.data import BatchStream, load_records, resolve_pad_id, split_train_eval, tokenize_records
+    from edgetune.runtime.model.loader import load_model, resolve_model_folder
     from edgetune.runtime.peft import attach_adapter
     from edgetune.runtime.peft.hf_format import save_adapter
-    from edgetune.runtime.tokenizer import load_tokenizer
+    from edgetune.runtime.text.tokenizer import load_tokenizer
 
     # -- setup --------------------------------------------------------------
     methods = cfg.methods()  # validates the method options before any long work starts
@@ -148,7 +148,7 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     out = Path(cfg.out)
     remote = None
     if cfg.coordinator:
-        from edgetune.runtime.remote import RemoteTrainer
+        from edgetune.runtime.train.remote import RemoteTrainer
 
         remote = RemoteTrainer.connect(cfg)  # the route, and the edge's part of the model
         folder = remote.folder

@@ -30,12 +30,11 @@ from typing import Any, Callable
 import grpc
 import torch
 
-from edgetune.proto.v1 import node_pb2_grpc
-from edgetune.runtime import rpc, serde, wire
-from edgetune.runtime.cluster_client import CoordinatorClient, save_edge_part
+from edgetune.runtime.wire import node_client, rpc, serde, messages as wire
+from edgetune.runtime.wire.coordinator_client import CoordinatorClient, save_edge_part
 from edgetune.runtime.errors import ConfigError, EdgetuneError
-from edgetune.runtime.loss import head_loss_sum
-from edgetune.runtime.train_options import TrainConfig
+from edgetune.runtime.train.loss import head_loss_sum
+from edgetune.runtime.train.options import TrainConfig
 
 log = logging.getLogger("edgetune.remote")
 
@@ -65,7 +64,7 @@ class RouteStream:
         self._out: queue.Queue = queue.Queue()
         self._inbox: queue.Queue = queue.Queue()
         self._channel = rpc.make_channel(route.hops[0].address, token)
-        self._call = node_pb2_grpc.NodeStub(self._channel).Session(self._frames(), timeout=rpc.SESSION_TIMEOUT_S)
+        self._call = node_client.open_session(self._channel, self._frames(), rpc.SESSION_TIMEOUT_S)
         threading.Thread(target=self._read, daemon=True, name="edgetune-edge-in").start()
         self.send(open_msg)
         opened = self.recv()
@@ -121,7 +120,7 @@ class RouteStream:
 
 def local_model_folder(model: str) -> Path | None:
     """`model` as a folder on this machine (converting a GGUF once), or None when it is not here."""
-    from edgetune.runtime.model_io import resolve_model_folder
+    from edgetune.runtime.model.loader import resolve_model_folder
 
     if model == "embedded" or Path(model).exists():
         return resolve_model_folder(model)
@@ -142,7 +141,7 @@ class RemoteTrainer:
 
     @classmethod
     def connect(cls, cfg: TrainConfig) -> "RemoteTrainer":
-        from edgetune.runtime.manifest import checkpoint_manifest, verify
+        from edgetune.runtime.model.manifest import checkpoint_manifest, verify
 
         token = rpc.load_token(cfg.token_file or rpc.default_token_path())
         client = CoordinatorClient(cfg.coordinator, token)
@@ -157,7 +156,7 @@ class RemoteTrainer:
     @staticmethod
     def _edge_folder(model: str, route: wire.Route, client: CoordinatorClient) -> tuple[Path, bool]:
         """The model folder here, or the edge's part of it fetched from the cluster (cached by fingerprint)."""
-        from edgetune.runtime.gguf_convert import default_cache_root
+        from edgetune.runtime.model.gguf import default_cache_root
 
         folder = local_model_folder(model)
         if folder is not None:
@@ -169,7 +168,7 @@ class RemoteTrainer:
         return folder, False
 
     def start(self, methods, device: torch.device) -> "RemoteEngine":
-        from edgetune.runtime.model_io import load_model
+        from edgetune.runtime.model.loader import load_model
         from edgetune.runtime.peft import Adapter
 
         model = load_model(self.folder, start=0, end=0, edge=True, device=device)  # no blocks
@@ -181,8 +180,8 @@ class RemoteTrainer:
 
     def _block_source(self, model, methods) -> Callable:
         """Blocks to initialise the adapter from: shapes only, or real blocks one at a time."""
-        from edgetune.runtime.model import Block
-        from edgetune.runtime.model_io import load_model
+        from edgetune.runtime.model.transformer import Block
+        from edgetune.runtime.model.loader import load_model
 
         config = model.config
         if not any(m.init_reads_weights for m in methods):

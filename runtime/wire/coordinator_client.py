@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 
 from edgetune.proto.v1 import coordinator_pb2_grpc
-from edgetune.runtime import rpc, serde, wire
+from edgetune.runtime.wire import rpc, serde, messages as wire
 from edgetune.runtime.errors import EdgetuneError
 
 log = logging.getLogger("edgetune.client")

@@ -1,7 +1,7 @@
 """The messages of edgetune's wire as plain Python values (no protobuf here).
 
 Nodes, the coordinator and the edge client speak in these dataclasses;
-`edgetune.runtime.serde` alone turns them into protobuf frames and back.
+`edgetune.runtime.wire.serde` alone turns them into protobuf frames and back.
 Tensors are torch tensors keyed by name; the codec says how activations and
 their gradients are compressed on the wire (adapter tensors always travel
 exactly, see serde).

@@ -10,7 +10,7 @@
 - Deadlines: every RPC the edge or a node makes passes `timeout=` one of the *_TIMEOUT_S
   constants below (or a longer, named one of its own).
 
-Messages themselves are `edgetune.runtime.serde`'s business; this module never
+Messages themselves are `edgetune.runtime.wire.serde`'s business; this module never
 touches edgetune's `*_pb2` messages.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from edgetune.runtime.errors import (
     AdapterError, CheckpointError, ConfigError, DataError, EdgetuneError, ModelLoadError,
     SessionError, TokenizerError, UnsupportedModelError, WireError,
 )
-from edgetune.runtime.serde import channel_options
+from edgetune.runtime.wire.serde import channel_options
 
 UNARY_TIMEOUT_S = 30.0  # Info, Join, GetRoute, Status: small answers, a slow one is a dead peer
 HEALTH_TIMEOUT_S = 5.0  # one health check

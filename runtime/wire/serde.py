@@ -1,6 +1,6 @@
 """Protobuf <-> Python for edgetune's wire: the one module that touches `*_pb2` messages.
 
-Nodes, the coordinator and the edge speak in `edgetune.runtime.wire` dataclasses and
+Nodes, the coordinator and the edge speak in `edgetune.runtime.wire.messages` dataclasses and
 torch tensors; this module turns them into the frames of proto/v1 and back, and
 checks everything that arrives (remote input is hostile until proven otherwise: every
 problem raises `WireError` saying what was wrong, never an assert or an IndexError).
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from edgetune.proto.v1 import coordinator_pb2, node_pb2, tensor_pb2
-from edgetune.runtime import wire
+from edgetune.runtime.wire import messages as wire
 from edgetune.runtime.errors import WireError
 
 CHUNK_BYTES = 1 << 20  # payload bytes per stream frame

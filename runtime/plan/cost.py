@@ -1,0 +1,69 @@
+"""What one transformer block costs, from the model config's shapes alone (no weights, no torch).
+
+The partitioner charges memory with `model_cost`; `block_flops` gives the matmul work of one
+block, which a planner can divide by a device's throughput before any node is profiled.
+
+All figures are for one micro-batch of `batch` x `tokens` tokens; bytes assume fp32 (4 bytes
+per value) unless `dtype_bytes` says otherwise.
+
+    >>> from types import SimpleNamespace
+    >>> cfg = SimpleNamespace(num_layers=2, hidden_size=8, intermediate_size=16, q_dim=8, kv_dim=4,
+    ...                       linear_shapes=lambda: {"mlp.up_proj": (16, 8)}, linear_has_bias=lambda n: False)
+    >>> model_cost(cfg, tokens=1).block_bytes   # 4 * (16 * 8 weights + 2 * 8 norm scales)
+    576
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from edgetune.runtime.plan.partition import ModelCost
+
+REFERENCE_TOKENS = 128  # the profiler's micro-batch: 1 x 128 tokens
+FP32_BYTES = 4
+
+
+class BlockShapes(Protocol):
+    """The parts of a model config the cost model reads (`edgetune.runtime.model.config.ModelConfig`)."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    q_dim: int
+    kv_dim: int
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]: ...  # module name -> (out, in)
+
+    def linear_has_bias(self, name: str) -> bool: ...
+
+
+def block_params(config: BlockShapes) -> int:
+    """Values in one block's weights: every linear (and its bias) plus the two RMSNorm scales."""
+    linears = config.linear_shapes()
+    weights = sum(o * i + (o if config.linear_has_bias(name) else 0) for name, (o, i) in linears.items())
+    return weights + 2 * config.hidden_size
+
+
+def model_cost(config: BlockShapes, tokens: int = REFERENCE_TOKENS, dtype_bytes: int = FP32_BYTES) -> ModelCost:
+    """Bytes the partitioner charges per block for a 1 x `tokens` micro-batch.
+
+    block_bytes: one block's weights; activation_bytes: the hidden state crossing a hop
+    (tokens, hidden); block_activation_bytes: roughly the inputs and outputs of every matmul
+    and norm of a block, which stay saved for backward.
+    """
+    d, f = config.hidden_size, config.intermediate_size
+    hidden = dtype_bytes * tokens * d
+    saved = dtype_bytes * tokens * (4 * d + 2 * config.q_dim + 2 * config.kv_dim + 3 * f)
+    return ModelCost(config.num_layers, dtype_bytes * block_params(config), hidden, saved)
+
+
+def block_flops(config: BlockShapes, batch: int, tokens: int) -> int:
+    """Floating-point operations of one block's forward pass on (batch, tokens): its matmuls.
+
+    Each linear (out, in) costs 2 * out * in per token; attention costs 2 * tokens^2 * q_dim for
+    the scores and as much again for the weighted sum of values, per sequence (the full square,
+    as a fused kernel computes it; causal masking does not skip work here). Norms, rotary,
+    activations and residual adds are elementwise and left out. Backward costs about twice this.
+    """
+    linear = sum(2 * o * i for o, i in config.linear_shapes().values())
+    attention = 2 * 2 * tokens * config.q_dim  # per token: QK^T row + attention-weighted V row
+    return batch * tokens * (linear + attention)
