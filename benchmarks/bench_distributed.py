@@ -185,7 +185,8 @@ def _timed_feed(rec: Recorder, feed, count_bytes: bool):
 
 def instrument_edge(rec: Recorder) -> None:
     """Record the edge's encodes, decodes, waits on the route and step windows (this process only)."""
-    from edgetune.runtime.train import remote, loop as train
+    from edgetune.runtime.train import loop as train
+    from edgetune.runtime.train import remote
     from edgetune.runtime.wire import serde
 
     encode = rec.timed("encode", serde.down_frames, materialize=True)
@@ -212,7 +213,8 @@ def instrument_edge(rec: Recorder) -> None:
 def instrument_node(rec: Recorder, events_file: Path) -> None:
     """Record a node's compute and (de)serialisation; flush them to `events_file` as each step ends."""
     from edgetune.nodes.shard import ShardSession
-    from edgetune.runtime.wire import serde, messages as wire
+    from edgetune.runtime.wire import messages as wire
+    from edgetune.runtime.wire import serde
 
     up = rec.timed("encode", serde.up_frames, materialize=True)
 
@@ -295,8 +297,8 @@ def run_node(args: argparse.Namespace) -> None:
 
     from edgetune.nodes.service import serve
     from edgetune.nodes.shard import Shard
-    from edgetune.runtime.wire import rpc
     from edgetune.runtime.model.loader import load_model
+    from edgetune.runtime.wire import rpc
 
     torch.set_num_threads(args.threads)
     part = load_model(args.node_model, start=args.start, end=args.end, edge=False)
@@ -314,10 +316,10 @@ def _import_side(side: str) -> None:
     import torch  # noqa: F401
     import torch._dynamo  # noqa: F401
 
-    import edgetune.runtime.train.data  # noqa: F401
     import edgetune.runtime.model.loader  # noqa: F401
     import edgetune.runtime.peft  # noqa: F401
     import edgetune.runtime.text.tokenizer  # noqa: F401
+    import edgetune.runtime.train.data  # noqa: F401
     import edgetune.runtime.train.loop  # noqa: F401
 
     if side == "dist":
@@ -329,7 +331,8 @@ def _connect(route: RouteSpec, model: str) -> None:
     """finetune(coordinator=...) in this process gets `route` without asking a coordinator."""
     from types import SimpleNamespace
 
-    from edgetune.runtime.wire import rpc, messages as wire
+    from edgetune.runtime.wire import messages as wire
+    from edgetune.runtime.wire import rpc
     from edgetune.tests.node_harness import LocalRoute, patch_connect
 
     hops = [wire.Hop(*h) for h in route.hops]
@@ -400,9 +403,9 @@ def _env(threads: int) -> dict[str, str]:
 
 def start_nodes(cfg: BenchConfig, workdir: Path) -> tuple[list[subprocess.Popen], RouteSpec]:
     """Two node processes, blocks [0, L/2) and [L/2, L); returns them and the route to them."""
-    from edgetune.runtime.wire import rpc
     from edgetune.runtime.model.config import ModelConfig
     from edgetune.runtime.model.manifest import checkpoint_manifest, fingerprint
+    from edgetune.runtime.wire import rpc
 
     layers = ModelConfig.from_file(Path(cfg.model) / "config.json").num_layers
     fp = fingerprint(checkpoint_manifest(cfg.model))

@@ -149,9 +149,10 @@ def _train_adapter(cfg: BenchConfig, base: Path, method: str, name: str) -> None
 
 def _merged_folder(cfg: BenchConfig, base: Path) -> None:
     """The base model with the adapter folded in, as a Hugging Face folder (the builder's and transformers' input)."""
+    from safetensors.torch import save_file
+
     from edgetune.runtime.model.loader import load_model
     from edgetune.runtime.peft.hf_format import load_adapter
-    from safetensors.torch import save_file
 
     model = load_model(base)
     load_adapter(model, cfg.folder("adapter")).merge_into(model)

@@ -30,8 +30,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 from edgetune.runtime.errors import ConfigError
 

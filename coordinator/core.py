@@ -23,12 +23,11 @@ from pathlib import Path
 import ray
 
 from edgetune.coordinator import placement
+from edgetune.runtime.cluster.node_labels import NODE_RESOURCE, NodeOptions
+from edgetune.runtime.errors import ConfigError, EdgetuneError, PartitionError, SessionError
 from edgetune.runtime.plan.cost import model_cost
 from edgetune.runtime.plan.partition import StageNode, partition
 from edgetune.runtime.wire import messages as wire
-from edgetune.runtime.errors import PartitionError
-from edgetune.runtime.errors import ConfigError, EdgetuneError, SessionError
-from edgetune.runtime.cluster.node_labels import NODE_RESOURCE, NodeOptions
 
 log = logging.getLogger("edgetune.coordinator")
 
@@ -108,8 +107,8 @@ class Coordinator:
     def model_info(self, model: str) -> ModelInfo:
         """The model's config and manifest, read here once (the coordinator needs the model)."""
         from edgetune.runtime.model.config import ModelConfig
-        from edgetune.runtime.model.manifest import checkpoint_manifest, fingerprint
         from edgetune.runtime.model.loader import resolve_model_folder
+        from edgetune.runtime.model.manifest import checkpoint_manifest, fingerprint
 
         with self._lock:
             info = self.state.models.get(model)
@@ -194,7 +193,7 @@ class Coordinator:
             for stage in plan.stages:
                 node = by_name[stage.name]
                 stages.append((node, stage, self._start_shard(node, stage, info)))
-            for node, stage, actor in stages:  # wait until every shard loaded and listens
+            for _, _, actor in stages:  # wait until every shard loaded and listens
                 actor.address()
         except EdgetuneError:
             for _, _, actor in stages:

@@ -20,8 +20,8 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from edgetune.runtime.wire import messages as wire
 from edgetune.runtime.errors import EdgetuneError
+from edgetune.runtime.wire import messages as wire
 
 log = logging.getLogger("edgetune.coordinator")
 
@@ -82,7 +82,7 @@ class ShardActor:
 
     @classmethod
     def place(cls, node_id: str, spec, token: str, manifest: list[wire.ManifestEntry], config: dict,
-              tensors_ref=None) -> "ShardActor":
+              tensors_ref=None) -> ShardActor:
         body = ray.remote(resolve(SHARD_SERVER)).options(**_on(node_id), max_restarts=ACTOR_RESTARTS,
                                                          max_task_retries=0, namespace=NAMESPACE)
         return cls(body.remote(spec, token, manifest, config, tensors_ref), node_id, spec)

@@ -19,8 +19,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgetune.runtime.errors import ConfigError
-from edgetune.runtime.wire.ports import free_port
 from edgetune.runtime.cluster.ray_process import (
     AUTH_MODES,
     RayAuth,
@@ -32,6 +30,8 @@ from edgetune.runtime.cluster.ray_process import (
     logger,
     ray_env,
 )
+from edgetune.runtime.errors import ConfigError
+from edgetune.runtime.wire.ports import free_port
 
 NAMESPACE = "edgetune"
 

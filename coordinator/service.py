@@ -9,8 +9,8 @@ import logging
 
 from edgetune.coordinator.core import Coordinator
 from edgetune.proto.v1 import coordinator_pb2_grpc
-from edgetune.runtime.wire import rpc, serde
 from edgetune.runtime.errors import EdgetuneError
+from edgetune.runtime.wire import rpc, serde
 
 log = logging.getLogger("edgetune.coordinator")
 

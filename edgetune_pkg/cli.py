@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+
 class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" to options whose help does not already say their default."""
 
@@ -327,8 +328,8 @@ def _run_prepare_model(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from edgetune.runtime.errors import EdgetuneError
     from edgetune.commands.logs import setup_logging
+    from edgetune.runtime.errors import EdgetuneError
 
     setup_logging(args.log_level, args.log_format)
 

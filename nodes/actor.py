@@ -56,10 +56,10 @@ class ShardServer:
     def _load(spec: ShardSpec, manifest, config: dict, tensors: dict | None):
         import torch
 
-        from edgetune.runtime.model.weights import SafetensorsCheckpoint
         from edgetune.runtime.model.config import ModelConfig
-        from edgetune.runtime.model.manifest import entry, verify
         from edgetune.runtime.model.loader import build_part, part_shapes, resolve_model_folder
+        from edgetune.runtime.model.manifest import entry, verify
+        from edgetune.runtime.model.weights import SafetensorsCheckpoint
 
         cfg = ModelConfig.from_hf_dict(config)
         if tensors is None:  # read this part's tensors once, as stored: hashed, then built from

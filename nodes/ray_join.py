@@ -27,9 +27,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgetune.runtime.errors import ConfigError
 from edgetune.runtime.cluster.node_labels import NODE_RESOURCE, NodeOptions
-from edgetune.runtime.cluster.ray_process import RayAuth, RayPorts, RayProcess, RayStartError, check_temp_dir, logger, ray_env
+from edgetune.runtime.cluster.ray_process import (
+    RayAuth,
+    RayPorts,
+    RayProcess,
+    RayStartError,
+    check_temp_dir,
+    logger,
+    ray_env,
+)
+from edgetune.runtime.errors import ConfigError
 
 DEVICES = ("cpu", "cuda")
 # A Ray label value: <= 63 chars, alphanumeric at both ends, [-_.] allowed inside.

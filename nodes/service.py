@@ -20,14 +20,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 
 from edgetune.nodes.shard import Shard, ShardSession
 from edgetune.proto.v1 import node_pb2_grpc
-from edgetune.runtime.wire import node_client, rpc, serde, messages as wire
 from edgetune.runtime.errors import EdgetuneError, SessionError
+from edgetune.runtime.wire import messages as wire
+from edgetune.runtime.wire import node_client, rpc, serde
 
 log = logging.getLogger("edgetune.node")
 

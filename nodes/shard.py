@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edgetune.runtime.wire import messages as wire
 from edgetune.runtime.errors import SessionError
 from edgetune.runtime.model.transformer import CausalLM
 from edgetune.runtime.peft.adapter import block_adapters, methods_from_json, split_block_key
+from edgetune.runtime.wire import messages as wire
 
 log = logging.getLogger("edgetune.node")
 
@@ -71,7 +71,7 @@ class Shard:
     def loaded_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.part.parameters())
 
-    def open_session(self, msg: wire.Open) -> "ShardSession":
+    def open_session(self, msg: wire.Open) -> ShardSession:
         """Check that the edge's route and model match what this node serves."""
         if not msg.route:
             raise SessionError("Open carries an empty route", code="INVALID_ARGUMENT")

@@ -1,8 +1,8 @@
 """Session-wide test setup: GPU tests skip cleanly where CUDA is absent."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -42,10 +42,10 @@ CLUSTER_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4)
 
 
 def cluster_node_options() -> list[dict]:
-    from edgetune.runtime.plan.cost import model_cost
     from edgetune.nodes.profile import FIXED_BYTES
-    from edgetune.runtime.model.config import ModelConfig
     from edgetune.runtime.cluster.node_labels import NodeOptions
+    from edgetune.runtime.model.config import ModelConfig
+    from edgetune.runtime.plan.cost import model_cost
     from edgetune.tests.tiny import tiny_hf_config
 
     cost = model_cost(ModelConfig.from_hf_dict(tiny_hf_config("llama", **CLUSTER_MODEL).to_dict()))
@@ -62,9 +62,9 @@ def cluster_node_options() -> list[dict]:
 def ray_cluster(tmp_path_factory):
     """One Ray cluster (a head + 2 edgetune nodes, real `ray start` processes) for the session's
     integration tests; this process is its driver. Unit tests never ask for it."""
-    from edgetune.tests.ray_cluster import start_local_cluster
-
     import ray
+
+    from edgetune.tests.ray_cluster import start_local_cluster
 
     cluster = start_local_cluster(2, tmp_path_factory.mktemp("ray"), cluster_node_options())
     try:

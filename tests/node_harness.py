@@ -30,10 +30,10 @@ class LocalRoute:
 def start_route(folder: Path, splits: list[int], token_dir: Path, max_cached: int = 64, device: str = "cpu") -> LocalRoute:
     from edgetune.nodes.service import serve
     from edgetune.nodes.shard import Shard
-    from edgetune.runtime.wire import rpc
     from edgetune.runtime.model.config import ModelConfig
-    from edgetune.runtime.model.manifest import checkpoint_manifest, fingerprint
     from edgetune.runtime.model.loader import load_model
+    from edgetune.runtime.model.manifest import checkpoint_manifest, fingerprint
+    from edgetune.runtime.wire import rpc
 
     config = ModelConfig.from_file(Path(folder) / "config.json")
     token_file = Path(token_dir) / "token"

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from edgetune.runtime.train.loop import TrainConfig, finetune
 from edgetune.runtime.wire import rpc
 from edgetune.runtime.wire.coordinator_client import CoordinatorClient, CoordinatorError
-from edgetune.runtime.train.loop import TrainConfig, finetune
 from edgetune.tests.conftest import CLUSTER_MODEL
 from edgetune.tests.tiny import make_tiny_folder
 
@@ -81,8 +81,8 @@ def test_status_shows_hardware_layers_and_load(coordinator, files):
 
 
 def test_edge_without_the_model_fetches_only_its_part(coordinator, files, tmp_path, monkeypatch):
-    from edgetune.runtime.train import remote
     from edgetune.runtime.model.loader import load_model
+    from edgetune.runtime.train import remote
 
     core, address, token_file = coordinator
     monkeypatch.setenv("EDGETUNE_CACHE", str(tmp_path / "cache"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from edgetune.runtime.train.loop import TrainConfig, finetune
 from edgetune.runtime.wire.ports import free_ports

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgetune.runtime.wire import messages as wire
 from edgetune.runtime.errors import AdapterError, ConfigError, EdgetuneError, ModelLoadError
+from edgetune.runtime.wire import messages as wire
 from edgetune.tests.tiny import make_tiny_folder, make_tiny_model
 
 # safetensors' dtype codes -> torch dtype names (the format's spec, not edgetune's code)
@@ -257,8 +257,8 @@ def test_profile_memory_is_the_smaller_of_limit_and_available_ram(monkeypatch):
 # ----------------------------------------------------------------------------- cost model
 @pytest.mark.parametrize("arch", ["llama", "llama_tied", "mistral"])
 def test_model_cost_charges_one_blocks_real_fp32_bytes(arch, tmp_path):
-    from edgetune.runtime.plan.cost import REFERENCE_TOKENS, model_cost
     from edgetune.runtime.model.loader import load_model
+    from edgetune.runtime.plan.cost import REFERENCE_TOKENS, model_cost
 
     make_tiny_model(arch, tmp_path, intermediate_size=80)  # f != 2d, so d and f cannot be swapped unseen
     model = load_model(tmp_path)
@@ -273,8 +273,8 @@ def test_model_cost_charges_one_blocks_real_fp32_bytes(arch, tmp_path):
 @pytest.mark.parametrize("arch, kw", [("llama", {"head_dim": 16}), ("qwen2", {}),
                                       ("llama", {"attention_bias": True, "mlp_bias": True})])
 def test_model_cost_counts_q_dim_and_biases(arch, kw, tmp_path):
-    from edgetune.runtime.plan.cost import model_cost
     from edgetune.runtime.model.loader import load_model
+    from edgetune.runtime.plan.cost import model_cost
 
     make_tiny_model(arch, tmp_path, **kw)
     model = load_model(tmp_path)
@@ -336,9 +336,9 @@ def _edge_part(folder: Path) -> wire.EdgePart:
 
 
 def test_save_edge_part_writes_a_folder_load_model_reads(tiny, tmp_path):
-    from edgetune.runtime.wire.coordinator_client import save_edge_part
     from edgetune.runtime.model.loader import load_model
     from edgetune.runtime.text.tokenizer import load_tokenizer
+    from edgetune.runtime.wire.coordinator_client import save_edge_part
 
     part = _edge_part(tiny)
     assert sorted(part.tensors) == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]

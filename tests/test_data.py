@@ -17,6 +17,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from edgetune.runtime.errors import CheckpointError, DataError
 from edgetune.runtime.train.data import (
     IGNORE_INDEX,
     BatchStream,
@@ -32,7 +33,6 @@ from edgetune.runtime.train.data import (
     tokenize_record,
     tokenize_records,
 )
-from edgetune.runtime.errors import CheckpointError, DataError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers is a local reference here, never a download
 

@@ -24,8 +24,9 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.numpy import load_file  # noqa: E402
 
-from edgetune.runtime.model import embedded, gguf as gguf_convert  # noqa: E402
 from edgetune.runtime.errors import EdgetuneError, ModelLoadError, UnsupportedModelError  # noqa: E402
+from edgetune.runtime.model import embedded  # noqa: E402
+from edgetune.runtime.model import gguf as gguf_convert  # noqa: E402
 from edgetune.runtime.model.gguf import MARKER_FILE, cached_hf_folder, convert_gguf  # noqa: E402
 from edgetune.runtime.text.tokenizer import load_tokenizer  # noqa: E402
 

@@ -29,8 +29,8 @@ from edgetune.runtime.peft import (
     PromptTuningConfig,
     SerialAdapterConfig,
     attach_adapter,
+    hf_format,
 )
-from edgetune.runtime.peft import hf_format
 from edgetune.runtime.peft.hf_format import (
     hf_config_from_method,
     load_adapter,

@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from edgetune.runtime.errors import ConfigError
 from edgetune.commands.logs import setup_logging
+from edgetune.runtime.errors import ConfigError
 
 
 @pytest.fixture

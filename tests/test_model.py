@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from edgetune.runtime.model.config import ModelConfig
 from edgetune.runtime.errors import ConfigError, ModelLoadError, UnsupportedModelError
-from edgetune.runtime.model.transformer import KVCache
+from edgetune.runtime.model.config import ModelConfig
 from edgetune.runtime.model.loader import load_model
+from edgetune.runtime.model.transformer import KVCache
 from edgetune.tests.tiny import ARCHS, make_tiny_model
 
 

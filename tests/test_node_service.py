@@ -3,16 +3,16 @@ and the node keeps serving other sessions. Real gRPC on loopback, no Ray."""
 from __future__ import annotations
 
 import queue
-import threading
 
 import grpc
 import pytest
 import torch
 
 from edgetune.proto.v1 import node_pb2, node_pb2_grpc, tensor_pb2
-from edgetune.runtime.wire import rpc, serde, messages as wire
 from edgetune.runtime.peft import LoraConfig
 from edgetune.runtime.peft.adapter import methods_to_json
+from edgetune.runtime.wire import messages as wire
+from edgetune.runtime.wire import rpc, serde
 from edgetune.tests.node_harness import start_route
 from edgetune.tests.tiny import make_tiny_folder
 
@@ -59,7 +59,7 @@ def _open(local, **kw) -> wire.Open:
     return wire.Open(**fields)
 
 
-def _ready(local, push: bool = True) -> "Session":
+def _ready(local, push: bool = True) -> Session:
     """An opened session (holding adapter version 1 unless push=False)."""
     s = Session(local)
     s.send(_open(local))

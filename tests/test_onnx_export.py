@@ -12,8 +12,16 @@ import torch
 from edgetune.runtime.errors import AdapterError, ConfigError
 from edgetune.runtime.model.loader import load_model
 from edgetune.runtime.onnx.export import ExportOptions, export
-from edgetune.runtime.peft import (IA3Config, LNTuningConfig, LoraConfig, ParallelAdapterConfig, PrefixTuningConfig,
-                                   PromptTuningConfig, SerialAdapterConfig, attach_adapter)
+from edgetune.runtime.peft import (
+    IA3Config,
+    LNTuningConfig,
+    LoraConfig,
+    ParallelAdapterConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    SerialAdapterConfig,
+    attach_adapter,
+)
 from edgetune.runtime.peft.bitfit import BitFitConfig
 from edgetune.runtime.peft.hf_format import load_adapter, save_adapter
 from edgetune.tests.tiny import make_tiny_folder, randomize
@@ -71,7 +79,7 @@ def _compare_with_cache(sess, model, ids, steps, run_options=None):
     worst = 0.0
     with torch.no_grad():
         ref = model(ids, cache=cache)
-        for step in range(steps + 1):
+        for _ in range(steps + 1):
             out = dict(zip(names, sess.run(None, feeds, run_options)))
             ref = ref[:, -out["logits"].shape[1]:]  # prompt tuning: PyTorch also returns its virtual tokens' logits
             worst = max(worst, float(np.abs(out["logits"] - ref.numpy()).max()))

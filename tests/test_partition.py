@@ -13,10 +13,15 @@ import re
 
 import pytest
 
-from edgetune.runtime.plan.partition import (
-    ModelCost, Partition, Stage, StageNode, partition, partition_route,
-)
 from edgetune.runtime.errors import EdgetuneError, PartitionError
+from edgetune.runtime.plan.partition import (
+    ModelCost,
+    Partition,
+    Stage,
+    StageNode,
+    partition,
+    partition_route,
+)
 
 MiB = 1 << 20
 GiB = 1 << 30

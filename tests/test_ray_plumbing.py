@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
+
 from edgetune.coordinator.ray_head import RayHeadConfig, build_head_command
 from edgetune.nodes.ray_join import RayNodeConfig, build_command, node_resource
-from edgetune.runtime.errors import ConfigError
 from edgetune.runtime.cluster.node_labels import LABEL_NAME, NodeOptions
-from edgetune.runtime.wire.ports import free_port, free_port_range, free_ports
 from edgetune.runtime.cluster.ray_process import RayAuth, RayPorts, RayProcess, RayStartError, ray_env, session_pids
+from edgetune.runtime.errors import ConfigError
+from edgetune.runtime.wire.ports import free_port, free_port_range, free_ports
 
 TOKEN = "ab" * 32
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetune.runtime.errors import ConfigError, DataError
 from edgetune.commands.report import write_report
+from edgetune.runtime.errors import ConfigError, DataError
 
 NODES = ("node-0", "node-1")
 

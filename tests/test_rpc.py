@@ -11,10 +11,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgetune.proto.v1 import node_pb2, node_pb2_grpc
 from edgetune.runtime import errors
-from edgetune.runtime.wire import rpc, serde, messages as wire
 from edgetune.runtime.errors import (
-    ConfigError, DataError, EdgetuneError, ModelLoadError, SessionError, UnsupportedModelError, WireError,
+    ConfigError,
+    DataError,
+    EdgetuneError,
+    ModelLoadError,
+    SessionError,
+    UnsupportedModelError,
+    WireError,
 )
+from edgetune.runtime.wire import messages as wire
+from edgetune.runtime.wire import rpc, serde
 
 TOKEN = "s3cret-token"
 T = 10.0  # per-call deadline in these tests, seconds

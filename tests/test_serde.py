@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from edgetune.proto.v1 import coordinator_pb2, node_pb2, tensor_pb2
-from edgetune.runtime.wire import serde, messages as wire
 from edgetune.runtime.errors import WireError
+from edgetune.runtime.wire import messages as wire
+from edgetune.runtime.wire import serde
 
 
 def _over_wire(frames):

@@ -48,11 +48,17 @@ def test_lora_losses_match_transformers_and_peft(tiny_folder, data_file, tmp_pat
     import peft
     import transformers
 
-    from edgetune.runtime.train.data import BatchStream, load_records, resolve_pad_id, split_train_eval, tokenize_records
     from edgetune.runtime.model.loader import load_model
     from edgetune.runtime.peft import attach_adapter
     from edgetune.runtime.peft.hf_format import save_adapter
     from edgetune.runtime.text.tokenizer import load_tokenizer
+    from edgetune.runtime.train.data import (
+        BatchStream,
+        load_records,
+        resolve_pad_id,
+        split_train_eval,
+        tokenize_records,
+    )
 
     cfg = _cfg(tiny_folder, data_file, tmp_path / "run")
     losses = finetune(cfg).losses
@@ -161,11 +167,11 @@ def test_run_folder_contents(tiny_folder, data_file, tmp_path):
 
 @pytest.mark.parametrize("method", ["dora", "ia3", "prefix", "prompt", "ln_tuning", "serial_adapter", "parallel_adapter", "bitfit"])
 def test_every_method_trains_and_saves(tiny_folder, data_file, tmp_path, method):
-    from edgetune.runtime.train.data import load_records, resolve_pad_id, tokenize_records
     from edgetune.runtime.model.loader import load_model
     from edgetune.runtime.peft import attach_adapter
     from edgetune.runtime.peft.hf_format import load_adapter
     from edgetune.runtime.text.tokenizer import load_tokenizer
+    from edgetune.runtime.train.data import load_records, resolve_pad_id, tokenize_records
     from edgetune.runtime.train.loop import LocalEngine, evaluate
 
     cfg = _cfg(tiny_folder, data_file, tmp_path / "run", method=method, steps=8, lr=1e-1, num_virtual_tokens=4,
@@ -202,8 +208,8 @@ def test_eval_data_file_and_the_eval_loss_before_training(tiny_folder, data_file
     starts as the identity), checked against transformers on the same tokens."""
     import transformers
 
-    from edgetune.runtime.train.data import load_records, tokenize_records
     from edgetune.runtime.text.tokenizer import load_tokenizer
+    from edgetune.runtime.train.data import load_records, tokenize_records
 
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("".join(json.dumps({"text": t.upper()}) + "\n" for t in SAMPLE_TEXTS[:3]))

@@ -44,11 +44,11 @@ def _preload(coordinator, model: str, stop: threading.Event) -> None:
 def run_coordinator(args) -> int:
     import ray
 
+    from edgetune.commands.ray_ports import ray_ports_from
     from edgetune.coordinator.core import Coordinator
     from edgetune.coordinator.ray_head import RayHead, RayHeadConfig, join_existing
-    from edgetune.runtime.cluster.ray_process import RayAuth
     from edgetune.coordinator.service import serve
-    from edgetune.commands.ray_ports import ray_ports_from
+    from edgetune.runtime.cluster.ray_process import RayAuth
 
     token, token_path = coordinator_token(args.token_file, args.new_token)
     head = None

@@ -56,9 +56,9 @@ class DemoResult:
 
 def run_demo(opts: DemoOptions, say=print) -> DemoResult:
     """Run the demo, printing each stage with `say`; returns where everything was written."""
-    from edgetune.runtime.train.data import load_records
     from edgetune.runtime.cluster.local_cluster import LocalCluster
     from edgetune.runtime.model.loader import resolve_model_folder
+    from edgetune.runtime.train.data import load_records
 
     resolve_model_folder(opts.model)  # a wrong --model or held-out file fails here, before any process starts
     held_out = load_records(opts.eval_data)

@@ -31,12 +31,12 @@ def run_node(args) -> int:
     from edgetune.commands.ray_ports import ray_ports_from
     from edgetune.nodes.profile import parse_size
     from edgetune.nodes.ray_join import RayNodeConfig, RayNodeProcess
-    from edgetune.runtime.wire import rpc
-    from edgetune.runtime.wire.coordinator_client import CoordinatorClient
-    from edgetune.runtime.errors import ConfigError
     from edgetune.runtime.cluster.node_labels import NodeOptions
     from edgetune.runtime.cluster.ray_process import RayAuth
+    from edgetune.runtime.errors import ConfigError
     from edgetune.runtime.threads import default_threads
+    from edgetune.runtime.wire import rpc
+    from edgetune.runtime.wire.coordinator_client import CoordinatorClient
 
     try:
         limit = parse_size(args.memory_limit) if args.memory_limit else 0

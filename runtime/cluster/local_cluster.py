@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgetune.runtime.wire.ports import free_port
 from edgetune.runtime.cluster.ray_process import session_pids
+from edgetune.runtime.wire.ports import free_port
 
 EDGETUNE = [sys.executable, "-m", "edgetune.cli"]
 STARTUP_TIMEOUT_S = 120.0
@@ -52,7 +52,7 @@ class LocalCluster:
 
     @classmethod
     def start(cls, nodes: list[list[str]], extra: list[str] = (), names: list[str] | None = None,
-              timeout_s: float = STARTUP_TIMEOUT_S) -> "LocalCluster":
+              timeout_s: float = STARTUP_TIMEOUT_S) -> LocalCluster:
         """A coordinator (`extra`: more of its flags) and one node per entry of `nodes` (its flags),
         named `names` (default node-0, node-1, ...); returns once every node has joined."""
         names = list(names or [f"node-{i}" for i in range(len(nodes))])
@@ -151,7 +151,7 @@ class LocalCluster:
             raise ClusterError(f"processes survived the cluster's shutdown and were killed: {left}")
         return left
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, *exc) -> None:

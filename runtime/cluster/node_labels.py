@@ -62,7 +62,7 @@ class NodeOptions:
                 LABEL_SHARD_PORT: str(self.shard_port)}
 
     @classmethod
-    def from_labels(cls, labels: dict[str, str]) -> "NodeOptions":
+    def from_labels(cls, labels: dict[str, str]) -> NodeOptions:
         """Options back from a Ray node's labels; ConfigError when they are not edgetune's."""
         try:
             return cls(name=labels[LABEL_NAME], device=labels.get(LABEL_DEVICE, "cpu").replace("-", ":"),

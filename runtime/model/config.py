@@ -100,7 +100,7 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- reading
     @classmethod
-    def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Parse a transformers `config.json` dict; `source` names it in errors."""
         try:
             return _parse_hf(raw)
@@ -112,7 +112,7 @@ class ModelConfig:
             raise ConfigError(f"{source}: missing or malformed field ({type(e).__name__}: {e})") from None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
+    def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
             raw = read_json_object(path, ModelLoadError)

@@ -6,7 +6,7 @@ seeded, so `seed=S` gives the same text every time.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from edgetune.runtime.atomic import atomic_write_text
-from edgetune.runtime.model.config import ModelConfig
 from edgetune.runtime.errors import ConfigError, EdgetuneError, ModelLoadError, UnsupportedModelError
+from edgetune.runtime.model.config import ModelConfig
 from edgetune.runtime.text.tokenizer import Tokenizer
 
 # Bump when the converted folder's content changes, so older caches are converted again.

@@ -1,15 +1,15 @@
 """Loading a model (or part of one) from a checkpoint folder or a GGUF file."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from edgetune.runtime.model.weights import SafetensorsCheckpoint
-from edgetune.runtime.model.config import ModelConfig
 from edgetune.runtime.errors import ModelLoadError
+from edgetune.runtime.model.config import ModelConfig
 from edgetune.runtime.model.transformer import CausalLM, rope_inv_freq
+from edgetune.runtime.model.weights import SafetensorsCheckpoint
 
 
 def resolve_model_folder(path: str | Path | None) -> Path:

@@ -13,13 +13,13 @@ tensors it loaded and compares them with the manifest's entries.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
-from edgetune.runtime.model.weights import SafetensorsCheckpoint
 from edgetune.runtime.errors import ModelLoadError
+from edgetune.runtime.model.weights import SafetensorsCheckpoint
 from edgetune.runtime.wire.messages import ManifestEntry
 
 

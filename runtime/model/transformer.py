@@ -17,8 +17,9 @@ share) and/or the edge modules (embeddings, final norm, LM head).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F

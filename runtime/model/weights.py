@@ -8,8 +8,8 @@ maps the file and copies just those bytes), so a node that serves blocks
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open

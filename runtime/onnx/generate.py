@@ -26,9 +26,10 @@ onnxruntime adapter file (`RunOptions.add_active_adapter`) instead.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort

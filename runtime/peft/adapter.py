@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +106,7 @@ class Adapter:
     # -- creation --------------------------------------------------------------
     @classmethod
     def create(cls, model: CausalLM, methods: Sequence[Method], seed: int = 0,
-               block_source: Callable[[], Iterable[Block]] | None = None) -> "Adapter":
+               block_source: Callable[[], Iterable[Block]] | None = None) -> Adapter:
         """Fresh tensors for `model`'s blocks (and edge, when it has one), seeded.
 
         `block_source` yields the blocks to initialise instead of the model's own:
@@ -166,7 +167,7 @@ class Adapter:
                     raise AdapterError(f"adapter tensor {name}: shape {tuple(state[name].shape)} != {tuple(t.shape)}")
                 t.copy_(state[name])
 
-    def to(self, device=None, dtype=None) -> "Adapter":
+    def to(self, device=None, dtype=None) -> Adapter:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.detach().to(device=device, dtype=dtype).requires_grad_(t.requires_grad)
 
@@ -174,11 +175,11 @@ class Adapter:
         self.edge_tensors = [{n: move(t) for n, t in e.items()} for e in self.edge_tensors]
         return self
 
-    def train(self, mode: bool = True) -> "Adapter":
+    def train(self, mode: bool = True) -> Adapter:
         self.training = mode
         return self
 
-    def eval(self) -> "Adapter":
+    def eval(self) -> Adapter:
         return self.train(False)
 
     # -- use in forward ---------------------------------------------------------

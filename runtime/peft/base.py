@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from edgetune.runtime.model.config import ModelConfig
 from edgetune.runtime.errors import ConfigError
+from edgetune.runtime.model.config import ModelConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgetune.runtime.model.transformer import Block, CausalLM

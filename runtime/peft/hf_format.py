@@ -35,14 +35,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from edgetune.runtime.atomic import atomic_write
-from edgetune.runtime.model.config import ModelConfig
 from edgetune.runtime.errors import AdapterError, ConfigError
+from edgetune.runtime.model.config import ModelConfig
 from edgetune.runtime.model.transformer import LINEAR_NAMES, NORM_NAMES
 from edgetune.runtime.peft.adapter import Adapter, attach_adapter
 from edgetune.runtime.peft.base import Method, Tensors, matches_target

@@ -11,8 +11,8 @@ start at P. Prefix tuning cannot be merged into the weights.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -22,9 +22,10 @@ import json
 import math
 import warnings
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence, Union
+from typing import Any, Protocol
 
 import torch
 
@@ -95,7 +96,7 @@ class ChatRecord:
     source: Source | None = None  # None for records built in code
 
 
-Record = Union[TextRecord, PromptCompletionRecord, ChatRecord]
+Record = TextRecord | PromptCompletionRecord | ChatRecord
 
 
 def load_records(path: str | Path) -> list[Record]:

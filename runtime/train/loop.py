@@ -14,9 +14,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -131,12 +132,18 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     `stop_after` ends the run early after that step, as an interruption would
     (used by tests of --resume).
     """
-    from edgetune.runtime.train import checkpoints as checkpointing
-    from edgetune.runtime.train.data import BatchStream, load_records, resolve_pad_id, split_train_eval, tokenize_records
     from edgetune.runtime.model.loader import load_model, resolve_model_folder
     from edgetune.runtime.peft import attach_adapter
     from edgetune.runtime.peft.hf_format import save_adapter
     from edgetune.runtime.text.tokenizer import load_tokenizer
+    from edgetune.runtime.train import checkpoints as checkpointing
+    from edgetune.runtime.train.data import (
+        BatchStream,
+        load_records,
+        resolve_pad_id,
+        split_train_eval,
+        tokenize_records,
+    )
 
     # -- setup --------------------------------------------------------------
     methods = cfg.methods()  # validates the method options before any long work starts

@@ -103,7 +103,7 @@ class TrainConfig:
             raise ConfigError("finetune config: " + "; ".join(problems))
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -24,17 +24,19 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 import torch
 
-from edgetune.runtime.wire import node_client, rpc, serde, messages as wire
-from edgetune.runtime.wire.coordinator_client import CoordinatorClient, save_edge_part
 from edgetune.runtime.errors import ConfigError, EdgetuneError
 from edgetune.runtime.train.loss import head_loss_sum
 from edgetune.runtime.train.options import TrainConfig
+from edgetune.runtime.wire import messages as wire
+from edgetune.runtime.wire import node_client, rpc, serde
+from edgetune.runtime.wire.coordinator_client import CoordinatorClient, save_edge_part
 
 log = logging.getLogger("edgetune.remote")
 
@@ -140,7 +142,7 @@ class RemoteTrainer:
         self.has_local_model = has_local_model  # False: only the edge part was fetched from the cluster
 
     @classmethod
-    def connect(cls, cfg: TrainConfig) -> "RemoteTrainer":
+    def connect(cls, cfg: TrainConfig) -> RemoteTrainer:
         from edgetune.runtime.model.manifest import checkpoint_manifest, verify
 
         token = rpc.load_token(cfg.token_file or rpc.default_token_path())
@@ -167,7 +169,7 @@ class RemoteTrainer:
             save_edge_part(client.fetch_edge_part(model), folder)
         return folder, False
 
-    def start(self, methods, device: torch.device) -> "RemoteEngine":
+    def start(self, methods, device: torch.device) -> RemoteEngine:
         from edgetune.runtime.model.loader import load_model
         from edgetune.runtime.peft import Adapter
 
@@ -180,8 +182,8 @@ class RemoteTrainer:
 
     def _block_source(self, model, methods) -> Callable:
         """Blocks to initialise the adapter from: shapes only, or real blocks one at a time."""
-        from edgetune.runtime.model.transformer import Block
         from edgetune.runtime.model.loader import load_model
+        from edgetune.runtime.model.transformer import Block
 
         config = model.config
         if not any(m.init_reads_weights for m in methods):

@@ -13,8 +13,9 @@ from pathlib import Path
 import grpc
 
 from edgetune.proto.v1 import coordinator_pb2_grpc
-from edgetune.runtime.wire import rpc, serde, messages as wire
 from edgetune.runtime.errors import EdgetuneError
+from edgetune.runtime.wire import messages as wire
+from edgetune.runtime.wire import rpc, serde
 
 log = logging.getLogger("edgetune.client")
 

@@ -9,7 +9,6 @@ exactly, see serde).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 
@@ -68,7 +67,7 @@ class EndStep:
     version: int
 
 
-DownMessage = Union[Open, AdapterPush, Forward, Backward, EndStep]
+DownMessage = Open | AdapterPush | Forward | Backward | EndStep
 
 
 # -- up the route (nodes -> edge) ------------------------------------------------
@@ -119,7 +118,7 @@ class ItemError:
     micro: int = 0
 
 
-UpMessage = Union[Opened, ForwardResult, BackwardResult, Gradients, ItemError]
+UpMessage = Opened | ForwardResult | BackwardResult | Gradients | ItemError
 
 
 # -- unary -------------------------------------------------------------------------

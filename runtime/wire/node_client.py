@@ -2,7 +2,7 @@
 each node that relays to the next hop: both open the same bidirectional stream of frames."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 

@@ -18,17 +18,26 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
+from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, NoReturn, Optional, Sequence
+from typing import NamedTuple, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edgetune.runtime.atomic import atomic_write_text
 from edgetune.runtime.errors import (
-    AdapterError, CheckpointError, ConfigError, DataError, EdgetuneError, ModelLoadError,
-    SessionError, TokenizerError, UnsupportedModelError, WireError,
+    AdapterError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    EdgetuneError,
+    ModelLoadError,
+    SessionError,
+    TokenizerError,
+    UnsupportedModelError,
+    WireError,
 )
 from edgetune.runtime.wire.serde import channel_options
 
@@ -76,7 +85,7 @@ def load_token(path: Path) -> str:
 
 
 # -- authentication -----------------------------------------------------------------------
-def _rejecting_handler(handler: Optional[grpc.RpcMethodHandler], message: str) -> grpc.RpcMethodHandler:
+def _rejecting_handler(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same streaming kind as `handler` that aborts with UNAUTHENTICATED."""
 
     def reject(request_or_iterator, context: grpc.ServicerContext):
@@ -117,11 +126,11 @@ def _as_bytes(value: str | bytes) -> bytes:
 
 class _CallDetails(NamedTuple):
     method: str
-    timeout: Optional[float]
-    metadata: Optional[Sequence[tuple[str, str]]]
-    credentials: Optional[grpc.CallCredentials]
-    wait_for_ready: Optional[bool]
-    compression: Optional[grpc.Compression]
+    timeout: float | None
+    metadata: Sequence[tuple[str, str]] | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
 
 
 class _ClientCallDetails(_CallDetails, grpc.ClientCallDetails):

@@ -39,16 +39,17 @@ frame fits, and no further: an oversized frame is refused by gRPC itself.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple, Union
+from typing import NamedTuple
 
 import grpc
 import numpy as np
 import torch
 
 from edgetune.proto.v1 import coordinator_pb2, node_pb2, tensor_pb2
-from edgetune.runtime.wire import messages as wire
 from edgetune.runtime.errors import WireError
+from edgetune.runtime.wire import messages as wire
 
 CHUNK_BYTES = 1 << 20  # payload bytes per stream frame
 MAX_FRAME_BYTES = 8 << 20  # gRPC message limit: one frame = CHUNK_BYTES + headers, with room to spare
@@ -57,7 +58,7 @@ MAX_MESSAGE_BYTES = 4 << 30  # the largest sum of one message's tensor payloads
 INT8_BLOCK_SIZE = 64  # elements per int8 scale
 MAX_RANK = 16  # more dimensions than this is not a tensor edgetune sends
 
-Frame = Union[node_pb2.Down, node_pb2.Up, coordinator_pb2.EdgePartFrame]
+Frame = node_pb2.Down | node_pb2.Up | coordinator_pb2.EdgePartFrame
 
 
 def channel_options(max_message_bytes: int = MAX_FRAME_BYTES) -> list[tuple[str, int]]:
