@@ -23,6 +23,8 @@ _LAZY = {
     "load_tokenizer": ("edgetune.runtime.text.tokenizer", "load_tokenizer"),
     "embedded_model_path": ("edgetune.runtime.model.embedded", "embedded_model_path"),
     "EdgetuneError": ("edgetune.runtime.errors", "EdgetuneError"),
+    "finetune": ("edgetune.runtime.train.loop", "finetune"),
+    "TrainConfig": ("edgetune.runtime.train.options", "TrainConfig"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -44,7 +44,7 @@ def test_every_edgetune_command_parses(command):
 @pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_repository_path_a_readme_names_exists(readme):
     text = readme.read_text()
-    named = set(re.findall(r"\b((?:examples|scripts|benchmarks|tests|runtime|nodes|coordinator|proto)/[\w./-]*\w)",
+    named = set(re.findall(r"\b((?:examples|scripts|benchmarks|tests|runtime|nodes|coordinator|proto|edgetune_pkg)/[\w./-]*\w)",
                            text))
     missing = [p for p in sorted(named) if not (ROOT / p).exists() and not (ROOT / (p + ".py")).exists()]
     assert not missing, f"{readme.name} names files that do not exist: {missing}"

@@ -240,3 +240,11 @@ def test_resume_after_a_line_cut_short_keeps_metrics_readable(tiny_folder, data_
     finetune(_cfg(tiny_folder, data_file, out, steps=3, save_every=1, resume=True))
     records = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line parses
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+
+
+def test_the_top_level_api_names_the_training_entry_points():
+    import edgetune
+    from edgetune.runtime.train import loop, options
+
+    assert edgetune.finetune is loop.finetune and edgetune.TrainConfig is options.TrainConfig
+    assert {"finetune", "TrainConfig"} <= set(dir(edgetune))
