@@ -104,7 +104,7 @@ def build_decoder(model, dtype: str = "fp32", lora: dict[str, str] | None = None
 
     `untie_head` stores tied embeddings twice, the table for the lookup and the head for
     the MatMul, so the quantizer sees the head as a MatMul weight; it then ties them again
-    (the lookup reads the head's quantized blocks, onnx_export._quantize_embedding).
+    (the lookup reads the head's quantized blocks, export._quantize_embedding).
     """
     import torch
 

@@ -111,7 +111,7 @@ class Adapter:
 
         `block_source` yields the blocks to initialise instead of the model's own:
         the edge of a distributed run holds no blocks and passes stand-ins for all
-        of them (see runtime/remote_model.py); the same seed gives the same tensors.
+        of them (see runtime/train/remote.py); the same seed gives the same tensors.
         """
         if not methods:
             raise AdapterError("an adapter needs at least one PEFT method")

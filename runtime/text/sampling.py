@@ -1,7 +1,7 @@
 """How to pick each generated token: greedy, or seeded temperature + top-p sampling.
 
 Torch-free, so the PyTorch generator (generation.py) and the onnxruntime one
-(onnx_generate.py) validate the same options the same way.
+(runtime/onnx/generate.py) validate the same options the same way.
 """
 from __future__ import annotations
 

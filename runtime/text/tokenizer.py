@@ -58,7 +58,7 @@ class Tokenizer:
     `SPECIAL_TOKEN_NAMES` to token strings. `add_bos_token` / `add_eos_token`
     (None: keep the backend's post-processor) rebuild the post-processor to add
     BOS / EOS the way transformers' `update_post_processor` does; they are for
-    building a tokenizer (see gguf_convert) -- when reading a folder,
+    building a tokenizer (see runtime/model/gguf.py) -- when reading a folder,
     tokenizer.json's post-processor decides, as in transformers 5.
     `chat_template` is one template, or a dict of named ones with the main one
     under "default". `source` names where it came from in error messages.

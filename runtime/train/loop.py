@@ -5,7 +5,7 @@
 
 The run folder (`out`) receives `config.json` (the resolved TrainConfig),
 `metrics.jsonl` (one line per step and per eval), `checkpoints/step-N/`
-(written atomically, see checkpointing.py) and the final `adapter/` in the
+(written atomically, see checkpoints.py) and the final `adapter/` in the
 Hugging Face PEFT layout.
 """
 from __future__ import annotations
