@@ -70,5 +70,7 @@ def ray_cluster(tmp_path_factory):
     try:
         yield cluster
     finally:
-        ray.shutdown()  # the driver leaves first, then the nodes and the head stop
-        cluster.shutdown()
+        try:
+            ray.shutdown()  # the driver leaves first, then the nodes and the head stop
+        finally:
+            cluster.shutdown()

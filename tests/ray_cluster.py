@@ -20,6 +20,7 @@ on the host then pick up; see notes/ray_findings.md.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -30,7 +31,8 @@ from typing import Any
 
 from edgetune.coordinator.ray_head import RayHead, RayHeadConfig
 from edgetune.nodes.ray_join import RayNodeConfig, RayNodeProcess
-from edgetune.runtime.cluster.ray_process import RayAuth, session_pids
+from edgetune.runtime.cluster.ray_process import RayAuth
+from edgetune.tests.procs import ProcessTree
 
 # Kill detection ~ period * threshold = 2 s; a hung node ~ (period + timeout) * threshold = 10 s.
 # The timeout is generous because this 2-core host is shared with other test runs.
@@ -81,18 +83,25 @@ class LocalCluster:
         self.nodes[i].stop()
 
     def shutdown(self) -> None:
-        """Stop nodes, disconnect, stop the head, remove temp dirs; raise if anything had to be force-killed late."""
+        """Stop nodes, disconnect, stop the head, remove temp dirs; raise if anything had to be force-killed late.
+
+        Each stop runs even where one before it raised; whatever of the nodes' and the head's
+        sessions is still running afterwards is SIGKILLed, then reported.
+        """
         if self._down:
             return
         self._down = True
         sessions = self.session_ids()
-        for node in self.nodes:
-            node.stop()
-        self.head.stop()
-        leftovers = {sid: session_pids(sid) for sid in sessions}
-        shutil.rmtree(self.temp_root, ignore_errors=True)
-        if any(leftovers.values()):
-            raise RuntimeError(f"Ray processes survived shutdown (session id -> pids): {leftovers}")
+        try:
+            with contextlib.ExitStack() as stops:  # callbacks run last-in first-out: the nodes in order, the head last
+                stops.callback(self.head.stop)
+                for node in reversed(self.nodes):
+                    stops.callback(node.stop)
+        finally:
+            leftovers = ProcessTree.of(sessions=sessions).kill()
+            shutil.rmtree(self.temp_root, ignore_errors=True)
+        if leftovers:
+            raise RuntimeError(f"Ray processes survived shutdown and were SIGKILLed: {leftovers}")
 
     def __enter__(self) -> LocalCluster:
         return self

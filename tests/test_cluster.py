@@ -39,9 +39,13 @@ def coordinator(ray_cluster, tmp_path_factory):
     token = rpc.write_token(token_file)
     core = Coordinator(token, ray_cluster.address, ray_cluster.auth.token or "", ray_cluster.auth.mode)
     server, port = serve(core, "127.0.0.1", 0)
-    yield core, f"127.0.0.1:{port}", token_file
-    core.shutdown()
-    server.stop(grace=None)
+    try:
+        yield core, f"127.0.0.1:{port}", token_file
+    finally:
+        try:
+            core.shutdown()
+        finally:
+            server.stop(grace=None)
 
 
 def _adapter(run_dir):

@@ -4,6 +4,7 @@ The answers it prints are checked against edgetune's PyTorch generation of the s
 and without the adapter."""
 from __future__ import annotations
 
+import os
 import re
 
 import psutil
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from edgetune.commands.demo import DemoOptions, format_side_by_side, run_demo
+from edgetune.tests.procs import ProcessTree
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +22,19 @@ def demo(tmp_path_factory):
     lines: list[str] = []
     out = tmp_path_factory.mktemp("demo") / "runs"
     before = {p.pid for p in psutil.Process().children(recursive=True)}  # e.g. the session's own Ray cluster
-    result = run_demo(DemoOptions(out=str(out), steps=4, prompts=1, max_new_tokens=8), say=lines.append)
-    _demo_leftovers[:] = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)
-                          if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    try:
+        result = run_demo(DemoOptions(out=str(out), steps=4, prompts=1, max_new_tokens=8), say=lines.append)
+        _demo_leftovers[:] = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)
+                              if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:  # whatever the demo left running (all of it, where it failed) is SIGKILLed; the earlier ones are kept
+        keep = set()
+        for pid in before:
+            try:
+                keep.add(os.getsid(pid))
+            except OSError:
+                pass
+        new = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        ProcessTree.of(*new, keep=keep).kill()
     return result, "\n".join(lines)
 
 

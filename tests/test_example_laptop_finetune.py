@@ -18,6 +18,7 @@ import yaml
 from edgetune.cli import build_parser
 from edgetune.runtime.train.options import TRAIN_DEFAULTS, TrainConfig, train_config_from
 from edgetune.tests.cli_cluster import CliCluster
+from edgetune.tests.procs import stop_process
 from edgetune.tests.tiny import SAMPLE_TEXTS, make_tiny_folder
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "laptop_finetune"
@@ -121,12 +122,15 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_with_the_same_adapter
     first = subprocess.Popen([*EDGETUNE, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                              start_new_session=True)
     checkpoint = out / "checkpoints" / "step-000002" / "meta.json"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if first.poll() is None:
-        os.killpg(first.pid, signal.SIGKILL)  # as a laptop that loses power: nothing is cleaned up
-    stderr = first.communicate(timeout=30)[1].decode(errors="replace")
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)  # as a laptop that loses power: nothing is cleaned up
+    finally:  # nothing of its session outlives the test, also where the loop above was interrupted
+        stopped = stop_process(first, timeout_s=30, settle_s=0)
+    stderr = (stopped.stderr or b"").decode(errors="replace")
     assert checkpoint.exists(), stderr + cluster.log_text()
     assert not (out / "adapter").exists(), "the run finished before it was killed; nothing was resumed"
     # --resume takes the newest complete checkpoint (the kill may come before `latest` names it)

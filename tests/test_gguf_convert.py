@@ -29,6 +29,7 @@ from edgetune.runtime.model import embedded  # noqa: E402
 from edgetune.runtime.model import gguf as gguf_convert  # noqa: E402
 from edgetune.runtime.model.gguf import MARKER_FILE, cached_hf_folder, convert_gguf  # noqa: E402
 from edgetune.runtime.text.tokenizer import load_tokenizer  # noqa: E402
+from edgetune.tests.procs import ProcessTree  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 Q = gguf.GGMLQuantizationType
@@ -305,13 +306,22 @@ def test_concurrent_conversions_convert_once(tmp_path, tiny_gguf, monkeypatch):
     start, results = ctx.Event(), ctx.Queue()
     cache = tmp_path / "shared-cache"
     procs = [ctx.Process(target=_worker, args=(tiny_gguf, cache, start, results)) for _ in range(3)]
-    for p in procs:
-        p.start()
-    start.set()
-    paths = [results.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    try:
+        for p in procs:
+            p.start()
+        start.set()
+        paths = [results.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+    finally:  # none outlives the test: SIGTERM, then SIGKILL after 10 s
+        running = [p for p in procs if p.pid is not None and p.exitcode is None]  # unreaped: pids still theirs
+        tree = ProcessTree.of(*(p.pid for p in running))
+        for p in running:
+            p.terminate()
+        tree.kill(settle_s=10)
+        for p in running:
+            p.join()
     assert len(set(paths)) == 1 and not paths[0].startswith("error"), paths
     assert len(counter.read_text().split()) == 1
     out = Path(paths[0])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from edgetune.runtime.cluster.node_labels import LABEL_NAME, NodeOptions
 from edgetune.runtime.cluster.ray_process import RayAuth, RayPorts, RayProcess, RayStartError, ray_env, session_pids
 from edgetune.runtime.errors import ConfigError
 from edgetune.runtime.wire.ports import free_port, free_port_range, free_ports
+from edgetune.tests.procs import ProcessTree, stop_process
 
 TOKEN = "ab" * 32
 
@@ -223,8 +223,13 @@ def fake(tmp_path):
 
     yield make
     for proc in made:
-        for pid in session_pids(proc.pid) if proc.pid else []:
-            os.kill(pid, signal.SIGKILL)
+        if proc.pid is None:
+            continue
+        sid = proc.pid
+        try:
+            proc.stop(grace_s=5)  # a no-op where the test stopped it
+        finally:
+            ProcessTree.of(sessions=[sid]).kill()
 
 
 def test_process_stop_leaves_nothing_of_its_session(tmp_path, fake):
@@ -288,17 +293,18 @@ def test_process_leaves_when_its_parent_is_killed(tmp_path, fake):
         time.sleep(600)
     """)
     runner = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
-    sid = int(runner.stdout.readline())
-    runner.kill()
-    runner.wait()
+    sessions: list[int] = []
     try:
+        sid = int(runner.stdout.readline())
+        sessions.append(sid)
+        runner.kill()
+        runner.wait()
         deadline = time.monotonic() + 10
         while not (tmp_path / "ray" / "got_sigterm").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert (tmp_path / "ray" / "got_sigterm").exists()
-    finally:
-        for pid in session_pids(sid):  # the fake "worker" ignores SIGTERM; real Ray workers die with their raylet
-            os.kill(pid, signal.SIGKILL)
+    finally:  # the fake "worker" ignores SIGTERM (real Ray workers die with their raylet): SIGKILLed here
+        stop_process(runner, timeout_s=10, settle_s=0, sessions=sessions)
 
 
 # -- a real cluster -----------------------------------------------------------------

@@ -30,6 +30,10 @@ PIDS=()
 
 stop() {
   trap - EXIT INT TERM
+  # Stop everything even where the output is gone (a closed terminal, a pipe whose reader was
+  # killed): an echo must then neither raise SIGPIPE nor, under `set -e`, end the cleanup.
+  trap '' PIPE
+  set +e
   echo "[cluster] stopping the nodes, then the coordinator"
   # nodes first (each leaves the Ray cluster), then the coordinator (it stops the Ray head)
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
