@@ -157,3 +157,15 @@ def test_unreachable_coordinator_and_missing_token_are_clear_errors(tiny_folder,
     assert main([*base, "--coordinator", address, "--token-file", str(token)]) == 1
     err = capsys.readouterr().err
     assert address in err and "UNAVAILABLE" in err and "edgetune coordinator" in err
+
+
+def test_the_demos_default_data_files_exist():
+    # the demo finds its data through the edgetune.examples package, wherever the command's module lives
+    from dataclasses import fields
+    from pathlib import Path
+
+    from edgetune.commands.demo import DemoOptions
+
+    for f in fields(DemoOptions):
+        if f.name in ("data", "eval_data"):
+            assert Path(f.default).is_file(), f.default

@@ -18,9 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgetune import examples
 from edgetune.runtime.errors import ConfigError
 
-EXAMPLES_DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
+# examples/data in a checkout, edgetune/examples/data (package data) in an installed wheel
+EXAMPLES_DATA = Path(examples.__file__).resolve().parent / "data"
 
 
 @dataclass(frozen=True)
