@@ -166,6 +166,7 @@ def _add_coordinator(sub) -> None:
 
 def _add_node(sub) -> None:
     from edgetune.commands.ray_ports import add_ray_ports
+    from edgetune.runtime.compute.precision import DTYPES
 
     p = sub.add_parser("node", help="join a coordinator's cluster as a worker node (foreground; Ctrl-C leaves)",
                        formatter_class=_Defaults)
@@ -173,6 +174,9 @@ def _add_node(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where this node runs its blocks")
     p.add_argument("--memory-limit", default=None, help="memory this node may use for blocks, e.g. 2G or 512M "
                    "(default: what is free on the device)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="precision of this node's frozen blocks (auto: bf16 on a CUDA GPU that supports it, else "
+                        "fp32); the adapter and its gradients stay fp32")
     p.add_argument("--name", default=None, help="node name shown in status (default: HOST-PID)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: cores / edgetune processes on this host)")
     p.add_argument("--fetch-weights", action="store_true", help="read no model file here: receive this node's "

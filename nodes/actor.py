@@ -30,6 +30,7 @@ class ShardSpec:
     max_cached: int = 64        # micro-batches whose activations stay for backward
     fetch_weights: bool = False  # read no local file: the coordinator ships the tensors
     port: int = 0  # the gRPC port; 0 = a free one
+    dtype: str = "fp32"  # fp32, bf16 or fp16: the precision the blocks are held and run in
 
 
 class ShardServer:
@@ -50,12 +51,14 @@ class ShardServer:
         self.shard = Shard(spec.name, spec.model, part, fingerprint(manifest), max_cached=spec.max_cached)
         self.server, port = serve(self.shard, token, port=spec.port)
         self._address = f"{_node_ip()}:{port}"
-        log.info("node %s serves blocks [%d, %d) of %s at %s", spec.name, spec.start, spec.end, spec.model, self._address)
+        log.info("node %s serves blocks [%d, %d) of %s in %s at %s", spec.name, spec.start, spec.end, spec.model,
+                 spec.dtype, self._address)
 
     @staticmethod
     def _load(spec: ShardSpec, manifest, config: dict, tensors: dict | None):
         import torch
 
+        from edgetune.runtime.compute.precision import torch_dtype
         from edgetune.runtime.model.config import ModelConfig
         from edgetune.runtime.model.loader import build_part, part_shapes, resolve_model_folder
         from edgetune.runtime.model.manifest import entry, verify
@@ -67,7 +70,7 @@ class ShardServer:
             tensors = {n: ckpt.read_raw(n) for n in part_shapes(cfg, spec.start, spec.end, edge=False)}
         verify([entry(n, t) for n, t in tensors.items()], manifest, who=f"node {spec.name}")
         return build_part(cfg, spec.start, spec.end, False, lambda shapes: tensors, torch.device(spec.device),
-                          torch.float32)
+                          torch_dtype(spec.dtype))
 
     def address(self) -> str:
         return self._address

@@ -9,6 +9,7 @@ it proportionately fewer blocks.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -33,6 +34,7 @@ class NodeProfile:
     fixed_bytes: int
     block_time_s: float       # forward + backward of one block at REFERENCE_BATCH x REFERENCE_TOKENS
     bandwidth_bytes_per_s: float
+    dtype: str = "fp32"       # the precision its blocks are held and run in (--dtype, auto resolved here)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,10 +53,11 @@ def hardware(device: str) -> dict:
             "gpu_name": gpu_name, "gpu_memory_bytes": gpu_memory}
 
 
-def time_block(config_dict: dict, device: str, repeats: int = 3) -> float:
-    """Median seconds of forward + backward through one block of this shape (random weights)."""
+def time_block(config_dict: dict, device: str, repeats: int = 3, dtype: str = "fp32") -> float:
+    """Median seconds of forward + backward through one block of this shape (random weights, `dtype`)."""
     import torch
 
+    from edgetune.runtime.compute.precision import torch_dtype
     from edgetune.runtime.model.config import ModelConfig
     from edgetune.runtime.model.transformer import Block, CausalLM
 
@@ -63,10 +66,14 @@ def time_block(config_dict: dict, device: str, repeats: int = 3) -> float:
     with torch.device(dev):
         block = Block(config, 0)
         shell = CausalLM(config, 0, 0, edge=False)  # rotary tables and masks without any weights
+    block.to(torch_dtype(dtype))
     for p in block.parameters():
         p.requires_grad_(False)
-    h = torch.randn(REFERENCE_BATCH, REFERENCE_TOKENS, config.hidden_size, device=dev, requires_grad=True)
+    h = torch.randn(REFERENCE_BATCH, REFERENCE_TOKENS, config.hidden_size, device=dev, dtype=torch_dtype(dtype),
+                    requires_grad=True)
     ctx = shell.make_context(REFERENCE_BATCH, REFERENCE_TOKENS, dev)
+    # the shell has no weights, so its rotary tables are fp32: give them the block's dtype, as a node's part has
+    ctx = dataclasses.replace(ctx, cos=ctx.cos.to(torch_dtype(dtype)), sin=ctx.sin.to(torch_dtype(dtype)))
     times = []
     for _ in range(repeats + 1):  # the first run warms up kernels and allocators
         start = time.perf_counter()
@@ -99,9 +106,11 @@ def link_bandwidth(probe_refs: list) -> float:
 
 
 def profile_node(name: str, device: str, threads: int, memory_limit_bytes: int, config_dict: dict,
-                 probe_refs: list = ()) -> NodeProfile:
-    """Everything the partitioner needs about this node (runs on the node)."""
+                 probe_refs: list = (), dtype: str = "auto") -> NodeProfile:
+    """Everything the partitioner needs about this node (runs on the node); `dtype` as `--dtype`."""
     import torch
+
+    from edgetune.runtime.compute.precision import resolve_dtype
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -110,10 +119,12 @@ def profile_node(name: str, device: str, threads: int, memory_limit_bytes: int, 
     if memory_limit_bytes > 0:
         usable = min(usable, memory_limit_bytes)
     bandwidth = link_bandwidth(list(probe_refs))
+    dtype = resolve_dtype(dtype, device)
     return NodeProfile(name=name, device=device, cpus=hw["cpus"], threads=threads or torch.get_num_threads(),
                        ram_bytes=hw["ram_bytes"], gpu_name=hw["gpu_name"], gpu_memory_bytes=hw["gpu_memory_bytes"],
-                       memory_bytes=usable, fixed_bytes=FIXED_BYTES, block_time_s=time_block(config_dict, device),
-                       bandwidth_bytes_per_s=bandwidth)
+                       memory_bytes=usable, fixed_bytes=FIXED_BYTES,
+                       block_time_s=time_block(config_dict, device, dtype=dtype), bandwidth_bytes_per_s=bandwidth,
+                       dtype=dtype)
 
 
 def parse_size(text: str) -> int:

@@ -140,7 +140,9 @@ class ShardSession:
             if part.start <= layer < part.end:
                 if not t.is_floating_point():
                     raise SessionError(f"adapter tensor {key!r} has dtype {t.dtype}; expected floating point", code="INVALID_ARGUMENT")
-                mine[key] = t.to(device=part.device, dtype=part.dtype).requires_grad_(True)
+                # the leaf stays fp32 (the edge's master precision): each forward casts it to the
+                # blocks' dtype, so autograd returns its gradient in fp32 and sums stay fp32
+                mine[key] = t.to(device=part.device, dtype=torch.float32).requires_grad_(True)
             else:
                 rest[key] = t
         self.version = msg.version
@@ -168,17 +170,22 @@ class ShardSession:
         key = tuple(msg.dropout_key) if (msg.train and msg.dropout_key) else None
         mask = None if mask is None else mask.to(part.device)
         ctx = part.make_context(B, T, part.device, mask, 0, self.prefix, self.position_offset, key)
-        views = block_adapters(self.methods, self.tensors, range(part.start, part.end), key)
         if msg.train:
             h_in.requires_grad_(True)
             with torch.enable_grad():
-                h_out = part.forward_blocks(h_in, ctx, views=views)
+                h_out = part.forward_blocks(h_in, ctx, views=self._views(key))
             self._remember(msg.step, msg.micro, _Saved(h_in, h_out))
         else:
             with torch.no_grad():
-                h_out = part.forward_blocks(h_in, ctx, views=views)
+                h_out = part.forward_blocks(h_in, ctx, views=self._views(key))
         self._spent("forward_s", started)
-        return h_out.detach()
+        return h_out.detach().float()  # the wire's codec, not the blocks' dtype, decides what travels
+
+    def _views(self, dropout_key):
+        """Per-block adapter views over this version's tensors, cast to the blocks' dtype."""
+        part = self.shard.part
+        tensors = {n: t.to(part.dtype) for n, t in self.tensors.items()}
+        return block_adapters(self.methods, tensors, range(part.start, part.end), dropout_key)
 
     def has_activation(self, step: int, micro: int) -> bool:
         return (step, micro) in self.cache
@@ -206,7 +213,7 @@ class ShardSession:
                 if g is not None:
                     sums.grads[name] = g if name not in sums.grads else sums.grads[name] + g
         self._spent("backward_s", started)
-        return grads[0]
+        return grads[0].float()
 
     def end_step(self, msg: wire.EndStep) -> tuple[dict[str, torch.Tensor], wire.StageTiming]:
         """The step's summed adapter grads and this stage's timing; resets both."""

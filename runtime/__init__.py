@@ -11,6 +11,7 @@ One subpackage per concern (each `__init__` is this kind of docstring and import
 | `wire/` | wire messages, serde (the only user of the protobuf messages), gRPC plumbing, the coordinator client, ports |
 | `onnx/` | the ONNX graph, export, torch-free generation with onnxruntime |
 | `cluster/` | Ray process supervision, node labels, a whole local cluster |
+| `compute/` | a node's compute path: the precision its frozen blocks run in |
 | `plan/` | the cost model and the partition of blocks over nodes: free of Ray and torch |
 
 Shared helpers stay here at the top: `errors` (the project's exceptions), `atomic` (atomic
@@ -19,6 +20,6 @@ import no subpackage.
 
 Import rules, checked by import-linter (`[tool.importlinter]` in pyproject.toml): `runtime`
 imports neither `edgetune.nodes`, `edgetune.coordinator` nor the CLI and its commands; its
-subpackages are layered (train | onnx | cluster) > peft > model > (wire | text | plan), and a
+subpackages are layered (train | onnx | cluster) > compute > peft > model > (wire | text | plan), and a
 lower layer never imports a higher one.
 """

@@ -27,7 +27,11 @@ class LocalRoute:
             server.stop(grace=None)
 
 
-def start_route(folder: Path, splits: list[int], token_dir: Path, max_cached: int = 64, device: str = "cpu") -> LocalRoute:
+def start_route(folder: Path, splits: list[int], token_dir: Path, max_cached: int = 64, device: str = "cpu",
+                dtype=None) -> LocalRoute:
+    """Nodes serving blocks [0, s1), [s1, s2), ... of `folder`; `dtype`: their blocks' torch dtype (fp32)."""
+    import torch
+
     from edgetune.nodes.service import serve
     from edgetune.nodes.shard import Shard
     from edgetune.runtime.model.config import ModelConfig
@@ -43,7 +47,7 @@ def start_route(folder: Path, splits: list[int], token_dir: Path, max_cached: in
     bounds = [0, *splits, config.num_layers]
     route = LocalRoute(wire.Route(str(folder), fp, [], config.num_layers, manifest), token, token_file)
     for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
-        part = load_model(folder, start=start, end=end, edge=False, device=device)
+        part = load_model(folder, start=start, end=end, edge=False, device=device, dtype=dtype or torch.float32)
         shard = Shard(f"node-{i}", str(folder), part, fp, max_cached=max_cached)
         server, port = serve(shard, token, host="127.0.0.1", port=0)
         route.servers.append(server)

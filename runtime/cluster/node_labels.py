@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from edgetune.runtime.compute.precision import DTYPES
 from edgetune.runtime.errors import ConfigError
 
 NODE_RESOURCE = "edgetune_node"
@@ -19,6 +20,7 @@ LABEL_THREADS = "edgetune-threads"
 LABEL_MEMORY_LIMIT = "edgetune-memory-limit"  # bytes; "0" = no limit
 LABEL_FETCH_WEIGHTS = "edgetune-fetch-weights"  # "1": the coordinator ships block tensors
 LABEL_SHARD_PORT = "edgetune-shard-port"  # the shard's gRPC port; "0" = a free one
+LABEL_DTYPE = "edgetune-dtype"  # auto, fp32, bf16, fp16: the precision of its blocks
 
 # Ray label values: at most 63 characters, alphanumerics with - _ . inside.
 _NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
@@ -41,6 +43,7 @@ class NodeOptions:
     memory_limit_bytes: int = 0
     fetch_weights: bool = False
     shard_port: int = 0
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -53,13 +56,15 @@ class NodeOptions:
             problems.append(f"memory limit must be >= 0, got {self.memory_limit_bytes}")
         if not (self.shard_port == 0 or 1024 <= self.shard_port <= 65535):
             problems.append(f"shard port must be 0 (a free one) or 1024..65535, got {self.shard_port}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype {self.dtype!r} not in {', '.join(DTYPES)}")
         if problems:
             raise ConfigError("node options: " + "; ".join(problems))
 
     def labels(self) -> dict[str, str]:
         return {LABEL_NAME: self.name, LABEL_DEVICE: self.device.replace(":", "-"), LABEL_THREADS: str(self.threads),
                 LABEL_MEMORY_LIMIT: str(self.memory_limit_bytes), LABEL_FETCH_WEIGHTS: "1" if self.fetch_weights else "0",
-                LABEL_SHARD_PORT: str(self.shard_port)}
+                LABEL_SHARD_PORT: str(self.shard_port), LABEL_DTYPE: self.dtype}
 
     @classmethod
     def from_labels(cls, labels: dict[str, str]) -> NodeOptions:
@@ -69,6 +74,6 @@ class NodeOptions:
                        threads=int(labels.get(LABEL_THREADS, "0")),
                        memory_limit_bytes=int(labels.get(LABEL_MEMORY_LIMIT, "0")),
                        fetch_weights=labels.get(LABEL_FETCH_WEIGHTS, "0") == "1",
-                       shard_port=int(labels.get(LABEL_SHARD_PORT, "0")))
+                       shard_port=int(labels.get(LABEL_SHARD_PORT, "0")), dtype=labels.get(LABEL_DTYPE, "auto"))
         except (KeyError, ValueError) as e:
             raise ConfigError(f"Ray node labels are not an edgetune node's: {labels} ({e})") from None

@@ -17,8 +17,10 @@ times only adds a hop and a failure point), and finally gives more blocks to
 nodes earlier in the route (which is sorted by name: deterministic).
 
 Memory: a node holding n blocks needs
-    fixed_bytes + n * (block_bytes + block_activation_bytes * micro_batches)
-because GPipe keeps every in-flight micro-batch's activations until backward.
+    fixed_bytes + n * (block_bytes * weight_scale + block_activation_bytes * activation_scale * micro_batches)
+because GPipe keeps every in-flight micro-batch's activations until backward. ModelCost is in
+fp32 bytes; a node's scales say what fraction of them its blocks take (0.5 and 0.5 for a bf16
+node), so a node that holds its blocks in fewer bytes gets proportionally more of them.
 
 Example:
     >>> nodes = [StageNode("fast", 8 << 30, 0.01, 1e9), StageNode("slow", 8 << 30, 0.02, 1e9)]
@@ -67,6 +69,8 @@ class StageNode:
         model's shape on this node, per micro-batch.
     bandwidth_bytes_per_s: this node's link estimate (inf: co-located).
     fixed_bytes: runtime overhead held regardless of blocks.
+    weight_scale, activation_scale: the fraction of ModelCost's (fp32) weight and
+        saved-activation bytes this node's blocks take (0.5 for bf16).
     """
 
     name: str
@@ -74,6 +78,8 @@ class StageNode:
     block_time_s: float
     bandwidth_bytes_per_s: float
     fixed_bytes: int = 0
+    weight_scale: float = 1.0
+    activation_scale: float = 1.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -87,6 +93,10 @@ class StageNode:
             problems.append(f"block_time_s must be a finite number > 0, got {self.block_time_s!r}")
         if not _is_number(self.bandwidth_bytes_per_s) or self.bandwidth_bytes_per_s <= 0:
             problems.append(f"bandwidth_bytes_per_s must be > 0, got {self.bandwidth_bytes_per_s!r}")
+        for key in ("weight_scale", "activation_scale"):
+            value = getattr(self, key)
+            if not _is_number(value) or not 0 < value < math.inf:
+                problems.append(f"{key} must be a finite number > 0, got {value!r}")
         if problems:
             raise PartitionError(f"node {self.name!r}: " + "; ".join(problems)
                                  + " (re-profile the node)")
@@ -182,10 +192,16 @@ def stage_time(node: StageNode, model: ModelCost, blocks: int) -> float:
     return blocks * node.block_time_s + hop_bytes / node.bandwidth_bytes_per_s
 
 
+def node_bytes_per_block(node: StageNode, model: ModelCost, micro_batches: int) -> int:
+    """Memory one block held by `node` needs with `micro_batches` in flight, in its own precision."""
+    return (math.ceil(model.block_bytes * node.weight_scale)
+            + math.ceil(model.block_activation_bytes * node.activation_scale) * micro_batches)
+
+
 def _capacity(node: StageNode, model: ModelCost, micro_batches: int) -> int:
     """How many blocks (at most num_layers) fit in the node's memory."""
     usable = node.memory_bytes - node.fixed_bytes
-    per_block = model.bytes_per_block(micro_batches)
+    per_block = node_bytes_per_block(node, model, micro_batches)
     if usable < 0:
         return 0
     if per_block == 0:
@@ -196,7 +212,7 @@ def _capacity(node: StageNode, model: ModelCost, micro_batches: int) -> int:
 def _skip_reason(node: StageNode, model: ModelCost, micro_batches: int) -> str:
     usable = max(0, node.memory_bytes - node.fixed_bytes)
     reason = (f"{format_bytes(usable)} usable < "
-              f"{format_bytes(model.bytes_per_block(micro_batches))} for one block")
+              f"{format_bytes(node_bytes_per_block(node, model, micro_batches))} for one block")
     if node.fixed_bytes:
         reason += (f" ({format_bytes(node.memory_bytes)} memory - "
                    f"{format_bytes(node.fixed_bytes)} fixed)")
@@ -221,10 +237,10 @@ def _check_capacity(route: list[StageNode], model: ModelCost, micro_batches: int
     held = sum(caps)
     if held >= model.num_layers:
         return
-    per_block = model.bytes_per_block(micro_batches)
+    per_block = min(node_bytes_per_block(node, model, micro_batches) for node in route)
     missing = (model.num_layers - held) * per_block
     message = (f"the cluster can hold {held} of {model.num_layers} blocks "
-               f"({format_bytes(per_block)} each with {micro_batches} micro-batch(es) in "
+               f"({format_bytes(per_block)} each at the least, with {micro_batches} micro-batch(es) in "
                f"flight): {format_bytes(missing)} missing; add a node or raise a node's "
                f"memory limit")
     if skipped:
@@ -316,11 +332,10 @@ def partition_route(route: list[StageNode] | tuple[StageNode, ...], model: Model
     blocks = _choose_blocks(times, model.num_layers, bottleneck * (1 + TIE_RTOL))
 
     stages, start = [], 0
-    per_block = model.bytes_per_block(micro_batches)
     for node, node_times, n in zip(route, times, blocks):
         if n:
             stages.append(Stage(node.name, start, start + n, node_times[n],
-                                node.fixed_bytes + n * per_block))
+                                node.fixed_bytes + n * node_bytes_per_block(node, model, micro_batches)))
             start += n
     return Partition(stages=tuple(stages), bottleneck_s=max(s.time_s for s in stages),
                      total_s=sum(s.time_s for s in stages), skipped=tuple(skipped))

@@ -168,6 +168,7 @@ class NodeStatus:
     bandwidth_bytes_per_s: float = 0.0
     stages: list[Hop] = field(default_factory=list)
     info: NodeInfo | None = None
+    dtype: str = ""  # precision of its blocks once profiled: fp32, bf16, fp16
 
 
 @dataclass
