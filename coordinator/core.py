@@ -25,6 +25,7 @@ import ray
 from edgetune.coordinator import placement
 from edgetune.runtime.cluster.node_labels import NODE_RESOURCE, NodeOptions
 from edgetune.runtime.compute.precision import value_bytes
+from edgetune.runtime.compute.quantize import bytes_per_value
 from edgetune.runtime.errors import ConfigError, EdgetuneError, PartitionError, SessionError
 from edgetune.runtime.plan.cost import model_cost
 from edgetune.runtime.plan.partition import StageNode, partition
@@ -205,16 +206,16 @@ class Coordinator:
         if key not in self.state.profiles:
             o = node.options
             self.state.profiles[key] = placement.profile(node.node_id, o.name, o.device, o.threads,
-                                                         o.memory_limit_bytes, info.config_dict, o.dtype)
+                                                         o.memory_limit_bytes, info.config_dict, o.dtype, o.quantize)
             p = self.state.profiles[key]
-            log.info("profiled %s: %s %s, %d threads, %.0f MiB usable, block %.1f ms, link %.0f MB/s", o.name, p.device,
-                     p.dtype, p.threads, p.memory_bytes / 2**20, p.block_time_s * 1e3,
+            log.info("profiled %s: %s %s (weights %s), %d threads, %.0f MiB usable, block %.1f ms, link %.0f MB/s",
+                     o.name, p.device, p.dtype, p.quantize, p.threads, p.memory_bytes / 2**20, p.block_time_s * 1e3,
                      min(p.bandwidth_bytes_per_s, 1e12) / 1e6)
         return self.state.profiles[key]
 
     def _start_shard(self, node: RayNode, stage, info: ModelInfo) -> placement.ShardActor:
         o = node.options
-        dtype = self._profile(node, info).dtype  # --dtype as the node resolved it for its device
+        prof = self._profile(node, info)  # --dtype as the node resolved it for its device
         fetch = o.fetch_weights or not placement.has_model(node.node_id, info.name)
         tensors_ref = None
         if fetch:  # the node lacks the file: ship its blocks through Ray's object store
@@ -226,7 +227,8 @@ class Coordinator:
             tensors_ref = ray.put({n: ckpt.read_raw(n) for n in names})
             log.info("node %s reads no model file: sending its %d tensors through the object store", o.name, len(names))
         spec = placement.shard_spec(name=o.name, model=info.name, start=stage.start, end=stage.end, device=o.device,
-                                    threads=o.threads, fetch_weights=fetch, port=o.shard_port, dtype=dtype)
+                                    threads=o.threads, fetch_weights=fetch, port=o.shard_port, dtype=prof.dtype,
+                                    quantize=prof.quantize)
         return placement.ShardActor.place(node.node_id, spec, self.token, info.manifest, info.config_dict, tensors_ref)
 
     # -- status ---------------------------------------------------------------------------
@@ -248,7 +250,7 @@ class Coordinator:
                 memory_bytes=getattr(prof, "memory_bytes", 0), cpus=getattr(prof, "cpus", 0),
                 threads=getattr(prof, "threads", node.options.threads), block_time_s=getattr(prof, "block_time_s", 0.0),
                 bandwidth_bytes_per_s=min(getattr(prof, "bandwidth_bytes_per_s", 0.0), 1e15),
-                dtype=getattr(prof, "dtype", ""),
+                dtype=getattr(prof, "dtype", ""), quantize=getattr(prof, "quantize", ""),
                 stages=[wire.Hop(model, "", s.start, s.end) for model, s, _ in mine], info=info))
         return wire.ClusterStatus(self.ray_address, out, sorted(p.model.name for p in placements))
 
@@ -266,10 +268,12 @@ class PlacementUnavailable(SessionError):
 
 
 def _stage_node(name: str, profile) -> StageNode:
-    """The partitioner's view of a profiled node: its blocks cost their bytes in the node's dtype."""
-    scale = value_bytes(profile.dtype) / value_bytes("fp32")  # ModelCost is in fp32 bytes
+    """The partitioner's view of a profiled node: its blocks cost their bytes in the node's dtype,
+    and their weights those of its quantization."""
+    fp32 = value_bytes("fp32")  # ModelCost is in fp32 bytes
     return StageNode(name, profile.memory_bytes, profile.block_time_s, profile.bandwidth_bytes_per_s,
-                     profile.fixed_bytes, weight_scale=scale, activation_scale=scale)
+                     profile.fixed_bytes, weight_scale=bytes_per_value(profile.quantize, profile.dtype) / fp32,
+                     activation_scale=value_bytes(profile.dtype) / fp32)
 
 
 def _block_of(name: str) -> int | None:

@@ -167,6 +167,7 @@ def _add_coordinator(sub) -> None:
 def _add_node(sub) -> None:
     from edgetune.commands.ray_ports import add_ray_ports
     from edgetune.runtime.compute.precision import DTYPES
+    from edgetune.runtime.compute.quantize import SCHEMES
 
     p = sub.add_parser("node", help="join a coordinator's cluster as a worker node (foreground; Ctrl-C leaves)",
                        formatter_class=_Defaults)
@@ -177,6 +178,9 @@ def _add_node(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="precision of this node's frozen blocks (auto: bf16 on a CUDA GPU that supports it, else "
                         "fp32); the adapter and its gradients stay fp32")
+    p.add_argument("--quantize", default="none", choices=SCHEMES,
+                   help="hold the blocks' frozen linear weights quantized (nf4: ~0.52 bytes a value, int8: ~1), "
+                        "dequantized on the fly; DoRA needs none")
     p.add_argument("--name", default=None, help="node name shown in status (default: HOST-PID)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: cores / edgetune processes on this host)")
     p.add_argument("--fetch-weights", action="store_true", help="read no model file here: receive this node's "

@@ -31,6 +31,7 @@ class ShardSpec:
     fetch_weights: bool = False  # read no local file: the coordinator ships the tensors
     port: int = 0  # the gRPC port; 0 = a free one
     dtype: str = "fp32"  # fp32, bf16 or fp16: the precision the blocks are held and run in
+    quantize: str = "none"  # none, int8 or nf4: how the blocks' linear weights are held
 
 
 class ShardServer:
@@ -48,17 +49,19 @@ class ShardServer:
             torch.set_num_threads(spec.threads)
         part = self._load(spec, manifest, config, tensors)
         self.spec = spec
-        self.shard = Shard(spec.name, spec.model, part, fingerprint(manifest), max_cached=spec.max_cached)
+        self.shard = Shard(spec.name, spec.model, part, fingerprint(manifest), max_cached=spec.max_cached,
+                           quantize=spec.quantize)
         self.server, port = serve(self.shard, token, port=spec.port)
         self._address = f"{_node_ip()}:{port}"
-        log.info("node %s serves blocks [%d, %d) of %s in %s at %s", spec.name, spec.start, spec.end, spec.model,
-                 spec.dtype, self._address)
+        log.info("node %s serves blocks [%d, %d) of %s in %s (weights %s) at %s", spec.name, spec.start, spec.end,
+                 spec.model, spec.dtype, spec.quantize, self._address)
 
     @staticmethod
     def _load(spec: ShardSpec, manifest, config: dict, tensors: dict | None):
         import torch
 
         from edgetune.runtime.compute.precision import torch_dtype
+        from edgetune.runtime.compute.quantize import quantize_blocks
         from edgetune.runtime.model.config import ModelConfig
         from edgetune.runtime.model.loader import build_part, part_shapes, resolve_model_folder
         from edgetune.runtime.model.manifest import entry, verify
@@ -69,8 +72,10 @@ class ShardServer:
             ckpt = SafetensorsCheckpoint(resolve_model_folder(spec.model))
             tensors = {n: ckpt.read_raw(n) for n in part_shapes(cfg, spec.start, spec.end, edge=False)}
         verify([entry(n, t) for n, t in tensors.items()], manifest, who=f"node {spec.name}")
-        return build_part(cfg, spec.start, spec.end, False, lambda shapes: tensors, torch.device(spec.device),
+        part = build_part(cfg, spec.start, spec.end, False, lambda shapes: tensors, torch.device(spec.device),
                           torch_dtype(spec.dtype))
+        quantize_blocks(part, spec.quantize)  # after the manifest check: the stored weights are what was verified
+        return part
 
     def address(self) -> str:
         return self._address

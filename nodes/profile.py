@@ -35,6 +35,7 @@ class NodeProfile:
     block_time_s: float       # forward + backward of one block at REFERENCE_BATCH x REFERENCE_TOKENS
     bandwidth_bytes_per_s: float
     dtype: str = "fp32"       # the precision its blocks are held and run in (--dtype, auto resolved here)
+    quantize: str = "none"    # how its blocks' linear weights are held (--quantize)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,22 +54,25 @@ def hardware(device: str) -> dict:
             "gpu_name": gpu_name, "gpu_memory_bytes": gpu_memory}
 
 
-def time_block(config_dict: dict, device: str, repeats: int = 3, dtype: str = "fp32") -> float:
-    """Median seconds of forward + backward through one block of this shape (random weights, `dtype`)."""
+def time_block(config_dict: dict, device: str, repeats: int = 3, dtype: str = "fp32", quantize: str = "none") -> float:
+    """Median seconds of forward + backward through one block of this shape (random weights, `dtype`, `quantize`)."""
     import torch
 
     from edgetune.runtime.compute.precision import torch_dtype
+    from edgetune.runtime.compute.quantize import quantize_blocks
     from edgetune.runtime.model.config import ModelConfig
-    from edgetune.runtime.model.transformer import Block, CausalLM
+    from edgetune.runtime.model.transformer import CausalLM
 
     config = ModelConfig.from_hf_dict(config_dict)
     dev = torch.device(device)
     with torch.device(dev):
-        block = Block(config, 0)
+        part = CausalLM(config, 0, 1, edge=False)  # one block, random weights
         shell = CausalLM(config, 0, 0, edge=False)  # rotary tables and masks without any weights
-    block.to(torch_dtype(dtype))
-    for p in block.parameters():
+    part.to(torch_dtype(dtype))
+    for p in part.parameters():
         p.requires_grad_(False)
+    quantize_blocks(part, quantize)
+    block = part.block(0)
     h = torch.randn(REFERENCE_BATCH, REFERENCE_TOKENS, config.hidden_size, device=dev, dtype=torch_dtype(dtype),
                     requires_grad=True)
     ctx = shell.make_context(REFERENCE_BATCH, REFERENCE_TOKENS, dev)
@@ -106,7 +110,7 @@ def link_bandwidth(probe_refs: list) -> float:
 
 
 def profile_node(name: str, device: str, threads: int, memory_limit_bytes: int, config_dict: dict,
-                 probe_refs: list = (), dtype: str = "auto") -> NodeProfile:
+                 probe_refs: list = (), dtype: str = "auto", quantize: str = "none") -> NodeProfile:
     """Everything the partitioner needs about this node (runs on the node); `dtype` as `--dtype`."""
     import torch
 
@@ -123,8 +127,8 @@ def profile_node(name: str, device: str, threads: int, memory_limit_bytes: int, 
     return NodeProfile(name=name, device=device, cpus=hw["cpus"], threads=threads or torch.get_num_threads(),
                        ram_bytes=hw["ram_bytes"], gpu_name=hw["gpu_name"], gpu_memory_bytes=hw["gpu_memory_bytes"],
                        memory_bytes=usable, fixed_bytes=FIXED_BYTES,
-                       block_time_s=time_block(config_dict, device, dtype=dtype), bandwidth_bytes_per_s=bandwidth,
-                       dtype=dtype)
+                       block_time_s=time_block(config_dict, device, dtype=dtype, quantize=quantize),
+                       bandwidth_bytes_per_s=bandwidth, dtype=dtype, quantize=quantize)
 
 
 def parse_size(text: str) -> int:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edgetune.runtime.errors import SessionError
+from edgetune.runtime.compute.quantize import check_methods, tensor_bytes
+from edgetune.runtime.errors import ConfigError, SessionError
 from edgetune.runtime.model.transformer import CausalLM
 from edgetune.runtime.peft.adapter import block_adapters, methods_from_json, split_block_key
 from edgetune.runtime.wire import messages as wire
@@ -47,7 +48,8 @@ class _StepGrads:
 class Shard:
     """Blocks [part.start, part.end) of `model`, verified against `fingerprint`."""
 
-    def __init__(self, name: str, model: str, part: CausalLM, fingerprint: str, max_cached: int = 64) -> None:
+    def __init__(self, name: str, model: str, part: CausalLM, fingerprint: str, max_cached: int = 64,
+                 quantize: str = "none") -> None:
         if max_cached < 1:
             raise ValueError("max_cached must be at least 1")
         self.name = name
@@ -55,6 +57,7 @@ class Shard:
         self.part = part
         self.fingerprint = fingerprint
         self.max_cached = max_cached
+        self.quantize = quantize  # how part's linear weights are held (compute.quantize.quantize_blocks)
         self.sessions: dict[str, ShardSession] = {}
         self._lock = threading.Lock()
         self._busy_s = 0.0
@@ -69,7 +72,7 @@ class Shard:
         return self.part.end
 
     def loaded_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.part.parameters())
+        return sum(tensor_bytes(p) for p in self.part.parameters())
 
     def open_session(self, msg: wire.Open) -> ShardSession:
         """Check that the edge's route and model match what this node serves."""
@@ -87,6 +90,10 @@ class Shard:
             methods = methods_from_json(msg.methods_json)
         except Exception as e:  # AdapterError: a malformed method list from the wire
             raise SessionError(str(e), code="INVALID_ARGUMENT") from None
+        try:
+            check_methods(methods, self.quantize, self.name)
+        except ConfigError as e:
+            raise SessionError(str(e), code="FAILED_PRECONDITION") from None
         session = ShardSession(self, msg.session_id, methods)
         with self._lock:
             self.sessions[msg.session_id] = session

@@ -28,12 +28,14 @@ class LocalRoute:
 
 
 def start_route(folder: Path, splits: list[int], token_dir: Path, max_cached: int = 64, device: str = "cpu",
-                dtype=None) -> LocalRoute:
-    """Nodes serving blocks [0, s1), [s1, s2), ... of `folder`; `dtype`: their blocks' torch dtype (fp32)."""
+                dtype=None, quantize: str = "none") -> LocalRoute:
+    """Nodes serving blocks [0, s1), [s1, s2), ... of `folder`; `dtype`: their blocks' torch dtype (fp32);
+    `quantize`: how their linear weights are held (edgetune node --quantize)."""
     import torch
 
     from edgetune.nodes.service import serve
     from edgetune.nodes.shard import Shard
+    from edgetune.runtime.compute.quantize import quantize_blocks
     from edgetune.runtime.model.config import ModelConfig
     from edgetune.runtime.model.loader import load_model
     from edgetune.runtime.model.manifest import checkpoint_manifest, fingerprint
@@ -48,7 +50,8 @@ def start_route(folder: Path, splits: list[int], token_dir: Path, max_cached: in
     route = LocalRoute(wire.Route(str(folder), fp, [], config.num_layers, manifest), token, token_file)
     for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
         part = load_model(folder, start=start, end=end, edge=False, device=device, dtype=dtype or torch.float32)
-        shard = Shard(f"node-{i}", str(folder), part, fp, max_cached=max_cached)
+        quantize_blocks(part, quantize)
+        shard = Shard(f"node-{i}", str(folder), part, fp, max_cached=max_cached, quantize=quantize)
         server, port = serve(shard, token, host="127.0.0.1", port=0)
         route.servers.append(server)
         route.shards.append(shard)

@@ -85,25 +85,26 @@ def test_cli_finetune_on_a_cluster_equals_local(cluster, model_and_data, tmp_pat
     assert shown.returncode == 0, shown.stderr
     assert "node-0" in shown.stdout and "node-1" in shown.stdout and "[0, " in shown.stdout
     # --dtype auto, resolved on each node for its device: fp32 on a CPU
-    assert re.search(r"^node-0\s+alive\s+\S+\s+cpu\s+fp32\s", shown.stdout, re.M), shown.stdout
+    assert re.search(r"^node-0\s+alive\s+\S+\s+cpu\s+fp32\s+none\s", shown.stdout, re.M), shown.stdout
 
 
-def test_a_bf16_node_serves_its_blocks_in_bf16(model_and_data, tmp_path):
-    """`edgetune node --dtype bf16`: status shows it, and training through it follows fp32 training closely
-    without equalling it (the blocks really ran in bf16)."""
+def test_a_bf16_node_and_an_nf4_node_serve_their_blocks_so(model_and_data, tmp_path):
+    """`edgetune node --dtype bf16` and `edgetune node --quantize nf4`: status shows them, and training
+    through them follows fp32 training without equalling it (the blocks really ran that way)."""
     model, data = model_and_data
     options = {**OPTIONS, "steps": 2, "dropout": 0.0}
-    with CliCluster.start([["--threads", "1", "--dtype", "bf16"]]) as bf16:
+    with CliCluster.start([["--threads", "1", "--dtype", "bf16"], ["--threads", "1", "--quantize", "nf4"]]) as c:
         result = finetune(TrainConfig(model=str(model), data=str(data), out=str(tmp_path / "remote"),
-                                      coordinator=bf16.address, token_file=str(bf16.token_file), **options))
-        shown = bf16.edgetune("status", "--coordinator", bf16.address, "--token-file", str(bf16.token_file))
+                                      coordinator=c.address, token_file=str(c.token_file), **options))
+        shown = c.edgetune("status", "--coordinator", c.address, "--token-file", str(c.token_file))
     assert result.steps == 2
-    assert re.search(r"^node-0\s+alive\s+\S+\s+cpu\s+bf16\s+1\s.*\[0, 4\)", shown.stdout, re.M), shown.stdout
+    assert re.search(r"^node-0\s+alive\s+\S+\s+cpu\s+bf16\s+none\s+1\s.*\[\d, \d\)", shown.stdout, re.M), shown.stdout
+    assert re.search(r"^node-1\s+alive\s+\S+\s+cpu\s+fp32\s+nf4\s+1\s.*\[\d, \d\)", shown.stdout, re.M), shown.stdout
     local = finetune(TrainConfig(model=str(model), data=str(data), out=str(tmp_path / "local"), **options))
     ours, ref = _adapter(result.out), _adapter(local.out)
     learnt = [k for k in ref if "lora_B" in k]
     assert learnt and any((ours[k] - ref[k]).abs().max() > 1e-6 for k in learnt)  # not fp32's result
-    assert all((ours[k] - ref[k]).norm() <= 0.1 * ref[k].norm() for k in learnt)
+    assert all((ours[k] - ref[k]).norm() <= 0.5 * ref[k].norm() for k in learnt)
 
 
 def test_wrong_token_is_refused_with_a_clear_message(cluster, tmp_path):

@@ -161,7 +161,8 @@ NODE_OPTIONS = [
     dict(name="gpu-box_1.lab", device="cuda", threads=8, memory_limit_bytes=3 * 2**30, fetch_weights=True),
     dict(name="n" * 63, device="cuda:3", threads=1, memory_limit_bytes=2**62),
     dict(name="x9", device="cpu", threads=0, memory_limit_bytes=0, fetch_weights=False),
-    dict(name="bf", device="cuda:1", dtype="bf16"), dict(name="h", dtype="fp16"), dict(name="f", dtype="fp32"),
+    dict(name="bf", device="cuda:1", dtype="bf16", quantize="nf4"), dict(name="h", dtype="fp16", quantize="int8"),
+    dict(name="f", dtype="fp32", quantize="none"),
 ]
 
 
@@ -183,6 +184,7 @@ def test_node_options_round_trip_through_valid_ray_labels(kw):
     (dict(name="a", device="cuda-1"), "device"),
     (dict(name="a", threads=-1), "threads"), (dict(name="a", memory_limit_bytes=-5), "memory"),
     (dict(name="a", dtype="int8"), "dtype"), (dict(name="a", dtype="float32"), "dtype"),
+    (dict(name="a", quantize="int4"), "quantize"),
 ])
 def test_invalid_node_options_name_the_field(kw, field):
     from edgetune.runtime.cluster.node_labels import NodeOptions
@@ -241,7 +243,7 @@ def test_profile_memory_is_the_smaller_of_limit_and_available_ram(monkeypatch):
     ram = 8 * 2**30
     monkeypatch.setattr(profile, "hardware", lambda device: {"cpus": 4, "ram_bytes": ram, "gpu_name": "",
                                                              "gpu_memory_bytes": 0})
-    monkeypatch.setattr(profile, "time_block", lambda config_dict, device, repeats=3, dtype="fp32": 0.01)
+    monkeypatch.setattr(profile, "time_block", lambda config_dict, device, repeats=3, dtype="fp32", quantize="none": 0.01)
     config = _tiny_config_dict()
     assert profile.profile_node("a", "cpu", 0, 2**30, config).memory_bytes == 2**30
     assert profile.profile_node("a", "cpu", 0, 64 * 2**30, config).memory_bytes == ram
@@ -298,7 +300,7 @@ def test_format_status_shows_names_health_layers_sessions_and_load():
 
     alive = wire.NodeStatus(name="gpu-a", ray_node_id="n1", host="10.0.0.5", alive=True, device="cuda",
                             gpu_name="H100", memory_bytes=3 * 2**30, cpus=16, threads=8, block_time_s=0.0123,
-                            stages=[wire.Hop("embedded", "", 0, 15)], dtype="bf16",
+                            stages=[wire.Hop("embedded", "", 0, 15)], dtype="bf16", quantize="nf4",
                             info=wire.NodeInfo(name="gpu-a", sessions=3, busy_fraction=0.42))
     dead = wire.NodeStatus(name="cpu-b", ray_node_id="n2", host="10.0.0.6", alive=False)
     text = format_status(wire.ClusterStatus("10.0.0.1:6379", [alive, dead], ["embedded"]))
@@ -312,6 +314,7 @@ def test_format_status_shows_names_health_layers_sessions_and_load():
     assert re.search(r"\s3\s+42%$", row_a)  # sessions, then busy, at the end of the row
     assert "3.0 GiB" in row_a and "12.3 ms" in row_a
     assert row_a[lines[1].index("dtype"):].startswith("bf16") and "dtype" in header
+    assert row_a[lines[1].index("weights"):].startswith("nf4")
     assert " dead " in row_b and "[" not in row_b and "alive" not in row_b
     assert len(lines) == 4
     # columns line up: every row starts its "health" cell where the header does
@@ -436,8 +439,9 @@ def test_malformed_method_json_raises_adapter_error(text):
         methods_from_json(text)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-def test_time_block_runs_a_block_in_the_nodes_dtype(dtype):
+@pytest.mark.parametrize("dtype, quantize", [("fp32", "none"), ("bf16", "none"), ("fp16", "none"), ("bf16", "nf4"),
+                                             ("fp32", "int8")])
+def test_time_block_runs_a_block_as_the_node_holds_it(dtype, quantize):
     from edgetune.nodes.profile import time_block
 
-    assert time_block(_tiny_config_dict(), "cpu", repeats=1, dtype=dtype) > 0
+    assert time_block(_tiny_config_dict(), "cpu", repeats=1, dtype=dtype, quantize=quantize) > 0

@@ -236,7 +236,7 @@ def test_unary_round_trips():
     route = wire.Route("smollm2", "f" * 64, HOPS, 6, [wire.ManifestEntry("layers.0.w", "bfloat16", (8, 16), "0" * 64)])
     assert serde.route_from_pb(_pb_round_trip(serde.route_to_pb(route))) == route
     status = wire.ClusterStatus("10.0.0.1:6379", [
-        wire.NodeStatus("a", "ray1", "10.0.0.1", True, "cuda", "H100", 80 << 30, 16, 8, 0.01, 1e9, HOPS[:1], info, "bf16"),
+        wire.NodeStatus("a", "ray1", "10.0.0.1", True, "cuda", "H100", 80 << 30, 16, 8, 0.01, 1e9, HOPS[:1], info, "bf16", "nf4"),
         wire.NodeStatus("b", alive=False),
     ], ["smollm2"])
     assert serde.cluster_status_from_pb(_pb_round_trip(serde.cluster_status_to_pb(status))) == status

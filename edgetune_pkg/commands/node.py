@@ -44,7 +44,8 @@ def run_node(args) -> int:
         raise ConfigError(f"--memory-limit: {e}") from None
     options = NodeOptions(name=args.name or default_name(), device=args.device,
                           threads=args.threads or default_threads(), memory_limit_bytes=limit,
-                          fetch_weights=args.fetch_weights, shard_port=args.shard_port, dtype=args.dtype)
+                          fetch_weights=args.fetch_weights, shard_port=args.shard_port, dtype=args.dtype,
+                          quantize=args.quantize)
     token = rpc.load_token(Path(args.token_file).expanduser() if args.token_file else rpc.default_token_path())
     client = CoordinatorClient(args.coordinator, token)
     try:
@@ -59,7 +60,7 @@ def run_node(args) -> int:
                            temp_dir=Path(args.temp_dir) if args.temp_dir else None, node_ip=args.node_ip,
                            ports=ray_ports_from(args))
     node = RayNodeProcess(config)
-    print(f"edgetune node {options.name}: joining {reply.ray_address} ({options.device}, dtype {options.dtype}, {options.threads} threads"
+    print(f"edgetune node {options.name}: joining {reply.ray_address} ({options.device}, dtype {options.dtype}, weights {options.quantize}, {options.threads} threads"
           f"{f', memory limit {args.memory_limit}' if limit else ''}); Ctrl-C leaves", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` leaves as cleanly as Ctrl-C
     code = node.run_until_interrupted()

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from edgetune.runtime.compute.precision import DTYPES
+from edgetune.runtime.compute.quantize import SCHEMES
 from edgetune.runtime.errors import ConfigError
 
 NODE_RESOURCE = "edgetune_node"
@@ -21,6 +22,7 @@ LABEL_MEMORY_LIMIT = "edgetune-memory-limit"  # bytes; "0" = no limit
 LABEL_FETCH_WEIGHTS = "edgetune-fetch-weights"  # "1": the coordinator ships block tensors
 LABEL_SHARD_PORT = "edgetune-shard-port"  # the shard's gRPC port; "0" = a free one
 LABEL_DTYPE = "edgetune-dtype"  # auto, fp32, bf16, fp16: the precision of its blocks
+LABEL_QUANTIZE = "edgetune-quantize"  # none, int8, nf4: how its blocks' linear weights are held
 
 # Ray label values: at most 63 characters, alphanumerics with - _ . inside.
 _NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
@@ -44,6 +46,7 @@ class NodeOptions:
     fetch_weights: bool = False
     shard_port: int = 0
     dtype: str = "auto"
+    quantize: str = "none"
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -58,13 +61,16 @@ class NodeOptions:
             problems.append(f"shard port must be 0 (a free one) or 1024..65535, got {self.shard_port}")
         if self.dtype not in DTYPES:
             problems.append(f"dtype {self.dtype!r} not in {', '.join(DTYPES)}")
+        if self.quantize not in SCHEMES:
+            problems.append(f"quantize {self.quantize!r} not in {', '.join(SCHEMES)}")
         if problems:
             raise ConfigError("node options: " + "; ".join(problems))
 
     def labels(self) -> dict[str, str]:
         return {LABEL_NAME: self.name, LABEL_DEVICE: self.device.replace(":", "-"), LABEL_THREADS: str(self.threads),
                 LABEL_MEMORY_LIMIT: str(self.memory_limit_bytes), LABEL_FETCH_WEIGHTS: "1" if self.fetch_weights else "0",
-                LABEL_SHARD_PORT: str(self.shard_port), LABEL_DTYPE: self.dtype}
+                LABEL_SHARD_PORT: str(self.shard_port), LABEL_DTYPE: self.dtype,
+                LABEL_QUANTIZE: self.quantize}
 
     @classmethod
     def from_labels(cls, labels: dict[str, str]) -> NodeOptions:
@@ -74,6 +80,7 @@ class NodeOptions:
                        threads=int(labels.get(LABEL_THREADS, "0")),
                        memory_limit_bytes=int(labels.get(LABEL_MEMORY_LIMIT, "0")),
                        fetch_weights=labels.get(LABEL_FETCH_WEIGHTS, "0") == "1",
-                       shard_port=int(labels.get(LABEL_SHARD_PORT, "0")), dtype=labels.get(LABEL_DTYPE, "auto"))
+                       shard_port=int(labels.get(LABEL_SHARD_PORT, "0")), dtype=labels.get(LABEL_DTYPE, "auto"),
+                       quantize=labels.get(LABEL_QUANTIZE, "none"))
         except (KeyError, ValueError) as e:
             raise ConfigError(f"Ray node labels are not an edgetune node's: {labels} ({e})") from None

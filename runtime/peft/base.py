@@ -65,6 +65,12 @@ class Method:
         """True when init_block starts from the base weights (so it needs real blocks, not shapes)."""
         return False
 
+    @property
+    def reads_base_weight(self) -> bool:
+        """True when the forward reads a linear's weight itself, not only through F.linear (a node
+        holding quantized weights cannot serve such a method)."""
+        return False
+
     # -- tensors ----------------------------------------------------------
     def init_block(self, config: ModelConfig, block: Block, generator: torch.Generator) -> Tensors:
         """Trainable tensors for one block ({} when the block is not targeted)."""

@@ -41,6 +41,10 @@ class LoraConfig(Method):
     def init_reads_weights(self) -> bool:
         return self.use_dora  # DoRA's magnitude starts as the base weight's row norms
 
+    @property
+    def reads_base_weight(self) -> bool:
+        return self.use_dora  # DoRA's norm of (W + BA) in every forward
+
     def __post_init__(self) -> None:
         super().__post_init__()
         problems = []

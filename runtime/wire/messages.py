@@ -169,6 +169,7 @@ class NodeStatus:
     stages: list[Hop] = field(default_factory=list)
     info: NodeInfo | None = None
     dtype: str = ""  # precision of its blocks once profiled: fp32, bf16, fp16
+    quantize: str = ""  # how its blocks' linear weights are held once profiled: none, int8, nf4
 
 
 @dataclass

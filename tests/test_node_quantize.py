@@ -1,0 +1,166 @@
+"""Quantized frozen weights on a node (`edgetune node --quantize int8|nf4`, torchao's tensors):
+a quantized node computes exactly what a plain node holding the dequantized weights computes,
+holds a fraction of the bytes, and refuses DoRA before training starts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from edgetune.nodes.shard import Shard
+from edgetune.runtime.compute.quantize import (
+    bytes_per_value,
+    check_scheme,
+    dequantized,
+    nf4_scaler_block,
+    quantize_blocks,
+    tensor_bytes,
+)
+from edgetune.runtime.errors import ConfigError, EdgetuneError, SessionError
+from edgetune.runtime.model.loader import load_model
+from edgetune.runtime.peft import LoraConfig, attach_adapter
+from edgetune.runtime.peft.adapter import methods_to_json
+from edgetune.runtime.wire import messages as wire
+from edgetune.tests.tiny import SAMPLE_TEXTS, make_tiny_folder, randomize
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny64")
+    make_tiny_folder("llama", folder, hidden_size=64, intermediate_size=128)
+    return folder
+
+
+def test_schemes_sizes_and_nf4_blocks():
+    assert bytes_per_value("nf4", "bf16") / bytes_per_value("none", "bf16") <= 0.35
+    assert bytes_per_value("int8", "fp32") == 1.0 and bytes_per_value("none", "fp16") == 2.0
+    assert nf4_scaler_block(192 * 576, (192, 576)) == 64  # SmolLM2's k/v: 1728 blocks of 64, not a multiple of 256
+    assert nf4_scaler_block(576 * 1536, (1536, 576)) == 256
+    assert nf4_scaler_block(32 * 64, (32, 64)) == 32
+    with pytest.raises(ConfigError, match=r"\(3, 7\) weight has 21 values"):
+        nf4_scaler_block(21, (3, 7))
+    with pytest.raises(ConfigError, match="choose one of none, int8, nf4"):
+        check_scheme("int4")
+
+
+def _part(folder, scheme="none"):
+    part = load_model(folder, start=0, end=2, edge=False)
+    quantize_blocks(part, scheme)
+    return part
+
+
+def _dequantized_copy(folder, quantized):
+    """A plain part whose linear weights are exactly what `quantized` holds, dequantized."""
+    plain = load_model(folder, start=0, end=2, edge=False)
+    for layer in range(2):
+        qs, ps = quantized.block(layer).linears(), plain.block(layer).linears()
+        for name, linear in ps.items():
+            linear.weight = torch.nn.Parameter(dequantized(qs[name].weight).detach().clone(), requires_grad=False)
+    return plain
+
+
+def _step(shard, methods_json, views, hidden, grad_out):
+    session = shard.open_session(wire.Open("s", shard.model, shard.fingerprint, [wire.Hop(shard.name, "", 0, 2)],
+                                           methods_json=methods_json))
+    session.push_adapter(wire.AdapterPush(1, {k: v.detach() for k, v in views.items()}))
+    out = session.forward(wire.Forward(0, 0, 1, True, (3, 0, 0), hidden))
+    grad_in = session.backward(0, 0, grad_out)
+    grads, _ = session.end_step(wire.EndStep(0, 1))
+    return out, grad_in, grads
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_a_quantized_node_equals_a_plain_node_holding_the_dequantized_weights(tiny64, scheme):
+    full = load_model(tiny64)
+    adapter = attach_adapter(full, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=TARGETS))
+    randomize(adapter, seed=2)
+    views = adapter.block_tensor_views(range(2))
+    g = torch.Generator().manual_seed(0)
+    hidden, grad_out = torch.randn(2, 7, 64, generator=g), torch.randn(2, 7, 64, generator=g)
+
+    quantized = _part(tiny64, scheme)
+    assert all(type(l.weight).__module__.startswith("torchao") for l in quantized.block(0).linears().values())
+    plain = _dequantized_copy(tiny64, quantized)
+    methods = methods_to_json(adapter.methods)
+    q_out, q_in, q_grads = _step(Shard("q", "m", quantized, "f" * 64, quantize=scheme), methods, views, hidden, grad_out)
+    p_out, p_in, p_grads = _step(Shard("p", "m", plain, "f" * 64), methods, views, hidden, grad_out)
+    assert (q_out - p_out).abs().max() <= 1e-5 * p_out.abs().max()
+    assert (q_in - p_in).abs().max() <= 1e-5 * p_in.abs().max()
+    assert q_grads.keys() == p_grads.keys() and len(q_grads) == 2 * 2 * len(TARGETS)
+    for k, ref in p_grads.items():
+        assert (q_grads[k] - ref).abs().max() <= 1e-5 * ref.abs().max(), k
+    # and the quantization is real: the dequantized weights differ from the stored ones
+    original = load_model(tiny64, start=0, end=2, edge=False)
+    w, dq = original.block(0).self_attn.q_proj.weight, plain.block(0).self_attn.q_proj.weight
+    assert 0 < (dq - w).norm() / w.norm() < (0.15 if scheme == "nf4" else 0.01)
+
+
+@pytest.mark.parametrize("scheme, most", [("nf4", 0.35), ("int8", 0.6)])
+def test_a_quantized_node_holds_a_fraction_of_the_bf16_weight_bytes(tiny64, scheme, most):
+    def linear_bytes(part):
+        return sum(tensor_bytes(l.weight) for i in range(2) for l in part.block(i).linears().values())
+
+    bf16 = load_model(tiny64, start=0, end=2, edge=False, dtype=torch.bfloat16)
+    quantized = load_model(tiny64, start=0, end=2, edge=False, dtype=torch.bfloat16)
+    quantize_blocks(quantized, scheme)
+    assert linear_bytes(quantized) <= most * linear_bytes(bf16)
+    assert Shard("q", "m", quantized, "f" * 64).loaded_bytes() < Shard("p", "m", bf16, "f" * 64).loaded_bytes()
+
+
+def test_dora_is_refused_on_a_quantized_node_with_a_clear_error(tiny64):
+    full = load_model(tiny64)
+    dora = attach_adapter(full, LoraConfig(r=4, alpha=8, use_dora=True, target_modules=("q_proj",)))
+    shard = Shard("gpu-7", "m", _part(tiny64, "nf4"), "f" * 64, quantize="nf4")
+    with pytest.raises(SessionError, match="node gpu-7 holds its blocks' weights quantized \\(nf4\\).*DoRA") as e:
+        shard.open_session(wire.Open("s", "m", "f" * 64, [wire.Hop("gpu-7", "", 0, 2)],
+                                     methods_json=methods_to_json(dora.methods)))
+    assert e.value.code == "FAILED_PRECONDITION"
+
+
+def test_the_edge_stops_dora_on_a_quantized_route_before_the_first_step(tiny64, tmp_path, monkeypatch):
+    from edgetune.runtime.train.loop import TrainConfig, finetune
+    from edgetune.tests.node_harness import patch_connect, start_route
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in SAMPLE_TEXTS))
+    route = start_route(tiny64, [1], tmp_path, quantize="nf4")
+    try:
+        patch_connect(monkeypatch, route)
+        with pytest.raises(EdgetuneError, match=r"holds its blocks. weights quantized \(nf4\).*DoRA"):
+            finetune(TrainConfig(model=str(tiny64), data=str(data), out=str(tmp_path / "run"), method="dora",
+                                 rank=4, steps=2, batch_size=2, max_seq_len=16, progress=False, coordinator="fake:1",
+                                 max_step_retries=1))
+    finally:
+        route.stop()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or "loss" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_the_coordinator_gives_a_quantized_node_proportionally_more_blocks():
+    from edgetune.coordinator.core import _stage_node
+    from edgetune.nodes.profile import NodeProfile
+    from edgetune.runtime.plan.partition import ModelCost, partition
+
+    def node(name, quantize):
+        return _stage_node(name, NodeProfile(name=name, device="cuda", cpus=8, threads=8, ram_bytes=1 << 34,
+                                             gpu_name="X", gpu_memory_bytes=1 << 34, memory_bytes=(1 << 30) + (1 << 28),
+                                             fixed_bytes=1 << 28, block_time_s=0.01, bandwidth_bytes_per_s=1e12,
+                                             dtype="bf16", quantize=quantize))
+
+    nf4 = node("b", "nf4")
+    assert nf4.weight_scale == pytest.approx((0.5 + 1 / 64) / 4) and nf4.activation_scale == 0.5
+    model = ModelCost(num_layers=40, block_bytes=200 << 20, activation_bytes=0)  # fp32 bytes: 100 MiB a block in bf16
+    plan = partition([node("a", "none"), nf4], model)
+    blocks = {s.name: s.blocks for s in plan.stages}
+    assert blocks == {"a": 10, "b": 30}  # 1 GiB each: 10 bf16 blocks of 100 MiB fit; ~26 MiB nf4 blocks hold the rest
+
+
+def test_a_node_without_torchao_says_what_to_install(tiny64, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(ConfigError, match=r"needs torchao.*edgetune\[cluster\]"):
+        quantize_blocks(load_model(tiny64, start=0, end=1, edge=False), "nf4")
