@@ -164,3 +164,16 @@ def test_a_node_without_torchao_says_what_to_install(tiny64, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
     with pytest.raises(ConfigError, match=r"needs torchao.*edgetune\[cluster\]"):
         quantize_blocks(load_model(tiny64, start=0, end=1, edge=False), "nf4")
+
+
+def test_bench_node_runs_every_variant_on_a_tiny_model(tiny64, tmp_path, capsys):
+    from edgetune.benchmarks import bench_node
+
+    out = tmp_path / "bench.json"
+    assert bench_node.main(["--model", str(tiny64), "--blocks", "2", "--batch-size", "1", "--seq-len", "8",
+                            "--rank", "2", "--rounds", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["fp32", "bf16", "int8", "nf4"]
+    assert rows["nf4"]["weight_bytes"] < rows["int8"]["weight_bytes"] < rows["bf16"]["weight_bytes"] < rows["fp32"]["weight_bytes"]
+    assert rows["fp32"]["rel_l2_vs_fp32"] == 0 and 0 < rows["nf4"]["rel_l2_vs_fp32"] < 1
+    assert "nf4" in capsys.readouterr().out

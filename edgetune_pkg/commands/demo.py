@@ -73,7 +73,7 @@ def run_demo(opts: DemoOptions, say=print) -> DemoResult:
     with LocalCluster.start(nodes, extra=["--model", opts.model], names=["node-big", "node-small"]) as cluster:
         say(_plan(cluster, opts.model))
         say(_banner("2. fine-tuning on the cluster (the adapter and its optimizer stay in this process)"))
-        run = _finetune(cluster, opts, out / "run")
+        run = finetune_fernhill(cluster, opts, out / "run")
     say(f"eval loss on {len(held_out)} held-out questions: "
         f"{_fmt(run.eval_loss_before)} before -> {_fmt(run.eval_loss)} after {run.steps} steps")
     say(f"run folder: {run.out} (config.json, metrics.jsonl, checkpoints/); adapter: {run.adapter_dir}")
@@ -122,7 +122,9 @@ def _plan(cluster, model: str) -> str:
     return f"{format_status(cluster.status())}\n\nthe coordinator's partition of {route.num_layers} blocks: {split}"
 
 
-def _finetune(cluster, opts: DemoOptions, run_dir: Path):
+def finetune_fernhill(cluster, opts: DemoOptions, run_dir: Path):
+    """The demo's fine-tuning run on `cluster`: LoRA on the Fernhill facts (also the run that
+    benchmarks/bench_node.py repeats with a quantized node)."""
     from edgetune.runtime.train.loop import TrainConfig, finetune
 
     cfg = TrainConfig(model=opts.model, data=opts.data, eval_data=opts.eval_data, out=str(run_dir), method="lora",
