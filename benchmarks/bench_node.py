@@ -31,13 +31,13 @@ VARIANTS = {"fp32": ("fp32", "none"), "bf16": ("bf16", "none"), "int8": ("fp32",
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _shard(model: str, blocks: int, dtype: str, quantize: str):
+def _shard(model: str, blocks: int, dtype: str, quantize: str, device: str):
     from edgetune.nodes.shard import Shard
     from edgetune.runtime.compute.precision import torch_dtype
     from edgetune.runtime.compute.quantize import quantize_blocks
     from edgetune.runtime.model.loader import load_model
 
-    part = load_model(model, start=0, end=blocks, edge=False, dtype=torch_dtype(dtype))
+    part = load_model(model, start=0, end=blocks, edge=False, dtype=torch_dtype(dtype), device=device)
     quantize_blocks(part, quantize)
     return Shard(f"{dtype}-{quantize}", model, part, "f" * 64, quantize=quantize)
 
@@ -74,13 +74,22 @@ def _step(shard, methods_json: str, views: dict, hidden, grad, step: int):
     session = shard.open_session(wire.Open("bench", shard.model, shard.fingerprint,
                                            [wire.Hop(shard.name, "", shard.start, shard.end)], methods_json=methods_json))
     session.push_adapter(wire.AdapterPush(step + 1, views))
+    _sync(hidden.device)
     start = time.perf_counter()
     out = session.forward(wire.Forward(step, 0, step + 1, True, None, hidden))
     session.backward(step, 0, grad)
     session.end_step(wire.EndStep(step, step + 1))
+    _sync(hidden.device)
     seconds = time.perf_counter() - start
     shard.close_session("bench")
     return seconds, out
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up round)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--cluster-steps", type=int, default=0,
                    help="also fine-tune through an fp32 and an nf4 cluster for this many steps (0: skip)")
@@ -107,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [v for v in args.variants.split(",") if v]
-    shards = {v: _shard(args.model, args.blocks, *VARIANTS[v]) for v in names}
+    shards = {v: _shard(args.model, args.blocks, *VARIANTS[v], args.device) for v in names}
     ref = load_model(args.model, start=0, end=args.blocks, edge=False)
     adapter = attach_adapter(ref, LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules=TARGETS))
     with torch.no_grad():
@@ -115,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             t.normal_(0, 0.02)  # lora_B too: a non-zero adapter, so its path costs what it does in training
     views = {k: v.detach() for k, v in adapter.block_tensor_views(range(args.blocks)).items()}
     methods_json = methods_to_json(adapter.methods)
-    hidden = _text_hidden(args.model, args.batch_size, args.seq_len)
+    hidden = _text_hidden(args.model, args.batch_size, args.seq_len).to(args.device)
     g = torch.Generator().manual_seed(0)
-    grad = torch.randn(hidden.shape, generator=g) / hidden.numel() ** 0.5
+    grad = (torch.randn(hidden.shape, generator=g) / hidden.numel() ** 0.5).to(args.device)
 
     times: dict[str, list[float]] = {v: [] for v in names}
     outputs = {}
@@ -131,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     for v in names:
         rows[v] = {"weight_bytes": _linear_bytes(shards[v]), "step_s": statistics.median(times[v]),
                    "rel_l2_vs_" + base: float((outputs[v] - outputs[base]).norm() / outputs[base].norm())}
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"cpu, {torch.get_num_threads()} threads")
     print(f"node part: {args.blocks} blocks of {args.model}, LoRA r={args.rank} on every linear, "
-          f"micro-batch {args.batch_size} x {args.seq_len}, {torch.get_num_threads()} threads, "
-          f"median of {args.rounds} rounds")
+          f"micro-batch {args.batch_size} x {args.seq_len}, {where}, median of {args.rounds} rounds")
     print(f"{'variant':8} {'linear weights':>15} {'vs ' + base:>8} {'fwd+bwd s':>10} {'vs ' + base:>8} {'out rel L2':>11}")
     for v, row in rows.items():
         print(f"{v:8} {row['weight_bytes'] / 2**20:12.1f} MiB {row['weight_bytes'] / rows[base]['weight_bytes']:8.3f} "

@@ -68,12 +68,16 @@ def test_the_coordinator_charges_a_profiled_node_its_dtypes_bytes():
     assert (half.weight_scale, half.activation_scale, half.memory_bytes) == (0.5, 0.5, 1 << 33)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
-def test_a_half_precision_shard_keeps_the_adapter_and_its_gradients_fp32(tiny64, dtype, tol):
+def test_a_half_precision_shard_keeps_the_adapter_and_its_gradients_fp32(tiny64, dtype, tol, device):
     from edgetune.nodes.shard import Shard
 
     def run(block_dtype):
-        part = load_model(tiny64, start=0, end=2, edge=False, dtype=block_dtype)
+        part = load_model(tiny64, start=0, end=2, edge=False, dtype=block_dtype, device=device)
         shard = Shard("n", str(tiny64), part, "f" * 64)
         session = shard.open_session(wire.Open("s", str(tiny64), "f" * 64, [wire.Hop("n", "", 0, 2)],
                                                methods_json=methods_to_json(adapter.methods)))
@@ -88,7 +92,7 @@ def test_a_half_precision_shard_keeps_the_adapter_and_its_gradients_fp32(tiny64,
     randomize(adapter, seed=1)
     views = adapter.block_tensor_views(range(2))
     g = torch.Generator().manual_seed(0)
-    hidden, grad_out = torch.randn(2, 7, 64, generator=g), torch.randn(2, 7, 64, generator=g)
+    hidden, grad_out = torch.randn(2, 7, 64, generator=g).to(device), torch.randn(2, 7, 64, generator=g).to(device)
 
     ref_part, _, ref_out, ref_grad_in, ref_grads = run(torch.float32)
     part, session, out, grad_in, grads = run(dtype)

@@ -46,15 +46,18 @@ def test_schemes_sizes_and_nf4_blocks():
         check_scheme("int4")
 
 
-def _part(folder, scheme="none"):
-    part = load_model(folder, start=0, end=2, edge=False)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _part(folder, scheme="none", device="cpu"):
+    part = load_model(folder, start=0, end=2, edge=False, device=device)
     quantize_blocks(part, scheme)
     return part
 
 
-def _dequantized_copy(folder, quantized):
+def _dequantized_copy(folder, quantized, device="cpu"):
     """A plain part whose linear weights are exactly what `quantized` holds, dequantized."""
-    plain = load_model(folder, start=0, end=2, edge=False)
+    plain = load_model(folder, start=0, end=2, edge=False, device=device)
     for layer in range(2):
         qs, ps = quantized.block(layer).linears(), plain.block(layer).linears()
         for name, linear in ps.items():
@@ -72,18 +75,19 @@ def _step(shard, methods_json, views, hidden, grad_out):
     return out, grad_in, grads
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
-def test_a_quantized_node_equals_a_plain_node_holding_the_dequantized_weights(tiny64, scheme):
+def test_a_quantized_node_equals_a_plain_node_holding_the_dequantized_weights(tiny64, scheme, device):
     full = load_model(tiny64)
     adapter = attach_adapter(full, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=TARGETS))
     randomize(adapter, seed=2)
     views = adapter.block_tensor_views(range(2))
     g = torch.Generator().manual_seed(0)
-    hidden, grad_out = torch.randn(2, 7, 64, generator=g), torch.randn(2, 7, 64, generator=g)
+    hidden, grad_out = torch.randn(2, 7, 64, generator=g).to(device), torch.randn(2, 7, 64, generator=g).to(device)
 
-    quantized = _part(tiny64, scheme)
+    quantized = _part(tiny64, scheme, device)
     assert all(type(l.weight).__module__.startswith("torchao") for l in quantized.block(0).linears().values())
-    plain = _dequantized_copy(tiny64, quantized)
+    plain = _dequantized_copy(tiny64, quantized, device)
     methods = methods_to_json(adapter.methods)
     q_out, q_in, q_grads = _step(Shard("q", "m", quantized, "f" * 64, quantize=scheme), methods, views, hidden, grad_out)
     p_out, p_in, p_grads = _step(Shard("p", "m", plain, "f" * 64), methods, views, hidden, grad_out)
@@ -93,7 +97,7 @@ def test_a_quantized_node_equals_a_plain_node_holding_the_dequantized_weights(ti
     for k, ref in p_grads.items():
         assert (q_grads[k] - ref).abs().max() <= 1e-5 * ref.abs().max(), k
     # and the quantization is real: the dequantized weights differ from the stored ones
-    original = load_model(tiny64, start=0, end=2, edge=False)
+    original = load_model(tiny64, start=0, end=2, edge=False, device=device)
     w, dq = original.block(0).self_attn.q_proj.weight, plain.block(0).self_attn.q_proj.weight
     assert 0 < (dq - w).norm() / w.norm() < (0.15 if scheme == "nf4" else 0.01)
 
