@@ -9,7 +9,6 @@ it proportionately fewer blocks.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -67,7 +66,6 @@ def time_block(config_dict: dict, device: str, repeats: int = 3, dtype: str = "f
     dev = torch.device(device)
     with torch.device(dev):
         part = CausalLM(config, 0, 1, edge=False)  # one block, random weights
-        shell = CausalLM(config, 0, 0, edge=False)  # rotary tables and masks without any weights
     part.to(torch_dtype(dtype))
     for p in part.parameters():
         p.requires_grad_(False)
@@ -75,9 +73,7 @@ def time_block(config_dict: dict, device: str, repeats: int = 3, dtype: str = "f
     block = part.block(0)
     h = torch.randn(REFERENCE_BATCH, REFERENCE_TOKENS, config.hidden_size, device=dev, dtype=torch_dtype(dtype),
                     requires_grad=True)
-    ctx = shell.make_context(REFERENCE_BATCH, REFERENCE_TOKENS, dev)
-    # the shell has no weights, so its rotary tables are fp32: give them the block's dtype, as a node's part has
-    ctx = dataclasses.replace(ctx, cos=ctx.cos.to(torch_dtype(dtype)), sin=ctx.sin.to(torch_dtype(dtype)))
+    ctx = part.make_context(REFERENCE_BATCH, REFERENCE_TOKENS, dev)  # rotary tables in the part's dtype
     times = []
     for _ in range(repeats + 1):  # the first run warms up kernels and allocators
         start = time.perf_counter()
