@@ -83,3 +83,18 @@ def patch_connect(monkeypatch, local: LocalRoute) -> _FakeClient:
 
     monkeypatch.setattr(remote.RemoteTrainer, "connect", classmethod(lambda cls, cfg: connect(cfg)))
     return client
+
+
+def shard_step(shard, methods_json: str, views: dict, hidden, grad_out, dropout_key=None):
+    """One training micro-batch through `shard`'s session API, as its gRPC servicer drives it: open,
+    push the adapter (version 1), forward keeping activations, backward, end of step.
+
+    Returns (session, output, dL/d(input), the step's adapter gradients).
+    """
+    session = shard.open_session(wire.Open("s", shard.model, shard.fingerprint,
+                                           [wire.Hop(shard.name, "", shard.start, shard.end)], methods_json=methods_json))
+    session.push_adapter(wire.AdapterPush(1, {k: v.detach() for k, v in views.items()}))
+    out = session.forward(wire.Forward(0, 0, 1, True, dropout_key, hidden))
+    grad_in = session.backward(0, 0, grad_out)
+    grads, _ = session.end_step(wire.EndStep(0, 1))
+    return session, out, grad_in, grads

@@ -13,7 +13,7 @@ from edgetune.runtime.model.loader import load_model
 from edgetune.runtime.peft import LoraConfig, attach_adapter
 from edgetune.runtime.peft.adapter import methods_to_json
 from edgetune.runtime.plan.partition import ModelCost, StageNode, partition
-from edgetune.runtime.wire import messages as wire
+from edgetune.tests.node_harness import shard_step
 from edgetune.tests.tiny import SAMPLE_TEXTS, make_tiny_folder, randomize
 
 
@@ -78,14 +78,8 @@ def test_a_half_precision_shard_keeps_the_adapter_and_its_gradients_fp32(tiny64,
 
     def run(block_dtype):
         part = load_model(tiny64, start=0, end=2, edge=False, dtype=block_dtype, device=device)
-        shard = Shard("n", str(tiny64), part, "f" * 64)
-        session = shard.open_session(wire.Open("s", str(tiny64), "f" * 64, [wire.Hop("n", "", 0, 2)],
-                                               methods_json=methods_to_json(adapter.methods)))
-        session.push_adapter(wire.AdapterPush(1, {k: v.detach() for k, v in views.items()}))
-        out = session.forward(wire.Forward(0, 0, 1, True, None, hidden))
-        grad_in = session.backward(0, 0, grad_out)
-        grads, _ = session.end_step(wire.EndStep(0, 1))
-        return part, session, out, grad_in, grads
+        return (part, *shard_step(Shard("n", str(tiny64), part, "f" * 64), methods_to_json(adapter.methods), views,
+                                  hidden, grad_out))
 
     full = load_model(tiny64)
     adapter = attach_adapter(full, LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj")))

@@ -22,6 +22,7 @@ from edgetune.runtime.model.loader import load_model
 from edgetune.runtime.peft import LoraConfig, attach_adapter
 from edgetune.runtime.peft.adapter import methods_to_json
 from edgetune.runtime.wire import messages as wire
+from edgetune.tests.node_harness import shard_step
 from edgetune.tests.tiny import SAMPLE_TEXTS, make_tiny_folder, randomize
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -65,16 +66,6 @@ def _dequantized_copy(folder, quantized, device="cpu"):
     return plain
 
 
-def _step(shard, methods_json, views, hidden, grad_out):
-    session = shard.open_session(wire.Open("s", shard.model, shard.fingerprint, [wire.Hop(shard.name, "", 0, 2)],
-                                           methods_json=methods_json))
-    session.push_adapter(wire.AdapterPush(1, {k: v.detach() for k, v in views.items()}))
-    out = session.forward(wire.Forward(0, 0, 1, True, (3, 0, 0), hidden))
-    grad_in = session.backward(0, 0, grad_out)
-    grads, _ = session.end_step(wire.EndStep(0, 1))
-    return out, grad_in, grads
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
 def test_a_quantized_node_equals_a_plain_node_holding_the_dequantized_weights(tiny64, scheme, device):
@@ -89,8 +80,10 @@ def test_a_quantized_node_equals_a_plain_node_holding_the_dequantized_weights(ti
     assert all(type(l.weight).__module__.startswith("torchao") for l in quantized.block(0).linears().values())
     plain = _dequantized_copy(tiny64, quantized, device)
     methods = methods_to_json(adapter.methods)
-    q_out, q_in, q_grads = _step(Shard("q", "m", quantized, "f" * 64, quantize=scheme), methods, views, hidden, grad_out)
-    p_out, p_in, p_grads = _step(Shard("p", "m", plain, "f" * 64), methods, views, hidden, grad_out)
+    _, q_out, q_in, q_grads = shard_step(Shard("q", "m", quantized, "f" * 64, quantize=scheme), methods, views, hidden,
+                                         grad_out, dropout_key=(3, 0, 0))
+    _, p_out, p_in, p_grads = shard_step(Shard("p", "m", plain, "f" * 64), methods, views, hidden, grad_out,
+                                         dropout_key=(3, 0, 0))
     assert (q_out - p_out).abs().max() <= 1e-5 * p_out.abs().max()
     assert (q_in - p_in).abs().max() <= 1e-5 * p_in.abs().max()
     assert q_grads.keys() == p_grads.keys() and len(q_grads) == 2 * 2 * len(TARGETS)
