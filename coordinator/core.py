@@ -144,7 +144,7 @@ class Coordinator:
                 self._drop(model)
             try:
                 placed = self._place(model)
-            except PartitionError as e:  # the cluster cannot hold the model: not worth retrying soon
+            except (PartitionError, ConfigError) as e:  # the cluster cannot hold or run the model: not worth retrying
                 raise SessionError(str(e), code="FAILED_PRECONDITION") from None
             except placement.PlacementError as e:
                 raise PlacementUnavailable(str(e)) from None

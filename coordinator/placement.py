@@ -20,7 +20,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from edgetune.runtime.errors import EdgetuneError
+from edgetune.runtime.errors import ConfigError, EdgetuneError
 from edgetune.runtime.wire import messages as wire
 
 log = logging.getLogger("edgetune.coordinator")
@@ -61,6 +61,7 @@ def profile(node_id: str, name: str, device: str, threads: int, memory_limit_byt
     try:
         return ray.get(task.remote(name, device, threads, memory_limit_bytes, config, probes, dtype, quantize), timeout=timeout_s)
     except Exception as e:  # RayTaskError, GetTimeoutError, node died
+        _raise_config_error(e, name)
         raise PlacementError(f"profiling node {name} failed: {type(e).__name__}: {e}") from None
 
 
@@ -112,5 +113,14 @@ class ShardActor:
         try:
             return ray.get(ref, timeout=timeout_s)
         except Exception as e:
+            _raise_config_error(e, self.spec.name)
             cause = getattr(e, "cause", None) or e
             raise PlacementError(f"shard actor on node {self.spec.name} ({what}): {type(cause).__name__}: {cause}") from None
+
+
+def _raise_config_error(e: Exception, node: str) -> None:
+    """A node that cannot run the model as it was started (e.g. --quantize nf4 on weights nf4 cannot
+    split) raised a ConfigError: raise it as one, since retrying the placement cannot help."""
+    cause = getattr(e, "cause", None) or e
+    if isinstance(cause, ConfigError):
+        raise ConfigError(f"node {node}: {cause}") from None

@@ -445,3 +445,38 @@ def test_time_block_runs_a_block_as_the_node_holds_it(dtype, quantize):
     from edgetune.nodes.profile import time_block
 
     assert time_block(_tiny_config_dict(), "cpu", repeats=1, dtype=dtype, quantize=quantize) > 0
+
+
+def test_a_node_that_cannot_run_the_model_as_started_fails_the_route_at_once(monkeypatch):
+    """A ConfigError from a node (here: profiling an nf4 block of shapes nf4 cannot split) is no
+    transient placement failure: GetRoute answers FAILED_PRECONDITION, which the edge does not retry."""
+    from types import SimpleNamespace
+
+    from edgetune.coordinator import core, placement
+    from edgetune.runtime.cluster.node_labels import NodeOptions
+    from edgetune.runtime.errors import SessionError
+
+    class RayTaskError(Exception):  # how ray.get raises a task's exception: the original as .cause
+        def __init__(self, cause):
+            super().__init__(str(cause))
+            self.cause = cause
+
+    def profile_task(*args, **kwargs):
+        raise RayTaskError(ConfigError("nf4 needs weights whose size is a multiple of 64"))
+
+    node = core.RayNode("ab" * 28, "10.0.0.2", True, NodeOptions("gpu-1", quantize="nf4"))  # a Ray node id: 28 bytes
+    coordinator = core.Coordinator("token", "10.0.0.1:6379")
+    monkeypatch.setattr(core.Coordinator, "nodes", lambda self: [node])
+    monkeypatch.setattr(core.Coordinator, "model_info", lambda self, m: SimpleNamespace(name=m, config_dict={}))
+    monkeypatch.setattr(placement.ray, "remote", lambda fn: SimpleNamespace(
+        options=lambda **kw: SimpleNamespace(remote=lambda *a: ("ref", a))))
+    monkeypatch.setattr(placement.ray, "put", lambda value: "probe")
+    monkeypatch.setattr(placement.ray, "get", lambda ref, timeout=None: profile_task())
+    with pytest.raises(SessionError, match="node gpu-1: nf4 needs weights") as e:
+        coordinator.route("m")
+    assert e.value.code == "FAILED_PRECONDITION"
+    # anything else from a node stays a placement failure the edge may retry
+    monkeypatch.setattr(placement.ray, "get", lambda ref, timeout=None: (_ for _ in ()).throw(RayTaskError(OSError("x"))))
+    with pytest.raises(SessionError) as e:
+        coordinator.route("m")
+    assert e.value.code == "UNAVAILABLE"
