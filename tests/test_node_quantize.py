@@ -12,7 +12,6 @@ from edgetune.nodes.shard import Shard
 from edgetune.runtime.compute.quantize import (
     bytes_per_value,
     check_scheme,
-    dequantized,
     nf4_scaler_block,
     quantize_blocks,
     tensor_bytes,
@@ -56,13 +55,20 @@ def _part(folder, scheme="none", device="cpu"):
     return part
 
 
+def _dequantized(weight):
+    """The plain tensor torchao's quantized weight stands for."""
+    if hasattr(weight, "get_original_weight"):  # NF4Tensor
+        return weight.get_original_weight()
+    return weight.dequantize()  # weight-only int8
+
+
 def _dequantized_copy(folder, quantized, device="cpu"):
     """A plain part whose linear weights are exactly what `quantized` holds, dequantized."""
     plain = load_model(folder, start=0, end=2, edge=False, device=device)
     for layer in range(2):
         qs, ps = quantized.block(layer).linears(), plain.block(layer).linears()
         for name, linear in ps.items():
-            linear.weight = torch.nn.Parameter(dequantized(qs[name].weight).detach().clone(), requires_grad=False)
+            linear.weight = torch.nn.Parameter(_dequantized(qs[name].weight).detach().clone(), requires_grad=False)
     return plain
 
 

@@ -87,19 +87,10 @@ def quantize_blocks(part, scheme: str) -> None:
                 linear.weight.requires_grad_(False)
 
 
-def dequantized(weight):
-    """The plain tensor a quantized weight stands for (the weight itself when not quantized)."""
-    if hasattr(weight, "get_original_weight"):  # NF4Tensor
-        return weight.get_original_weight()
-    if hasattr(weight, "dequantize") and type(weight).__module__.startswith("torchao"):
-        return weight.dequantize()
-    return weight
-
-
 def tensor_bytes(t) -> int:
     """Bytes a tensor really holds: for a quantized tensor subclass, its inner tensors."""
-    flatten = getattr(t, "__tensor_flatten__", None)
-    if flatten is None or type(t).__name__ in ("Tensor", "Parameter"):
+    flatten = getattr(t, "__tensor_flatten__", None)  # only tensor subclasses have it
+    if flatten is None:
         return t.numel() * t.element_size()
     names, _ = flatten()
     return sum(tensor_bytes(getattr(t, n)) for n in names)
