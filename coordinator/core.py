@@ -206,10 +206,11 @@ class Coordinator:
         if key not in self.state.profiles:
             o = node.options
             self.state.profiles[key] = placement.profile(node.node_id, o.name, o.device, o.threads,
-                                                         o.memory_limit_bytes, info.config_dict, o.dtype, o.quantize)
+                                                         o.memory_limit_bytes, info.config_dict, o.dtype, o.quantize,
+                                                         o.kernels)
             p = self.state.profiles[key]
-            log.info("profiled %s: %s %s (weights %s), %d threads, %.0f MiB usable, block %.1f ms, link %.0f MB/s",
-                     o.name, p.device, p.dtype, p.quantize, p.threads, p.memory_bytes / 2**20, p.block_time_s * 1e3,
+            log.info("profiled %s: %s %s (weights %s, kernels %s), %d threads, %.0f MiB usable, block %.1f ms, "
+                     "link %.0f MB/s", o.name, p.device, p.dtype, p.quantize, p.kernels, p.threads, p.memory_bytes / 2**20, p.block_time_s * 1e3,
                      min(p.bandwidth_bytes_per_s, 1e12) / 1e6)
         return self.state.profiles[key]
 
@@ -228,7 +229,7 @@ class Coordinator:
             log.info("node %s reads no model file: sending its %d tensors through the object store", o.name, len(names))
         spec = placement.shard_spec(name=o.name, model=info.name, start=stage.start, end=stage.end, device=o.device,
                                     threads=o.threads, fetch_weights=fetch, port=o.shard_port, dtype=prof.dtype,
-                                    quantize=prof.quantize)
+                                    quantize=prof.quantize, kernels=prof.kernels)
         return placement.ShardActor.place(node.node_id, spec, self.token, info.manifest, info.config_dict, tensors_ref)
 
     # -- status ---------------------------------------------------------------------------
@@ -251,6 +252,7 @@ class Coordinator:
                 threads=getattr(prof, "threads", node.options.threads), block_time_s=getattr(prof, "block_time_s", 0.0),
                 bandwidth_bytes_per_s=min(getattr(prof, "bandwidth_bytes_per_s", 0.0), 1e15),
                 dtype=getattr(prof, "dtype", ""), quantize=getattr(prof, "quantize", ""),
+                kernels=getattr(prof, "kernels", ""),
                 stages=[wire.Hop(model, "", s.start, s.end) for model, s, _ in mine], info=info))
         return wire.ClusterStatus(self.ray_address, out, sorted(p.model.name for p in placements))
 

@@ -54,12 +54,13 @@ def shard_spec(**fields) -> Any:
 
 
 def profile(node_id: str, name: str, device: str, threads: int, memory_limit_bytes: int, config: dict,
-            dtype: str = "auto", quantize: str = "none", timeout_s: float = 300.0) -> Any:
+            dtype: str = "auto", quantize: str = "none", kernels: str = "auto", timeout_s: float = 300.0) -> Any:
     """Run the profiler on `node_id`; returns its NodeProfile."""
     task = ray.remote(resolve(PROFILE_NODE)).options(**_on(node_id), max_retries=0)
     probes = [ray.put(b"\0" * n) for n in PROBE_BYTES]  # fetched by the node, timed there: the link estimate
     try:
-        return ray.get(task.remote(name, device, threads, memory_limit_bytes, config, probes, dtype, quantize), timeout=timeout_s)
+        return ray.get(task.remote(name, device, threads, memory_limit_bytes, config, probes, dtype, quantize, kernels),
+                       timeout=timeout_s)
     except Exception as e:  # RayTaskError, GetTimeoutError, node died
         _raise_config_error(e, name)
         raise PlacementError(f"profiling node {name} failed: {type(e).__name__}: {e}") from None

@@ -50,6 +50,8 @@ _FINETUNE_OPTIONS: list[tuple[str, type, str]] = [
     ("save_every", int, "checkpoint every N steps (0: only at the end)"),
     ("keep_checkpoints", int, "how many recent checkpoints to keep"),
     ("device", str, "cpu, cuda, cuda:N or auto"),
+    ("kernels", str, "--local: what the blocks run: eager, compiled (torch.compile), fused (CUDA) or auto (fused on "
+                     "CUDA, else eager); cluster nodes use their own --kernels"),
     ("threads", int, "torch CPU threads (0: local: torch's default; distributed: cores / edgetune processes here)"),
     ("coordinator", str, "HOST:PORT of `edgetune coordinator`: train on its cluster (instead of --local)"),
     ("codec", str, "activations and their gradients on the wire: fp32, fp16, bf16, int8 (adapters stay exact)"),
@@ -166,6 +168,7 @@ def _add_coordinator(sub) -> None:
 
 def _add_node(sub) -> None:
     from edgetune.commands.ray_ports import add_ray_ports
+    from edgetune.runtime.compute.kernels import KERNELS
     from edgetune.runtime.compute.precision import DTYPES
     from edgetune.runtime.compute.quantize import SCHEMES
 
@@ -181,6 +184,9 @@ def _add_node(sub) -> None:
     p.add_argument("--quantize", default="none", choices=SCHEMES,
                    help="hold the blocks' frozen linear weights quantized (nf4: ~0.52 bytes a value, int8: ~1), "
                         "dequantized on the fly; DoRA needs none")
+    p.add_argument("--kernels", default="auto", choices=KERNELS,
+                   help="what the blocks run (auto: fused Triton/Liger kernels on CUDA, eager PyTorch on a CPU; "
+                        "compiled: torch.compile, any device, seconds of warm-up per block shape)")
     p.add_argument("--name", default=None, help="node name shown in status (default: HOST-PID)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: cores / edgetune processes on this host)")
     p.add_argument("--fetch-weights", action="store_true", help="read no model file here: receive this node's "

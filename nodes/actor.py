@@ -32,6 +32,7 @@ class ShardSpec:
     port: int = 0  # the gRPC port; 0 = a free one
     dtype: str = "fp32"  # fp32, bf16 or fp16: the precision the blocks are held and run in
     quantize: str = "none"  # none, int8 or nf4: how the blocks' linear weights are held
+    kernels: str = "eager"  # eager, compiled or fused: what the blocks run (compute.kernels)
 
 
 class ShardServer:
@@ -50,11 +51,11 @@ class ShardServer:
         part = self._load(spec, manifest, config, tensors)
         self.spec = spec
         self.shard = Shard(spec.name, spec.model, part, fingerprint(manifest), max_cached=spec.max_cached,
-                           quantize=spec.quantize)
+                           quantize=spec.quantize, kernels=spec.kernels)
         self.server, port = serve(self.shard, token, port=spec.port)
         self._address = f"{_node_ip()}:{port}"
-        log.info("node %s serves blocks [%d, %d) of %s in %s (weights %s) at %s", spec.name, spec.start, spec.end,
-                 spec.model, spec.dtype, spec.quantize, self._address)
+        log.info("node %s serves blocks [%d, %d) of %s in %s (weights %s, kernels %s) at %s", spec.name, spec.start,
+                 spec.end, spec.model, spec.dtype, spec.quantize, spec.kernels, self._address)
 
     @staticmethod
     def _load(spec: ShardSpec, manifest, config: dict, tensors: dict | None):

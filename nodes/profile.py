@@ -35,6 +35,7 @@ class NodeProfile:
     bandwidth_bytes_per_s: float
     dtype: str = "fp32"       # the precision its blocks are held and run in (--dtype, auto resolved here)
     quantize: str = "none"    # how its blocks' linear weights are held (--quantize)
+    kernels: str = "eager"    # what its blocks run (--kernels, auto resolved here)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,10 +54,16 @@ def hardware(device: str) -> dict:
             "gpu_name": gpu_name, "gpu_memory_bytes": gpu_memory}
 
 
-def time_block(config_dict: dict, device: str, repeats: int = 3, dtype: str = "fp32", quantize: str = "none") -> float:
-    """Median seconds of forward + backward through one block of this shape (random weights, `dtype`, `quantize`)."""
+def time_block(config_dict: dict, device: str, repeats: int = 3, dtype: str = "fp32", quantize: str = "none",
+               kernels: str = "eager") -> float:
+    """Median seconds of forward + backward through one block of this shape (random weights, `dtype`, `quantize`,
+    the ops of `kernels`; a compiled node is timed without compiling: a compile per profile would cost more
+    than it tells)."""
+    from dataclasses import replace
+
     import torch
 
+    from edgetune.runtime.compute.kernels import block_ops
     from edgetune.runtime.compute.precision import torch_dtype
     from edgetune.runtime.compute.quantize import quantize_blocks
     from edgetune.runtime.model.config import ModelConfig
@@ -74,6 +81,7 @@ def time_block(config_dict: dict, device: str, repeats: int = 3, dtype: str = "f
     h = torch.randn(REFERENCE_BATCH, REFERENCE_TOKENS, config.hidden_size, device=dev, dtype=torch_dtype(dtype),
                     requires_grad=True)
     ctx = part.make_context(REFERENCE_BATCH, REFERENCE_TOKENS, dev)  # rotary tables in the part's dtype
+    ctx = replace(ctx, ops=block_ops(kernels))
     times = []
     for _ in range(repeats + 1):  # the first run warms up kernels and allocators
         start = time.perf_counter()
@@ -106,10 +114,11 @@ def link_bandwidth(probe_refs: list) -> float:
 
 
 def profile_node(name: str, device: str, threads: int, memory_limit_bytes: int, config_dict: dict,
-                 probe_refs: list = (), dtype: str = "auto", quantize: str = "none") -> NodeProfile:
+                 probe_refs: list = (), dtype: str = "auto", quantize: str = "none", kernels: str = "auto") -> NodeProfile:
     """Everything the partitioner needs about this node (runs on the node); `dtype` as `--dtype`."""
     import torch
 
+    from edgetune.runtime.compute.kernels import resolve_kernels
     from edgetune.runtime.compute.precision import resolve_dtype
 
     if threads > 0:
@@ -120,11 +129,12 @@ def profile_node(name: str, device: str, threads: int, memory_limit_bytes: int, 
         usable = min(usable, memory_limit_bytes)
     bandwidth = link_bandwidth(list(probe_refs))
     dtype = resolve_dtype(dtype, device)
+    kernels = resolve_kernels(kernels, device)
     return NodeProfile(name=name, device=device, cpus=hw["cpus"], threads=threads or torch.get_num_threads(),
                        ram_bytes=hw["ram_bytes"], gpu_name=hw["gpu_name"], gpu_memory_bytes=hw["gpu_memory_bytes"],
                        memory_bytes=usable, fixed_bytes=FIXED_BYTES,
-                       block_time_s=time_block(config_dict, device, dtype=dtype, quantize=quantize),
-                       bandwidth_bytes_per_s=bandwidth, dtype=dtype, quantize=quantize)
+                       block_time_s=time_block(config_dict, device, dtype=dtype, quantize=quantize, kernels=kernels),
+                       bandwidth_bytes_per_s=bandwidth, dtype=dtype, quantize=quantize, kernels=kernels)
 
 
 def parse_size(text: str) -> int:

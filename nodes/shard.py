@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edgetune.runtime.compute.executor import BlockExecutor
 from edgetune.runtime.compute.quantize import check_methods, tensor_bytes
 from edgetune.runtime.errors import ConfigError, SessionError
 from edgetune.runtime.model.transformer import CausalLM
@@ -49,7 +50,7 @@ class Shard:
     """Blocks [part.start, part.end) of `model`, verified against `fingerprint`."""
 
     def __init__(self, name: str, model: str, part: CausalLM, fingerprint: str, max_cached: int = 64,
-                 quantize: str = "none") -> None:
+                 quantize: str = "none", kernels: str = "eager") -> None:
         if max_cached < 1:
             raise ValueError("max_cached must be at least 1")
         self.name = name
@@ -58,6 +59,7 @@ class Shard:
         self.fingerprint = fingerprint
         self.max_cached = max_cached
         self.quantize = quantize  # how part's linear weights are held (compute.quantize.quantize_blocks)
+        self.executor = BlockExecutor(kernels)  # the ops its blocks run (compute.kernels)
         self.sessions: dict[str, ShardSession] = {}
         self._lock = threading.Lock()
         self._busy_s = 0.0
@@ -94,7 +96,7 @@ class Shard:
             check_methods(methods, self.quantize, self.name)
         except ConfigError as e:
             raise SessionError(str(e), code="FAILED_PRECONDITION") from None
-        session = ShardSession(self, msg.session_id, methods)
+        session = ShardSession(self, msg.session_id, methods, msg.methods_json)
         with self._lock:
             self.sessions[msg.session_id] = session
         return session
@@ -122,10 +124,11 @@ class Shard:
 class ShardSession:
     """One edge's use of a shard: the current adapter version, cached activations, step grads."""
 
-    def __init__(self, shard: Shard, session_id: str, methods) -> None:
+    def __init__(self, shard: Shard, session_id: str, methods, methods_key: str = "") -> None:
         self.shard = shard
         self.session_id = session_id
         self.methods = methods
+        self.methods_key = methods_key  # what a compiled block function is keyed by (with shapes, dtype)
         # Virtual tokens of prefix tuning shift the keys; prompt tuning shifts positions.
         self.prefix = sum(m.num_prefix_tokens() for m in methods)
         self.position_offset = sum(m.position_offset() for m in methods)
@@ -149,13 +152,24 @@ class ShardSession:
                     raise SessionError(f"adapter tensor {key!r} has dtype {t.dtype}; expected floating point", code="INVALID_ARGUMENT")
                 # the leaf stays fp32 (the edge's master precision): each forward casts it to the
                 # blocks' dtype, so autograd returns its gradient in fp32 and sums stay fp32
-                mine[key] = t.to(device=part.device, dtype=torch.float32).requires_grad_(True)
+                mine[key] = self._into_buffer(key, t)
             else:
                 rest[key] = t
         self.version = msg.version
         self.tensors = mine
         self.cache.clear()  # activations of an older version are useless for its gradients
         return rest
+
+    def _into_buffer(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """The session's persistent leaf for `key`, holding `t`: a new version is copied into the
+        same storage (compiled code sees the same input), a new shape gets a new leaf."""
+        part = self.shard.part
+        old = self.tensors.get(key)
+        if old is not None and old.shape == t.shape:
+            with torch.no_grad():
+                old.copy_(t)
+            return old
+        return t.to(device=part.device, dtype=torch.float32).clone().requires_grad_(True)
 
     # -- forward / backward -----------------------------------------------------
     def forward(self, msg: wire.Forward) -> torch.Tensor:
@@ -180,11 +194,11 @@ class ShardSession:
         if msg.train:
             h_in.requires_grad_(True)
             with torch.enable_grad():
-                h_out = part.forward_blocks(h_in, ctx, views=self._views(key))
+                h_out = self.shard.executor.forward_blocks(part, h_in, ctx, self._views(key), self.methods_key)
             self._remember(msg.step, msg.micro, _Saved(h_in, h_out))
         else:
             with torch.no_grad():
-                h_out = part.forward_blocks(h_in, ctx, views=self._views(key))
+                h_out = self.shard.executor.forward_blocks(part, h_in, ctx, self._views(key), self.methods_key)
         self._spent("forward_s", started)
         return h_out.detach().float()  # the wire's codec, not the blocks' dtype, decides what travels
 

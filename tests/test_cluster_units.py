@@ -243,7 +243,7 @@ def test_profile_memory_is_the_smaller_of_limit_and_available_ram(monkeypatch):
     ram = 8 * 2**30
     monkeypatch.setattr(profile, "hardware", lambda device: {"cpus": 4, "ram_bytes": ram, "gpu_name": "",
                                                              "gpu_memory_bytes": 0})
-    monkeypatch.setattr(profile, "time_block", lambda config_dict, device, repeats=3, dtype="fp32", quantize="none": 0.01)
+    monkeypatch.setattr(profile, "time_block", lambda config_dict, device, repeats=3, dtype="fp32", quantize="none", kernels="eager": 0.01)
     config = _tiny_config_dict()
     assert profile.profile_node("a", "cpu", 0, 2**30, config).memory_bytes == 2**30
     assert profile.profile_node("a", "cpu", 0, 64 * 2**30, config).memory_bytes == ram

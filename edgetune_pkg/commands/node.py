@@ -33,6 +33,7 @@ def run_node(args) -> int:
     from edgetune.nodes.ray_join import RayNodeConfig, RayNodeProcess
     from edgetune.runtime.cluster.node_labels import NodeOptions
     from edgetune.runtime.cluster.ray_process import RayAuth
+    from edgetune.runtime.compute.kernels import resolve_kernels
     from edgetune.runtime.errors import ConfigError
     from edgetune.runtime.threads import default_threads
     from edgetune.runtime.wire import rpc
@@ -45,7 +46,8 @@ def run_node(args) -> int:
     options = NodeOptions(name=args.name or default_name(), device=args.device,
                           threads=args.threads or default_threads(), memory_limit_bytes=limit,
                           fetch_weights=args.fetch_weights, shard_port=args.shard_port, dtype=args.dtype,
-                          quantize=args.quantize)
+                          quantize=args.quantize, kernels=args.kernels)
+    resolve_kernels(options.kernels, options.device)  # --kernels fused on a CPU: say so now, not at placement
     token = rpc.load_token(Path(args.token_file).expanduser() if args.token_file else rpc.default_token_path())
     client = CoordinatorClient(args.coordinator, token)
     try:
@@ -60,7 +62,8 @@ def run_node(args) -> int:
                            temp_dir=Path(args.temp_dir) if args.temp_dir else None, node_ip=args.node_ip,
                            ports=ray_ports_from(args))
     node = RayNodeProcess(config)
-    print(f"edgetune node {options.name}: joining {reply.ray_address} ({options.device}, dtype {options.dtype}, weights {options.quantize}, {options.threads} threads"
+    print(f"edgetune node {options.name}: joining {reply.ray_address} ({options.device}, dtype {options.dtype}, weights {options.quantize}, "
+          f"kernels {options.kernels}, {options.threads} threads"
           f"{f', memory limit {args.memory_limit}' if limit else ''}); Ctrl-C leaves", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` leaves as cleanly as Ctrl-C
     code = node.run_until_interrupted()

@@ -15,7 +15,7 @@ def _size(n: float) -> str:
 def format_status(status: wire.ClusterStatus) -> str:
     """One line per node: name, health, hardware, measured speed, assigned blocks, load."""
     lines = [f"Ray cluster: {status.ray_address}    models placed: {', '.join(status.models) or 'none'}"]
-    header = ("node", "health", "host", "device", "dtype", "weights", "threads", "memory", "block f+b", "layers", "sessions", "busy")
+    header = ("node", "health", "host", "device", "dtype", "weights", "kernels", "threads", "memory", "block f+b", "layers", "sessions", "busy")
     rows = []
     for n in status.nodes:
         hardware = n.device + (f" ({n.gpu_name})" if n.gpu_name else "")
@@ -25,7 +25,7 @@ def format_status(status: wire.ClusterStatus) -> str:
             health = "unreachable"
         sessions = str(n.info.sessions) if n.info else "-"
         busy = f"{100 * n.info.busy_fraction:.0f}%" if n.info else "-"
-        rows.append((n.name, health, n.host, hardware, n.dtype or "-", n.quantize or "-",
+        rows.append((n.name, health, n.host, hardware, n.dtype or "-", n.quantize or "-", n.kernels or "-",
                      str(n.threads or "-"),
                      _size(n.memory_bytes) if n.memory_bytes else "-",
                      f"{n.block_time_s * 1e3:.1f} ms" if n.block_time_s else "-", layers, sessions, busy))

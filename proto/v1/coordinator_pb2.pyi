@@ -63,7 +63,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("name", "ray_node_id", "host", "alive", "device", "gpu_name", "memory_bytes", "cpus", "threads", "block_time_s", "bandwidth_bytes_per_s", "stages", "info", "dtype", "quantize")
+    __slots__ = ("name", "ray_node_id", "host", "alive", "device", "gpu_name", "memory_bytes", "cpus", "threads", "block_time_s", "bandwidth_bytes_per_s", "stages", "info", "dtype", "quantize", "kernels")
     NAME_FIELD_NUMBER: _ClassVar[int]
     RAY_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class NodeStatus(_message.Message):
     INFO_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    KERNELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     ray_node_id: str
     host: str
@@ -94,7 +95,8 @@ class NodeStatus(_message.Message):
     info: _node_pb2.NodeInfo
     dtype: str
     quantize: str
-    def __init__(self, name: _Optional[str] = ..., ray_node_id: _Optional[str] = ..., host: _Optional[str] = ..., alive: _Optional[bool] = ..., device: _Optional[str] = ..., gpu_name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., cpus: _Optional[int] = ..., threads: _Optional[int] = ..., block_time_s: _Optional[float] = ..., bandwidth_bytes_per_s: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[_node_pb2.Hop, _Mapping]]] = ..., info: _Optional[_Union[_node_pb2.NodeInfo, _Mapping]] = ..., dtype: _Optional[str] = ..., quantize: _Optional[str] = ...) -> None: ...
+    kernels: str
+    def __init__(self, name: _Optional[str] = ..., ray_node_id: _Optional[str] = ..., host: _Optional[str] = ..., alive: _Optional[bool] = ..., device: _Optional[str] = ..., gpu_name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., cpus: _Optional[int] = ..., threads: _Optional[int] = ..., block_time_s: _Optional[float] = ..., bandwidth_bytes_per_s: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[_node_pb2.Hop, _Mapping]]] = ..., info: _Optional[_Union[_node_pb2.NodeInfo, _Mapping]] = ..., dtype: _Optional[str] = ..., quantize: _Optional[str] = ..., kernels: _Optional[str] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
     __slots__ = ("ray_address", "nodes", "models")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from edgetune.runtime.compute.kernels import KERNELS
 from edgetune.runtime.compute.precision import DTYPES
 from edgetune.runtime.compute.quantize import SCHEMES
 from edgetune.runtime.errors import ConfigError
@@ -23,6 +24,7 @@ LABEL_FETCH_WEIGHTS = "edgetune-fetch-weights"  # "1": the coordinator ships blo
 LABEL_SHARD_PORT = "edgetune-shard-port"  # the shard's gRPC port; "0" = a free one
 LABEL_DTYPE = "edgetune-dtype"  # auto, fp32, bf16, fp16: the precision of its blocks
 LABEL_QUANTIZE = "edgetune-quantize"  # none, int8, nf4: how its blocks' linear weights are held
+LABEL_KERNELS = "edgetune-kernels"  # auto, eager, compiled, fused: what its blocks run
 
 # Ray label values: at most 63 characters, alphanumerics with - _ . inside.
 _NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
@@ -47,6 +49,7 @@ class NodeOptions:
     shard_port: int = 0
     dtype: str = "auto"
     quantize: str = "none"
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -63,6 +66,8 @@ class NodeOptions:
             problems.append(f"dtype {self.dtype!r} not in {', '.join(DTYPES)}")
         if self.quantize not in SCHEMES:
             problems.append(f"quantize {self.quantize!r} not in {', '.join(SCHEMES)}")
+        if self.kernels not in KERNELS:
+            problems.append(f"kernels {self.kernels!r} not in {', '.join(KERNELS)}")
         if problems:
             raise ConfigError("node options: " + "; ".join(problems))
 
@@ -70,7 +75,7 @@ class NodeOptions:
         return {LABEL_NAME: self.name, LABEL_DEVICE: self.device.replace(":", "-"), LABEL_THREADS: str(self.threads),
                 LABEL_MEMORY_LIMIT: str(self.memory_limit_bytes), LABEL_FETCH_WEIGHTS: "1" if self.fetch_weights else "0",
                 LABEL_SHARD_PORT: str(self.shard_port), LABEL_DTYPE: self.dtype,
-                LABEL_QUANTIZE: self.quantize}
+                LABEL_QUANTIZE: self.quantize, LABEL_KERNELS: self.kernels}
 
     @classmethod
     def from_labels(cls, labels: dict[str, str]) -> NodeOptions:
@@ -81,6 +86,6 @@ class NodeOptions:
                        memory_limit_bytes=int(labels.get(LABEL_MEMORY_LIMIT, "0")),
                        fetch_weights=labels.get(LABEL_FETCH_WEIGHTS, "0") == "1",
                        shard_port=int(labels.get(LABEL_SHARD_PORT, "0")), dtype=labels.get(LABEL_DTYPE, "auto"),
-                       quantize=labels.get(LABEL_QUANTIZE, "none"))
+                       quantize=labels.get(LABEL_QUANTIZE, "none"), kernels=labels.get(LABEL_KERNELS, "auto"))
         except (KeyError, ValueError) as e:
             raise ConfigError(f"Ray node labels are not an edgetune node's: {labels} ({e})") from None

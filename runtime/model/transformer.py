@@ -17,8 +17,8 @@ share) and/or the edge modules (embeddings, final norm, LM head).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -76,6 +76,68 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+# ------------------------------------------------------------------------ ops
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / rms(x): normalise in fp32, scale in the input dtype (as Llama does)."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next norm: (h + delta, rms_norm(h + delta))."""
+    h = h + delta
+    return h, rms_norm(h, weight, eps)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA over (B, H, T, hd) queries and (B, KVH, S, hd) keys/values; causal when no mask is given.
+
+    Grouped-query attention: SDPA shares each KV head across its query heads itself
+    (no copies of k/v, nor of their gradients).
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if attn_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+
+
+def adapted_linear(adapter: BlockAdapter | None, name: str, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A block's linear layer with every PEFT method's change to it (see BlockAdapter.linear)."""
+    if adapter is None:
+        return F.linear(x, layer.weight, layer.bias)
+    return adapter.linear(name, x, layer.weight, layer.bias)
+
+
+@dataclass(frozen=True)
+class BlockOps:
+    """The ops a block runs, swappable as a set (runtime/compute/kernels.py registers faster ones).
+
+    The defaults are the plain PyTorch references: the CPU path and the oracle every
+    faster version is tested against.
+    """
+
+    rms_norm: Callable[..., torch.Tensor] = rms_norm
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = add_rms_norm
+    rope: Callable[..., tuple[torch.Tensor, torch.Tensor]] = rope_qk
+    swiglu: Callable[..., torch.Tensor] = swiglu
+    attention: Callable[..., torch.Tensor] = attention
+    linear: Callable[..., torch.Tensor] = adapted_linear
+    name: str = "eager"
+
+
+REFERENCE_OPS = BlockOps()
+
+
 # ------------------------------------------------------------------- context
 @dataclass
 class ForwardContext:
@@ -87,12 +149,14 @@ class ForwardContext:
         over the S = prefix + past + T keys.
     dropout_key: (seed, step, micro_batch) in training with dropout, else None;
         each adapter extends it with (layer, module) for its masks.
+    ops: the kernels the blocks run (REFERENCE_OPS unless an executor chose others).
     """
 
     cos: torch.Tensor
     sin: torch.Tensor
     attn_mask: torch.Tensor | None
     dropout_key: tuple[int, ...] | None = None
+    ops: BlockOps = field(default=REFERENCE_OPS)
 
 
 class KVCache:
@@ -121,18 +185,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        # normalise in fp32, scale in the input dtype (as Llama does)
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        w = self.weight if weight is None else weight
-        return w * x32.to(dtype)
-
-
-def _linear(adapter: BlockAdapter | None, name: str, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if adapter is None:
-        return F.linear(x, layer.weight, layer.bias)
-    return adapter.linear(name, x, layer.weight, layer.bias)
+        return rms_norm(x, self.weight if weight is None else weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -148,24 +201,19 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, adapter: BlockAdapter | None, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = _linear(adapter, "self_attn.q_proj", self.q_proj, x).view(B, T, self.num_heads, self.head_dim)
-        k = _linear(adapter, "self_attn.k_proj", self.k_proj, x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = _linear(adapter, "self_attn.v_proj", self.v_proj, x).view(B, T, self.num_kv_heads, self.head_dim)
+        linear = ctx.ops.linear
+        q = linear(adapter, "self_attn.q_proj", self.q_proj, x).view(B, T, self.num_heads, self.head_dim)
+        k = linear(adapter, "self_attn.k_proj", self.k_proj, x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = linear(adapter, "self_attn.v_proj", self.v_proj, x).view(B, T, self.num_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KVH, T, hd)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        q, k = ctx.ops.rope(q, k, ctx.cos, ctx.sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KVH, past + T, hd)
         if adapter is not None:
             k, v = adapter.prefix_kv(k, v)  # (B, KVH, prefix + past + T, hd)
-        # grouped-query attention: SDPA shares each KV head across its query heads
-        # itself (no copies of k/v, nor of their gradients)
-        gqa = self.num_heads != self.num_kv_heads
-        if ctx.attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)  # (B, H, T, hd)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, enable_gqa=gqa)
+        out = ctx.ops.attention(q, k, v, ctx.attn_mask)  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*hd)
-        return _linear(adapter, "self_attn.o_proj", self.o_proj, out)
+        return linear(adapter, "self_attn.o_proj", self.o_proj, out)
 
 
 class MLP(nn.Module):
@@ -176,10 +224,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=config.mlp_bias)
         self.down_proj = nn.Linear(f, d, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor, adapter: BlockAdapter | None) -> torch.Tensor:
-        gate = _linear(adapter, "mlp.gate_proj", self.gate_proj, x)  # (B, T, F)
-        up = _linear(adapter, "mlp.up_proj", self.up_proj, x)  # (B, T, F)
-        return _linear(adapter, "mlp.down_proj", self.down_proj, F.silu(gate) * up)  # (B, T, D)
+    def forward(self, x: torch.Tensor, adapter: BlockAdapter | None, ops: BlockOps = REFERENCE_OPS) -> torch.Tensor:
+        gate = ops.linear(adapter, "mlp.gate_proj", self.gate_proj, x)  # (B, T, F)
+        up = ops.linear(adapter, "mlp.up_proj", self.up_proj, x)  # (B, T, F)
+        return ops.linear(adapter, "mlp.down_proj", self.down_proj, ops.swiglu(gate, up))  # (B, T, D)
 
 
 class Block(nn.Module):
@@ -204,13 +252,13 @@ class Block(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         norm_w = (lambda name, w: w) if adapter is None else adapter.norm_weight
-        x = self.input_layernorm(h, norm_w("input_layernorm", self.input_layernorm.weight))
+        ops, norm1, norm2 = ctx.ops, self.input_layernorm, self.post_attention_layernorm
+        x = ops.rms_norm(h, norm_w("input_layernorm", norm1.weight), norm1.eps)
         attn = self.self_attn(x, ctx, adapter, cache)  # (B, T, D)
         if adapter is not None:
             attn = adapter.after_attention(attn)  # serial (Houlsby) adapter
-        h = h + attn
-        x = self.post_attention_layernorm(h, norm_w("post_attention_layernorm", self.post_attention_layernorm.weight))
-        mlp = self.mlp(x, adapter)  # (B, T, D)
+        h, x = ops.add_rms_norm(h, attn, norm_w("post_attention_layernorm", norm2.weight), norm2.eps)
+        mlp = self.mlp(x, adapter, ops)  # (B, T, D)
         if adapter is not None:
             mlp = adapter.after_mlp(mlp, x)  # serial adapter and/or parallel adapter on the MLP input
         return h + mlp
@@ -240,6 +288,8 @@ class CausalLM(nn.Module):
             self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # on CPU even under torch.device("meta")
         self.adapter: Adapter | None = None  # attached by peft.adapter.attach_adapter
+        # runs the blocks of a training/eval forward instead of run_blocks (compute.executor; None: run_blocks)
+        self.runner: Callable[..., torch.Tensor] | None = None
 
     # -- names -----------------------------------------------------------
     def hf_names(self) -> dict[str, str]:
@@ -341,6 +391,13 @@ class CausalLM(nn.Module):
         if views is None:
             adapter = self.adapter if adapter is None else adapter
             views = {} if adapter is None else adapter.for_blocks(range(self.start, self.end), ctx.dropout_key)
+        if self.runner is not None and cache is None:
+            return self.runner(self, h, ctx, views)
+        return self.run_blocks(h, ctx, views, cache)
+
+    def run_blocks(self, h: torch.Tensor, ctx: ForwardContext, views: dict[int, BlockAdapter],
+                   cache: KVCache | None = None) -> torch.Tensor:
+        """The blocks one after the other, each with its adapter view and ctx.ops."""
         for block in self.layers:
             h = block(h, ctx, views.get(block.layer_idx), cache)
         return h

@@ -31,6 +31,8 @@ class BlockAdapter:
     def __init__(self, layer: int, entries: Sequence[tuple[Method, Tensors]], dropout_key: tuple | None) -> None:
         self.layer = layer
         self.dropout_key = dropout_key
+        self.methods = [m for m, _ in entries]
+        self._entries = list(entries)
         # per hook, only the entries whose method overrides it
         self._by_hook = {h: [(m, t) for m, t in entries if type(m).overrides(h)] for h in HOOKS}
         # methods touching linear layers, in stack order (linear() needs their interleaving)
@@ -63,6 +65,15 @@ class BlockAdapter:
                 y = m.post_linear(t, name, x_j, y, weight, bias, self._key(name, i))
                 i += 1
         return y
+
+    def without_dropout(self) -> BlockAdapter:
+        """The same view with no dropout key (what a block runs where no method drops anything)."""
+        return BlockAdapter(self.layer, self._entries, None)
+
+    @property
+    def linear_entries(self) -> list[tuple[Method, Tensors]]:
+        """The (method, tensors) pairs that change linear layers, in stack order (for fused kernels)."""
+        return self._linear_entries
 
     def norm_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         for m, t in self._by_hook["norm_weight"]:

@@ -21,7 +21,10 @@ from typing import Any
 
 import torch
 
+from edgetune.runtime.compute.executor import BlockExecutor
+from edgetune.runtime.compute.kernels import resolve_kernels
 from edgetune.runtime.errors import ConfigError
+from edgetune.runtime.peft.adapter import methods_to_json
 from edgetune.runtime.train.loss import head_loss_sum
 from edgetune.runtime.train.options import TrainConfig
 
@@ -84,8 +87,11 @@ class LocalEngine:
     finetune's loop is one loop for both.
     """
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, kernels: str = "eager", methods=()) -> None:
         self.model = model
+        self.kernels = kernels
+        if kernels != "eager":  # the blocks run through one executor (compute.executor)
+            model.runner = BlockExecutor(kernels).runner(methods_to_json(methods) if methods else "")
 
     def loss_sum(self, batch) -> float:
         """Summed loss of one batch, no gradients (evaluation)."""
@@ -176,7 +182,7 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     else:
         model = load_model(folder, device=device)
         adapter = attach_adapter(model, methods, seed=cfg.seed)
-        engine = LocalEngine(model)
+        engine = LocalEngine(model, resolve_kernels(cfg.kernels, str(device)), methods)
     adapter.train()
     params = list(adapter.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from edgetune.runtime.compute.kernels import KERNELS
 from edgetune.runtime.errors import ConfigError
 
 METHOD_NAMES = ("lora", "dora", "ia3", "prefix", "prompt", "ln_tuning", "serial_adapter", "parallel_adapter", "bitfit")
@@ -63,6 +64,7 @@ class TrainConfig:
     # hardware
     device: str = "cpu"
     threads: int = 0  # 0: torch's default (distributed: cores / edgetune processes on the host)
+    kernels: str = "auto"  # --local: eager, compiled, fused or auto (fused on CUDA, else eager); nodes pick their own
     progress: bool = True
     # distributed (empty coordinator: train in this process)
     coordinator: str = ""
@@ -97,6 +99,8 @@ class TrainConfig:
             problems.append(f"codec {self.codec!r} not in fp32, fp16, bf16, int8")
         if self.coordinator and ":" not in self.coordinator:
             problems.append(f"coordinator {self.coordinator!r} must be HOST:PORT")
+        if self.kernels not in KERNELS:
+            problems.append(f"kernels {self.kernels!r} not in {', '.join(KERNELS)}")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             problems.append(f"device {self.device!r} not in cpu, cuda, cuda:N, auto")
         if problems:

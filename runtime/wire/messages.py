@@ -170,6 +170,7 @@ class NodeStatus:
     info: NodeInfo | None = None
     dtype: str = ""  # precision of its blocks once profiled: fp32, bf16, fp16
     quantize: str = ""  # how its blocks' linear weights are held once profiled: none, int8, nf4
+    kernels: str = ""  # what its blocks run once profiled: eager, compiled, fused
 
 
 @dataclass

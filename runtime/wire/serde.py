@@ -737,7 +737,7 @@ def route_request_from_pb(pb: coordinator_pb2.RouteRequest) -> tuple[str, list[s
 
 _NODE_STATUS_FIELDS = ("name", "ray_node_id", "host", "alive", "device", "gpu_name", "memory_bytes",
                        "cpus", "threads", "block_time_s", "bandwidth_bytes_per_s", "dtype",
-                       "quantize")
+                       "quantize", "kernels")
 
 
 def _node_status_to_pb(s: wire.NodeStatus) -> coordinator_pb2.NodeStatus:
