@@ -1,4 +1,4 @@
-"""A node's part of a model, held as fp32 / bf16 / int8 / nf4, measured side by side.
+"""A node's part of a model, held as fp32 / bf16 / int8 / nf4 and run eager / compiled, side by side.
 
     python -m edgetune.benchmarks.bench_node                      # the issue's setting (slow on 2 cores)
     python -m edgetune.benchmarks.bench_node --blocks 4 --batch-size 2 --seq-len 128 --rounds 2
@@ -7,8 +7,12 @@ A node serving blocks [0, --blocks) of `--model` (default: the embedded SmolLM2-
 training micro-batches through its real path (`nodes.shard.Shard`: adapter push, forward with
 saved activations, backward, end of step) on the embeddings of held-out text, with LoRA
 r=--rank on every linear layer, for each
-variant: fp32 (the reference), bf16 (`--dtype bf16`), and fp32 blocks with int8 and nf4
-weights (`--quantize`). Variants alternate within each round so they see the same machine load.
+variant: fp32 (the reference: eager kernels), bf16 (`--dtype bf16`), fp32 blocks with int8 and
+nf4 weights (`--quantize`), `compiled` (`--kernels compiled`: torch.compile of the blocks with
+the adapted linear as one autograd function), `linear-fn` (eager, but with that autograd
+function: the part of compiled's gain that is not the compiler's) and, on CUDA, `fused`
+(`--kernels fused`). Variants alternate within each round so they see the same machine load; the
+warm-up round's seconds are printed too (for compiled: the compile).
 
 With `--cluster-steps N` (the issue's setting: 40) it also fine-tunes the demo's LoRA on the
 Fernhill facts through two local clusters of two CPU nodes each -- both fp32, then one of them
@@ -27,19 +31,27 @@ import json
 import statistics
 import time
 
-VARIANTS = {"fp32": ("fp32", "none"), "bf16": ("bf16", "none"), "int8": ("fp32", "int8"), "nf4": ("fp32", "nf4")}
+VARIANTS = {"fp32": ("fp32", "none", "eager"), "bf16": ("bf16", "none", "eager"), "int8": ("fp32", "int8", "eager"),
+            "nf4": ("fp32", "nf4", "eager"), "linear-fn": ("fp32", "none", "linear-fn"),
+            "compiled": ("fp32", "none", "compiled"), "fused": ("bf16", "none", "fused")}
+CPU_VARIANTS = "fp32,bf16,int8,nf4,linear-fn,compiled"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _shard(model: str, blocks: int, dtype: str, quantize: str, device: str):
+def _shard(model: str, blocks: int, dtype: str, quantize: str, kernels: str, device: str):
     from edgetune.nodes.shard import Shard
+    from edgetune.runtime.compute.kernels import block_ops
     from edgetune.runtime.compute.precision import torch_dtype
     from edgetune.runtime.compute.quantize import quantize_blocks
     from edgetune.runtime.model.loader import load_model
 
     part = load_model(model, start=0, end=blocks, edge=False, dtype=torch_dtype(dtype), device=device)
     quantize_blocks(part, quantize)
-    return Shard(f"{dtype}-{quantize}", model, part, "f" * 64, quantize=quantize)
+    shard = Shard(f"{dtype}-{quantize}-{kernels}", model, part, "f" * 64, quantize=quantize,
+                  kernels="eager" if kernels == "linear-fn" else kernels)
+    if kernels == "linear-fn":  # eager execution with the compiled mode's ops
+        shard.executor.ops = block_ops("compiled")
+    return shard
 
 
 def _text_hidden(model: str, batch: int, seq_len: int):
@@ -102,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up round)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--variants", default=None, help="comma-separated subset of " + ",".join(VARIANTS) +
+                   f" (default: {CPU_VARIANTS}, plus fused on CUDA)")
     p.add_argument("--cluster-steps", type=int, default=0,
                    help="also fine-tune through an fp32 and an nf4 cluster for this many steps (0: skip)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
@@ -116,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = [v for v in args.variants.split(",") if v]
+    names = [v for v in (args.variants or CPU_VARIANTS + (",fused" if args.device.startswith("cuda") else "")).split(",") if v]
     shards = {v: _shard(args.model, args.blocks, *VARIANTS[v], args.device) for v in names}
     ref = load_model(args.model, start=0, end=args.blocks, edge=False)
     adapter = attach_adapter(ref, LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules=TARGETS))
@@ -130,25 +143,32 @@ def main(argv: list[str] | None = None) -> int:
     grad = (torch.randn(hidden.shape, generator=g) / hidden.numel() ** 0.5).to(args.device)
 
     times: dict[str, list[float]] = {v: [] for v in names}
+    warmup: dict[str, float] = {}
     outputs = {}
     for r in range(args.rounds + 1):
         for v in names:
             seconds, outputs[v] = _step(shards[v], methods_json, views, hidden, grad, r)
-            if r:  # round 0 warms up allocators and kernels
+            if r:  # round 0 warms up allocators and kernels (and compiles)
                 times[v].append(seconds)
+            else:
+                warmup[v] = seconds
     base = names[0]
     rows = {}
     for v in names:
         rows[v] = {"weight_bytes": _linear_bytes(shards[v]), "step_s": statistics.median(times[v]),
+                   "warmup_s": warmup[v], "speedup_vs_" + names[0]: None,
                    "rel_l2_vs_" + base: float((outputs[v] - outputs[base]).norm() / outputs[base].norm())}
     where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
              else f"cpu, {torch.get_num_threads()} threads")
     print(f"node part: {args.blocks} blocks of {args.model}, LoRA r={args.rank} on every linear, "
           f"micro-batch {args.batch_size} x {args.seq_len}, {where}, median of {args.rounds} rounds")
-    print(f"{'variant':8} {'linear weights':>15} {'vs ' + base:>8} {'fwd+bwd s':>10} {'vs ' + base:>8} {'out rel L2':>11}")
+    print(f"{'variant':9} {'linear weights':>15} {'vs ' + base:>8} {'fwd+bwd s':>10} {'vs ' + base:>8} "
+          f"{'speedup':>8} {'warm-up s':>10} {'out rel L2':>11}")
     for v, row in rows.items():
-        print(f"{v:8} {row['weight_bytes'] / 2**20:12.1f} MiB {row['weight_bytes'] / rows[base]['weight_bytes']:8.3f} "
-              f"{row['step_s']:10.2f} {row['step_s'] / rows[base]['step_s']:8.2f} {row['rel_l2_vs_' + base]:11.2e}")
+        row["speedup_vs_" + base] = rows[base]["step_s"] / row["step_s"]
+        print(f"{v:9} {row['weight_bytes'] / 2**20:12.1f} MiB {row['weight_bytes'] / rows[base]['weight_bytes']:8.3f} "
+              f"{row['step_s']:10.2f} {row['step_s'] / rows[base]['step_s']:8.2f} {row['speedup_vs_' + base]:8.2f} "
+              f"{row['warmup_s']:10.1f} {row['rel_l2_vs_' + base]:11.2e}")
     clusters = _cluster_runs(args.model, args.cluster_steps) if args.cluster_steps else {}
     if args.json:
         with open(args.json, "w") as f:

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks, as one short script for a machine with a CUDA GPU (run from the repository root):
-# the gpu-marked tests, then bench_node on the GPU (a node's 15 SmolLM2 blocks as fp32 / bf16 /
-# int8 / nf4). Under 5 minutes on an H100. Figures land in $OUT (or ./gpu_check) with the card's
+# the gpu-marked tests and the kernel tests, then bench_gpu (8 Llama-3-8B-shaped bf16 blocks:
+# edgetune fused vs transformers + peft, eager and with Liger) and bench_node on the GPU (a node's
+# 15 SmolLM2 blocks as fp32 / bf16 / int8 / nf4 / compiled / fused). Under 5 minutes on an H100. Figures land in $OUT (or ./gpu_check) with the card's
 # name. Without a GPU it says so and exits 0 (the tests' CPU halves run in CI).
 #
 #   bash scripts/gpu_check.sh
 #
 # The machine needs python with torch (CUDA), transformers, peft, pytest; what else the project
-# needs (torchao, grpcio, safetensors, ...) is installed from wheels carried in ./wheels if present.
+# needs (torchao, liger-kernel, grpcio, safetensors, ...) is installed from wheels carried in ./wheels
+# if present (liger_kernel-0.8.5-py3-none-any.whl is under 1 MB).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -27,9 +29,12 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 
 echo "[gpu_check] gpu-marked tests"
-timeout 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_node_precision.py \
-  tests/test_node_quantize.py 2>&1 | tee "$OUT/tests.txt" | tail -5
+timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_node_precision.py \
+  tests/test_node_quantize.py tests/test_kernels.py 2>&1 | tee "$OUT/tests.txt" | tail -5
+
+echo "[gpu_check] bench_gpu: fused vs transformers + peft (+ Liger)"
+timeout 150 "$PY" -m edgetune.benchmarks.bench_gpu --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
 
 echo "[gpu_check] bench_node on the GPU"
-timeout 120 "$PY" -m edgetune.benchmarks.bench_node --device cuda --rounds 5 --json "$OUT/bench_node.json" 2>&1 \
+timeout 90 "$PY" -m edgetune.benchmarks.bench_node --device cuda --rounds 3 --json "$OUT/bench_node.json" 2>&1 \
   | tee "$OUT/bench_node.txt"

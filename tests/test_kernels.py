@@ -323,3 +323,39 @@ def test_the_triton_lora_kernel_under_the_interpreter():
                             timeout=300, cwd=Path(__file__).parent)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "triton interpreted: ok" in result.stdout
+
+
+@pytest.mark.gpu
+def test_fused_kernels_on_cuda_equal_eager():
+    """--kernels fused on a GPU: Liger's RMSNorm / RoPE / SwiGLU and the Triton LoRA GEMM, fp32."""
+    model = _model().cuda()
+    methods = [LoraConfig(r=4, alpha=8, target_modules=ALL), IA3Config()]
+    adapter = attach_adapter(model, methods, seed=0)
+    randomize(adapter, seed=2, scale=0.05)
+    ids = torch.randint(3, 96, (2, 37), generator=torch.Generator().manual_seed(3)).cuda()
+    ref_logits, ref_grads = _logits_and_grads(model, adapter, ids)
+    executor = BlockExecutor("fused")
+    model.runner = executor.runner()
+    logits, grads = _logits_and_grads(model, adapter, ids)
+    assert _rel(logits, ref_logits) <= 1e-5
+    for k, r in ref_grads.items():
+        assert _rel(grads[k], r) <= 1e-4, k
+    print("fused ops:", describe(executor.ops))
+
+
+@pytest.mark.gpu
+def test_the_triton_lora_kernel_in_bf16_on_cuda():
+    from edgetune.runtime.compute.triton_lora import lora_linear
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(3, 200, 512, device="cuda", dtype=torch.bfloat16, generator=gen, requires_grad=True)
+    W = torch.randn(768, 512, device="cuda", dtype=torch.bfloat16, generator=gen) / 512 ** 0.5
+    A = (torch.randn(16, 512, device="cuda", dtype=torch.bfloat16, generator=gen) / 512 ** 0.5).requires_grad_(True)
+    B = (torch.randn(768, 16, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.1).requires_grad_(True)
+    g = torch.randn(3, 200, 768, device="cuda", dtype=torch.bfloat16, generator=gen)
+    got = lora_linear(x, W, None, A, B, 2.0)
+    ref = (x.float() @ W.float().T + 2.0 * (x.float() @ A.float().T) @ B.float().T)
+    assert _rel(got.float(), ref) <= 1e-2
+    for a, c in zip(torch.autograd.grad(got, [x, A, B], g),
+                    torch.autograd.grad(ref, [x, A, B], g.float())):
+        assert _rel(a.float(), c) <= 2e-2

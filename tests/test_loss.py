@@ -43,3 +43,32 @@ def test_all_ignored_gives_zero():
 def test_a_trainable_head_is_refused():
     with pytest.raises(ValueError, match="frozen LM head"):
         head_loss_sum(torch.randn(1, 3, 4), torch.randn(5, 4, requires_grad=True), torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_a_bf16_head_gives_the_fp32_loss_to_bf16_precision():
+    """The edge's bf16 LM head (--head-dtype bf16): matmuls in bf16, softmax and loss in fp32;
+    the gradient comes back in the hidden states' dtype."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 9, 32, generator=g, requires_grad=True)
+    weight = torch.randn(300, 32, generator=g) / 32 ** 0.5
+    labels = torch.randint(0, 300, (2, 9), generator=g)
+    ref = _reference(hidden, weight, labels)
+    (ref_grad,) = torch.autograd.grad(ref, hidden)
+    loss = head_loss_sum(hidden, weight.to(torch.bfloat16), labels, chunk_tokens=4)
+    assert loss.dtype == torch.float32
+    (grad,) = torch.autograd.grad(loss, hidden)
+    assert grad.dtype == torch.float32
+    assert abs(float(loss) - float(ref)) <= 2e-2 * abs(float(ref))
+    assert (grad - ref_grad).norm() <= 3e-2 * ref_grad.norm()
+    assert float(loss) != float(ref)  # the matmuls really ran in bf16
+
+
+def test_the_head_dtype_resolves_per_device(monkeypatch):
+    from edgetune.runtime.compute import precision
+    from edgetune.runtime.errors import ConfigError
+
+    assert precision.resolve_head_dtype("fp32", "cuda") == "fp32"
+    monkeypatch.setattr(precision, "native_bf16", lambda device: device == "cuda")
+    assert precision.resolve_head_dtype("auto", "cuda") == "bf16" and precision.resolve_head_dtype("auto", "cpu") == "fp32"
+    with pytest.raises(ConfigError, match="choose one of auto, fp32, bf16"):
+        precision.resolve_head_dtype("fp16", "cpu")

@@ -176,7 +176,9 @@ def test_bench_node_runs_every_variant_on_a_tiny_model(tiny64, tmp_path, capsys)
     assert bench_node.main(["--model", str(tiny64), "--blocks", "2", "--batch-size", "1", "--seq-len", "8",
                             "--rank", "2", "--rounds", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert list(rows) == ["fp32", "bf16", "int8", "nf4"]
+    assert list(rows) == ["fp32", "bf16", "int8", "nf4", "linear-fn", "compiled"]
     assert rows["nf4"]["weight_bytes"] < rows["int8"]["weight_bytes"] < rows["bf16"]["weight_bytes"] < rows["fp32"]["weight_bytes"]
     assert rows["fp32"]["rel_l2_vs_fp32"] == 0 and 0 < rows["nf4"]["rel_l2_vs_fp32"] < 1
+    assert rows["compiled"]["rel_l2_vs_fp32"] < 1e-5 and rows["linear-fn"]["rel_l2_vs_fp32"] < 1e-5
+    assert rows["compiled"]["weight_bytes"] == rows["fp32"]["weight_bytes"] and rows["compiled"]["warmup_s"] > 0
     assert "nf4" in capsys.readouterr().out

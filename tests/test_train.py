@@ -248,3 +248,23 @@ def test_the_top_level_api_names_the_training_entry_points():
 
     assert edgetune.finetune is loop.finetune and edgetune.TrainConfig is options.TrainConfig
     assert {"finetune", "TrainConfig"} <= set(dir(edgetune))
+
+
+def test_local_compiled_kernels_train_like_eager_kernels(tiny_folder, data_file, tmp_path):
+    """`finetune --local --kernels compiled`: the blocks run through torch.compile, the losses and the
+    trained adapter are eager's (rounding aside); eager is what `auto` picks on a CPU."""
+    eager = finetune(_cfg(tiny_folder, data_file, tmp_path / "eager", steps=3, kernels="auto"))
+    compiled = finetune(_cfg(tiny_folder, data_file, tmp_path / "compiled", steps=3, kernels="compiled"))
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
+    ours, ref = _adapter_tensors(compiled.out), _adapter_tensors(eager.out)
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        assert (ours[k] - ref[k]).norm() <= 1e-4 * ref[k].norm(), k
+    with pytest.raises(ConfigError, match="kernels 'triton' not in auto, eager, compiled, fused"):
+        _cfg(tiny_folder, data_file, tmp_path / "x", kernels="triton")
+
+
+def test_a_bf16_edge_head_trains_close_to_fp32(tiny_folder, data_file, tmp_path):
+    fp32 = finetune(_cfg(tiny_folder, data_file, tmp_path / "fp32", steps=3))
+    bf16 = finetune(_cfg(tiny_folder, data_file, tmp_path / "bf16", steps=3, head_dtype="bf16"))
+    assert bf16.losses == pytest.approx(fp32.losses, rel=2e-2) and bf16.losses != fp32.losses

@@ -12,6 +12,8 @@ their gradients in fp32, and it hands hidden states and their gradients to the w
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from edgetune.runtime.errors import ConfigError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -39,6 +41,30 @@ def resolve_dtype(name: str, device: str) -> str:
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return "bf16"
     return "fp32"
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` multiplies bf16 natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or
+    AMX (oneDNN's bf16 GEMMs); elsewhere bf16 is emulated and slower than fp32."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_head_dtype(name: str, device: str) -> str:
+    """The edge's LM-head dtype for the loss: `auto` is bf16 where the device computes it natively
+    (see native_bf16), fp32 elsewhere."""
+    if name not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"head dtype {name!r}: choose one of auto, fp32, bf16")
+    if name != "auto":
+        return name
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def value_bytes(name: str) -> int:

@@ -290,6 +290,8 @@ class CausalLM(nn.Module):
         self.adapter: Adapter | None = None  # attached by peft.adapter.attach_adapter
         # runs the blocks of a training/eval forward instead of run_blocks (compute.executor; None: run_blocks)
         self.runner: Callable[..., torch.Tensor] | None = None
+        self.head_dtype: torch.dtype | None = None  # the loss's LM-head matmuls (None: the head's own dtype)
+        self._head_cast: torch.Tensor | None = None
 
     # -- names -----------------------------------------------------------
     def hf_names(self) -> dict[str, str]:
@@ -326,6 +328,18 @@ class CausalLM(nn.Module):
     def head_weight(self) -> torch.Tensor:
         """The LM head (V, D): the embedding matrix when embeddings are tied."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def loss_head_weight(self) -> torch.Tensor:
+        """The LM head the training loss multiplies by: in `self.head_dtype` (bf16 on an edge that
+        computes it natively, see compute.precision.resolve_head_dtype), cast once and kept."""
+        w, dtype = self.head_weight, self.head_dtype
+        if dtype is None or dtype == w.dtype:
+            return w
+        cached = self._head_cast
+        if cached is None or cached.dtype != dtype or cached.shape != w.shape or cached.device != w.device:
+            cached = self._head_cast = w.detach().to(dtype)
+        return cached
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(self.final_norm(h), self.head_weight)  # (B, T, V)

@@ -30,6 +30,8 @@ class BlockShapes(Protocol):
     intermediate_size: int
     q_dim: int
     kv_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]: ...  # module name -> (out, in)
 
@@ -67,3 +69,19 @@ def block_flops(config: BlockShapes, batch: int, tokens: int) -> int:
     linear = sum(2 * o * i for o, i in config.linear_shapes().values())
     attention = 2 * 2 * tokens * config.q_dim  # per token: QK^T row + attention-weighted V row
     return batch * tokens * (linear + attention)
+
+
+def edge_head_flops(config: BlockShapes, batch: int, tokens: int) -> int:
+    """Floating-point operations of the edge's LM head in one training micro-batch: the logits
+    (2 * V * D a token) and dL/dh = (softmax - onehot) W (as much again). For a 128k-vocabulary
+    model this is several blocks' worth of work, done on the edge while the nodes wait: a planner
+    compares it with the nodes' share (`block_flops` x their blocks x 3)."""
+    return 2 * 2 * batch * tokens * config.vocab_size * config.hidden_size
+
+
+def edge_bytes(config: BlockShapes, dtype_bytes: int = FP32_BYTES, head_copy_bytes: int = 0) -> int:
+    """Bytes the edge holds for the model: the embedding, the untied head if any, the final norm,
+    plus a low-precision copy of the head for the loss (`head_copy_bytes` a value, 0: none)."""
+    table = config.vocab_size * config.hidden_size
+    head = 0 if config.tie_word_embeddings else table
+    return dtype_bytes * (table + head + config.hidden_size) + head_copy_bytes * table

@@ -23,6 +23,7 @@ import torch
 
 from edgetune.runtime.compute.executor import BlockExecutor
 from edgetune.runtime.compute.kernels import resolve_kernels
+from edgetune.runtime.compute.precision import resolve_head_dtype, torch_dtype
 from edgetune.runtime.errors import ConfigError
 from edgetune.runtime.peft.adapter import methods_to_json
 from edgetune.runtime.train.loss import head_loss_sum
@@ -52,7 +53,7 @@ def batch_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor, dropout
     (the fast path) is exact. The LM head and loss run chunked (loss.py).
     """
     hidden = model.final_norm(model.last_hidden(input_ids, dropout_key=dropout_key))
-    return head_loss_sum(hidden, model.head_weight, labels)
+    return head_loss_sum(hidden, model.loss_head_weight, labels)
 
 
 @dataclass
@@ -179,10 +180,12 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     if remote is not None:
         engine = remote.start(methods, device)
         model, adapter = engine.model, engine.adapter
+        model.head_dtype = torch_dtype(resolve_head_dtype(cfg.head_dtype, str(device)))
     else:
         model = load_model(folder, device=device)
         adapter = attach_adapter(model, methods, seed=cfg.seed)
         engine = LocalEngine(model, resolve_kernels(cfg.kernels, str(device)), methods)
+        model.head_dtype = torch_dtype(resolve_head_dtype(cfg.head_dtype, str(device)))
     adapter.train()
     params = list(adapter.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -64,6 +64,7 @@ class TrainConfig:
     # hardware
     device: str = "cpu"
     threads: int = 0  # 0: torch's default (distributed: cores / edgetune processes on the host)
+    head_dtype: str = "fp32"  # the edge's LM-head matmuls in the loss: fp32, bf16, auto (bf16 where native)
     kernels: str = "auto"  # --local: eager, compiled, fused or auto (fused on CUDA, else eager); nodes pick their own
     progress: bool = True
     # distributed (empty coordinator: train in this process)
@@ -99,6 +100,8 @@ class TrainConfig:
             problems.append(f"codec {self.codec!r} not in fp32, fp16, bf16, int8")
         if self.coordinator and ":" not in self.coordinator:
             problems.append(f"coordinator {self.coordinator!r} must be HOST:PORT")
+        if self.head_dtype not in ("auto", "fp32", "bf16"):
+            problems.append(f"head_dtype {self.head_dtype!r} not in auto, fp32, bf16")
         if self.kernels not in KERNELS:
             problems.append(f"kernels {self.kernels!r} not in {', '.join(KERNELS)}")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):

@@ -329,7 +329,7 @@ class RemoteEngine:
                 if m in grads_out:  # the output of a replayed forward: its backward is already queued
                     continue
                 h_out = msg.hidden.to(self.model.device, self.model.dtype).requires_grad_(True)
-                loss = head_loss_sum(self.model.final_norm(h_out), self.model.head_weight, micros[m][1].labels)
+                loss = head_loss_sum(self.model.final_norm(h_out), self.model.loss_head_weight, micros[m][1].labels)
                 loss = loss / max(1, total_tokens)
                 loss.backward()  # h_out.grad, and edge tensors (LN tuning's final norm)
                 loss_sum += float(loss.detach())
@@ -380,7 +380,7 @@ class RemoteEngine:
             if not isinstance(msg, wire.ForwardResult):
                 raise RouteFailure(f"expected an evaluation result, got {type(msg).__name__}", [])
             hidden = self.model.final_norm(msg.hidden.to(self.model.device, self.model.dtype))
-            return float(head_loss_sum(hidden, self.model.head_weight, batch.labels))
+            return float(head_loss_sum(hidden, self.model.loss_head_weight, batch.labels))
 
     def _check_item(self, msg, step: int, count: int) -> int:
         if msg.step != step or not 0 <= msg.micro < count:
