@@ -31,3 +31,14 @@ def test_uniform_statistics():
 def test_key_parts_are_not_ambiguous():
     assert key_seed((1, 23)) != key_seed((12, 3))
     assert key_seed(("ab", "c")) != key_seed(("a", "bc"))
+
+
+def test_a_seed_table_row_draws_what_its_key_draws():
+    from edgetune.runtime.peft.rng import keyed_uniform, seed_table
+
+    keys = [(7, 1, 0, 3, "self_attn.q_proj", 0), (7, 1, 0, 3, "mlp", 1)]
+    table = seed_table(keys, "cpu")
+    assert table.shape == (2, 2) and table.dtype == torch.int64
+    for row, key in zip(table, keys):
+        assert torch.equal(keyed_uniform((5, 33), row, "cpu"), keyed_uniform((5, 33), key, "cpu"))
+    assert not torch.equal(keyed_uniform((5, 33), table[0], "cpu"), keyed_uniform((5, 33), table[1], "cpu"))

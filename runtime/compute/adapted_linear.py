@@ -103,7 +103,7 @@ def fusable(adapter, name: str, weight: torch.Tensor) -> tuple[str, object, dict
     m, t = mine[0]
     if isinstance(m, IA3Config):
         return "ia3", m, t
-    if m.use_dora or (m.dropout > 0 and adapter.dropout_key is not None):
+    if m.use_dora or (m.dropout > 0 and adapter.draws):
         return None
     return "lora", m, t
 

@@ -12,8 +12,9 @@
   padded up to a bucket (a multiple of `BUCKET` tokens, after the causal positions, where no
   real token can see them) so a ragged last batch does not compile again.
 
-Training with dropout draws masks from Python-hashed keys that change every step; such a
-micro-batch runs the same ops eagerly (logged once) rather than compiling per step.
+Training with dropout: each block's dropout keys are hashed before the call into one int64
+tensor (`BlockAdapter.with_hashed_keys`), an input like any other, so the compiled code draws the
+same masks as eager code without being specialised to a step.
 """
 from __future__ import annotations
 
@@ -45,7 +46,6 @@ class BlockExecutor:
         self.backend = backend  # torch.compile's backend (tests use aot_eager where inductor adds nothing)
         self.ops = block_ops(mode)
         self._compiled = {}  # (block class, methods, dtype, bucket) -> compiled function
-        self._said_dropout = False
         if mode == "compiled":
             import torch._dynamo
 
@@ -64,11 +64,13 @@ class BlockExecutor:
     def forward_blocks(self, part, h: torch.Tensor, ctx, views: dict, methods_key: str = "") -> torch.Tensor:
         """Run `part`'s blocks on h (B, T, D), each with views[layer] (its BlockAdapter)."""
         ctx = replace(ctx, ops=self.ops)
-        if self.mode != "compiled" or self._eager_for(ctx, views):
+        if self.mode != "compiled":
             return part.run_blocks(h, ctx, views)
-        # no method drops anything: a per-step key would only make the compiled code guard on it
+        # no Python key inside compiled code (it would be guarded on, i.e. recompiled, every step):
+        # hashed ahead where a method drops something, dropped where none does
+        drops = ctx.dropout_key is not None and any(getattr(m, "dropout", 0) > 0 for v in views.values() for m in v.methods)
         ctx = replace(ctx, dropout_key=None)
-        views = {layer: v.without_dropout() for layer, v in views.items()}
+        views = {layer: v.with_hashed_keys() if drops else v.without_dropout() for layer, v in views.items()}
         T = h.shape[1]
         Tp = bucket(T)
         if Tp != T:
@@ -76,14 +78,6 @@ class BlockExecutor:
         for block in part.layers:
             h = self._function(block, methods_key, h.dtype, Tp)(block, h, ctx, views.get(block.layer_idx))
         return h[:, :T] if Tp != T else h
-
-    def _eager_for(self, ctx, views) -> bool:
-        dropout = ctx.dropout_key is not None and any(
-            getattr(m, "dropout", 0) > 0 for v in views.values() for m in v.methods)
-        if dropout and not self._said_dropout:
-            log.info("kernels compiled: micro-batches with active dropout run eagerly (masks change every step)")
-            self._said_dropout = True
-        return dropout
 
     def _function(self, block, methods_key: str, dtype, tokens: int):
         key = (type(block).__name__, methods_key, str(dtype), tokens)

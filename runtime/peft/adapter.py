@@ -19,18 +19,30 @@ import torch
 import torch.nn.functional as F
 
 from edgetune.runtime.errors import AdapterError
+from edgetune.runtime.model.transformer import LINEAR_NAMES
 from edgetune.runtime.peft.base import HOOKS, Method, Tensors
+from edgetune.runtime.peft.rng import seed_table
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgetune.runtime.model.transformer import Block, CausalLM
 
 
-class BlockAdapter:
-    """One block's view of the adapter: (method, tensors) pairs and the hook dispatch."""
+# where a block draws dropout masks: its linear layers and the MLP output (adapters after it)
+SEED_NAMES = (*LINEAR_NAMES, "mlp")
 
-    def __init__(self, layer: int, entries: Sequence[tuple[Method, Tensors]], dropout_key: tuple | None) -> None:
+
+class BlockAdapter:
+    """One block's view of the adapter: (method, tensors) pairs and the hook dispatch.
+
+    Dropout masks come from keys (dropout_key, layer, module, method index): hashed as they are
+    needed, or all hashed ahead into `seeds` (see with_hashed_keys) for compiled blocks.
+    """
+
+    def __init__(self, layer: int, entries: Sequence[tuple[Method, Tensors]], dropout_key: tuple | None,
+                 seeds: torch.Tensor | None = None) -> None:
         self.layer = layer
         self.dropout_key = dropout_key
+        self.seeds = seeds  # int64 (len(SEED_NAMES) * slots, 2), rng.seed_table's rows, or None
         self.methods = [m for m, _ in entries]
         self._entries = list(entries)
         # per hook, only the entries whose method overrides it
@@ -39,10 +51,31 @@ class BlockAdapter:
         self._linear_entries = [(m, t) for m, t in entries
                                 if type(m).overrides("pre_linear") or type(m).overrides("post_linear")]
 
-    def _key(self, name: str, method_index: int = 0) -> tuple | None:
+    @property
+    def draws(self) -> bool:
+        """Whether this forward draws dropout masks (training with a key)."""
+        return self.dropout_key is not None or self.seeds is not None
+
+    def _slots(self) -> int:
+        return max(1, len(self._entries))
+
+    def _key(self, name: str, method_index: int = 0) -> tuple | torch.Tensor | None:
+        if self.seeds is not None:
+            return self.seeds[SEED_NAMES.index(name) * self._slots() + method_index]
         if self.dropout_key is None:
             return None
         return (*self.dropout_key, self.layer, name, method_index)
+
+    def with_hashed_keys(self) -> BlockAdapter:
+        """The same view with every dropout key it can ask for hashed ahead into one int64 tensor.
+
+        Code compiled once then draws each step's masks from a tensor input (the masks equal
+        those of the hashed-on-demand keys, bit for bit) instead of constants baked in per step."""
+        if self.dropout_key is None:
+            return self
+        device = next((t.device for _, ts in self._entries for t in ts.values()), torch.device("cpu"))
+        keys = [(*self.dropout_key, self.layer, name, i) for name in SEED_NAMES for i in range(self._slots())]
+        return BlockAdapter(self.layer, self._entries, None, seed_table(keys, device))
 
     def linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """y = x W^T + b, with every method's changes to this linear layer.

@@ -42,16 +42,32 @@ def _shift_right(z: torch.Tensor, k: int) -> torch.Tensor:
     return (z >> k) & ((1 << (64 - k)) - 1)
 
 
-def keyed_uniform(shape: torch.Size | tuple[int, ...], key: tuple[int | str, ...], device: torch.device | str) -> torch.Tensor:
-    """Uniform [0, 1) float32 values of `shape`, a pure function of `key` (device-independent)."""
+def keyed_uniform(shape: torch.Size | tuple[int, ...], key: tuple[int | str, ...] | torch.Tensor,
+                  device: torch.device | str) -> torch.Tensor:
+    """Uniform [0, 1) float32 values of `shape`, a pure function of `key` (device-independent).
+
+    `key` may also be a row of `seed_table` (compiled blocks take it as an input)."""
     numel = 1
     for s in shape:
         numel *= int(s)
-    z = torch.arange(numel, dtype=torch.int64, device=device) * _GOLDEN + key_seed(key)  # wraps mod 2^64
+    if isinstance(key, torch.Tensor):
+        seed, golden = key[0], key[1]
+    else:
+        seed, golden = key_seed(key), _GOLDEN
+    z = torch.arange(numel, dtype=torch.int64, device=device) * golden + seed  # wraps mod 2^64
     z = (z ^ _shift_right(z, 30)) * _MUL1
     z = (z ^ _shift_right(z, 27)) * _MUL2
     z = z ^ _shift_right(z, 31)
     return (_shift_right(z, 40).to(torch.float32) * (1.0 / (1 << 24))).view(shape)  # top 24 bits
+
+
+def seed_table(keys: list[tuple[int | str, ...]], device: torch.device | str) -> torch.Tensor:
+    """(len(keys), 2) int64: each key's seed beside the SplitMix64 increment; a row stands in for its key.
+
+    The increment travels as data, not as a constant, because a compiler folds
+    `arange * constant` into index arithmetic that does not wrap at 64 bits (torch.compile's
+    inductor then fails); multiplied at run time, it wraps like eager code does."""
+    return torch.tensor([[key_seed(k), _GOLDEN] for k in keys], dtype=torch.int64, device=device)
 
 
 def splitmix64_reference(seed: int, index: int) -> float:
@@ -63,7 +79,7 @@ def splitmix64_reference(seed: int, index: int) -> float:
     return (z >> 40) / float(1 << 24)
 
 
-def keyed_dropout(x: torch.Tensor, p: float, key: tuple[int | str, ...]) -> torch.Tensor:
+def keyed_dropout(x: torch.Tensor, p: float, key: tuple[int | str, ...] | torch.Tensor) -> torch.Tensor:
     """Inverted dropout of x with probability p, mask drawn from `key` alone."""
     if p <= 0.0:
         return x
