@@ -62,7 +62,7 @@ class ShardServer:
         import torch
 
         from edgetune.runtime.compute.precision import torch_dtype
-        from edgetune.runtime.compute.quantize import quantize_blocks
+        from edgetune.runtime.compute.quantize import check_scheme, quantize_block
         from edgetune.runtime.model.config import ModelConfig
         from edgetune.runtime.model.loader import build_part, part_shapes, resolve_model_folder
         from edgetune.runtime.model.manifest import entry, verify
@@ -73,9 +73,11 @@ class ShardServer:
             ckpt = SafetensorsCheckpoint(resolve_model_folder(spec.model))
             tensors = {n: ckpt.read_raw(n) for n in part_shapes(cfg, spec.start, spec.end, edge=False)}
         verify([entry(n, t) for n, t in tensors.items()], manifest, who=f"node {spec.name}")
+        check_scheme(spec.quantize)
+        # quantized block by block as they are built (after the manifest check: the stored weights
+        # are what was verified), so the node never holds its whole part unquantized
         part = build_part(cfg, spec.start, spec.end, False, lambda shapes: tensors, torch.device(spec.device),
-                          torch_dtype(spec.dtype))
-        quantize_blocks(part, spec.quantize)  # after the manifest check: the stored weights are what was verified
+                          torch_dtype(spec.dtype), each_block=lambda block: quantize_block(block, spec.quantize))
         return part
 
     def address(self) -> str:

@@ -182,3 +182,44 @@ def test_bench_node_runs_every_variant_on_a_tiny_model(tiny64, tmp_path, capsys)
     assert rows["compiled"]["rel_l2_vs_fp32"] < 1e-5 and rows["linear-fn"]["rel_l2_vs_fp32"] < 1e-5
     assert rows["compiled"]["weight_bytes"] == rows["fp32"]["weight_bytes"] and rows["compiled"]["warmup_s"] > 0
     assert "nf4" in capsys.readouterr().out
+
+
+def test_a_quantizing_node_builds_and_quantizes_one_block_at_a_time(tiny64, monkeypatch):
+    """build_part hands each block to the quantizer before building the next: the blocks after it are
+    still on the meta device (no memory), so the node never holds its part unquantized."""
+    from edgetune.runtime.compute.quantize import quantize_block
+    from edgetune.runtime.model.config import ModelConfig
+    from edgetune.runtime.model.loader import build_part, part_shapes, resolve_model_folder
+    from edgetune.runtime.model.weights import SafetensorsCheckpoint
+
+    cfg = ModelConfig.from_file(resolve_model_folder(tiny64) / "config.json")
+    ckpt = SafetensorsCheckpoint(resolve_model_folder(tiny64))
+    tensors = {n: ckpt.read_raw(n) for n in part_shapes(cfg, 0, 2, edge=False)}
+    seen = []
+
+    def each_block(block):
+        later = [b for b in part_blocks if b.layer_idx > block.layer_idx]
+        assert all(p.is_meta for b in later for p in b.parameters())
+        assert not any(p.is_meta for p in block.parameters())
+        quantize_block(block, "nf4")
+        seen.append(block.layer_idx)
+
+    import edgetune.runtime.model.loader as loader
+
+    part_blocks = []
+
+    class Recording(loader.CausalLM):  # lets the callback see the blocks not built yet
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            part_blocks.extend(self.layers)
+
+    monkeypatch.setattr(loader, "CausalLM", Recording)
+    part = build_part(cfg, 0, 2, False, lambda shapes: tensors, "cpu", torch.float32, each_block=each_block)
+    assert seen == [0, 1] and len(tensors) == len(part_shapes(cfg, 0, 2, edge=False))  # the caller's dict is intact
+    assert all(type(l.weight).__name__ == "NF4Tensor" for b in part.layers for l in b.linears().values())
+    plain = load_model(tiny64, start=0, end=2, edge=False)
+    x = torch.randn(1, 5, 64)
+    ctx = plain.make_context(1, 5, x.device)
+    with torch.no_grad():
+        got, ref = part.forward_blocks(x, ctx), plain.forward_blocks(x, ctx)
+    assert 0 < (got - ref).norm() / ref.norm() < 0.2  # nf4's rounding, not garbage

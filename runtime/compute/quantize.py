@@ -70,21 +70,27 @@ def _torchao():
 
 def quantize_blocks(part, scheme: str) -> None:
     """Replace the linear weights of every block of `part` (a CausalLM) by quantized ones, in place."""
+    for layer in range(part.start, part.end):
+        quantize_block(part.block(layer), scheme)
+
+
+def quantize_block(block, scheme: str) -> None:
+    """Replace one block's linear weights by quantized ones, in place (the loader calls it as each
+    block is built, so a node never holds its whole part unquantized)."""
     check_scheme(scheme)
     if scheme == "none":
         return
     import torch
 
     ao = _torchao()
-    for layer in range(part.start, part.end):
-        for linear in part.block(layer).linears().values():
-            w = linear.weight.detach()
-            if scheme == "nf4":
-                q = ao.to_nf4(w, NF4_BLOCK, nf4_scaler_block(w.numel(), tuple(w.shape)))
-                linear.weight = torch.nn.Parameter(q, requires_grad=False)
-            else:
-                ao.quantize_(linear, ao.Int8WeightOnlyConfig())
-                linear.weight.requires_grad_(False)
+    for linear in block.linears().values():
+        w = linear.weight.detach()
+        if scheme == "nf4":
+            q = ao.to_nf4(w, NF4_BLOCK, nf4_scaler_block(w.numel(), tuple(w.shape)))
+            linear.weight = torch.nn.Parameter(q, requires_grad=False)
+        else:
+            ao.quantize_(linear, ao.Int8WeightOnlyConfig())
+            linear.weight.requires_grad_(False)
 
 
 def tensor_bytes(t) -> int:
