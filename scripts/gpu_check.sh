@@ -9,7 +9,7 @@
 #
 # The machine needs python with torch (CUDA), transformers, peft, pytest; what else the project
 # needs (torchao, liger-kernel, grpcio, safetensors, ...) is installed from wheels carried in ./wheels
-# if present (liger_kernel-0.8.5-py3-none-any.whl is under 1 MB).
+# if present: `bash scripts/gpu_wheels.sh` fetches them (4.3 MB) where pip reaches PyPI.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -35,6 +35,9 @@ timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py test
 echo "[gpu_check] bench_gpu: fused vs transformers + peft (+ Liger)"
 timeout 150 "$PY" -m edgetune.benchmarks.bench_gpu --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
 
-echo "[gpu_check] bench_node on the GPU"
-timeout 90 "$PY" -m edgetune.benchmarks.bench_node --device cuda --rounds 3 --json "$OUT/bench_node.json" 2>&1 \
+echo "[gpu_check] bench_node on the GPU (a SmolLM2-shaped random model: the GGUF is too big to carry)"
+"$PY" -c 'import sys; from edgetune.tests.tiny import make_tiny_folder
+make_tiny_folder("llama", sys.argv[1], hidden_size=576, intermediate_size=1536, num_hidden_layers=15,
+                 num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)' "$OUT/smollm2-shaped"
+timeout 90 "$PY" -m edgetune.benchmarks.bench_node --device cuda --rounds 3 --model "$OUT/smollm2-shaped" --json "$OUT/bench_node.json" 2>&1 \
   | tee "$OUT/bench_node.txt"

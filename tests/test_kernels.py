@@ -366,3 +366,29 @@ def test_the_triton_lora_kernel_in_bf16_on_cuda():
     for a, c in zip(torch.autograd.grad(got, [x, A, B], g),
                     torch.autograd.grad(ref, [x, A, B], g.float())):
         assert _rel(a.float(), c) <= 2e-2
+
+
+def test_the_gpu_benchmark_runs_its_cpu_smoke_configuration(tmp_path, capsys):
+    """bench_gpu's own CPU run (scripts/gpu_check.sh runs the real one on a GPU): every variant
+    runs, hf-eager is the baseline, the nf4 weights are a fraction of the plain ones."""
+    from edgetune.benchmarks import bench_gpu
+
+    out = tmp_path / "gpu.json"
+    assert bench_gpu.main(["--tiny", "--device", "cpu", "--blocks", "2", "--batch-size", "2", "--rounds", "1",
+                           "--json", str(out)]) == 0
+    import json
+
+    figures = json.loads(out.read_text())
+    assert list(figures["rows"]) == ["hf-eager", "edgetune-eager", "edgetune-compiled"]
+    assert all(row["tokens_per_s"] > 0 for row in figures["rows"].values())
+    assert figures["weight_bytes"]["nf4"] < 0.2 * figures["weight_bytes"]["none"]
+    assert "x hf-eager" in capsys.readouterr().out
+
+
+def test_the_gpu_check_script_says_there_is_no_gpu_and_exits_0(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the script would run its checks")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                            env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}, timeout=120)
+    assert result.returncode == 0 and "no CUDA GPU here" in result.stdout
