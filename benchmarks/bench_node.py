@@ -15,8 +15,9 @@ function: the part of compiled's gain that is not the compiler's) and, on CUDA, 
 warm-up round's seconds are printed too (for compiled: the compile).
 
 With `--cluster-steps N` (the issue's setting: 40) it also fine-tunes the demo's LoRA on the
-Fernhill facts through two local clusters of two CPU nodes each -- both fp32, then one of them
-`--quantize nf4` -- and prints both final eval losses (target: nf4's <= fp32's + 0.1 nats).
+Fernhill facts through three local clusters of two CPU nodes each -- both fp32, then one of them
+`--quantize nf4`, then both `--kernels compiled` -- and prints the final eval losses (target:
+nf4's <= fp32's + 0.1 nats; compiled's equal to fp32's up to rounding).
 
 Printed per variant: bytes of the blocks' linear weights (exact: the quantized tensors' inner
 storage) and their ratio to fp32, the median seconds of one forward + backward of a
@@ -185,7 +186,8 @@ def _cluster_runs(model: str, steps: int) -> dict:
     from edgetune.runtime.cluster.local_cluster import LocalCluster
 
     setups = {"fp32": [["--threads", "1"], ["--threads", "1"]],
-              "nf4": [["--threads", "1"], ["--threads", "1", "--quantize", "nf4"]]}
+              "nf4": [["--threads", "1"], ["--threads", "1", "--quantize", "nf4"]],
+              "compiled": [["--threads", "1", "--kernels", "compiled"], ["--threads", "1", "--kernels", "compiled"]]}
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-node-") as tmp:
         for name, nodes in setups.items():
@@ -199,6 +201,9 @@ def _cluster_runs(model: str, steps: int) -> dict:
                   f"after {steps} steps ({results[name]['seconds']:.0f} s)", flush=True)
     gap = results["nf4"]["eval_loss"] - results["fp32"]["eval_loss"]
     print(f"nf4 node: eval loss {gap:+.4f} nats vs the fp32 cluster (target <= +0.1)")
+    gap = results["compiled"]["eval_loss"] - results["fp32"]["eval_loss"]
+    print(f"compiled nodes: eval loss {gap:+.6f} nats vs the eager fp32 cluster (the same computation, rounded "
+          f"differently); {results['compiled']['seconds']:.0f} s vs {results['fp32']['seconds']:.0f} s, compiles included")
     return results
 
 

@@ -50,8 +50,8 @@ _FINETUNE_OPTIONS: list[tuple[str, type, str]] = [
     ("save_every", int, "checkpoint every N steps (0: only at the end)"),
     ("keep_checkpoints", int, "how many recent checkpoints to keep"),
     ("device", str, "cpu, cuda, cuda:N or auto"),
-    ("head_dtype", str, "the edge's LM-head matmuls in the loss: fp32, bf16, or auto (bf16 where the edge computes "
-                        "it natively: CUDA, AVX512-BF16/AMX CPUs; softmax and loss stay fp32)"),
+    ("head_dtype", str, "the edge's LM-head matmuls in the loss: fp32, bf16, or auto (bf16 for a vocabulary of 32k+ "
+                        "where the edge computes it natively: CUDA, AVX512-BF16/AMX CPUs; softmax and loss stay fp32)"),
     ("kernels", str, "--local: what the blocks run: eager, compiled (torch.compile), fused (CUDA) or auto (fused on "
                      "CUDA, else eager); cluster nodes use their own --kernels"),
     ("threads", int, "torch CPU threads (0: local: torch's default; distributed: cores / edgetune processes here)"),

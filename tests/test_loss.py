@@ -67,8 +67,12 @@ def test_the_head_dtype_resolves_per_device(monkeypatch):
     from edgetune.runtime.compute import precision
     from edgetune.runtime.errors import ConfigError
 
-    assert precision.resolve_head_dtype("fp32", "cuda") == "fp32"
+    big = precision.BIG_VOCAB
+    assert precision.resolve_head_dtype("fp32", "cuda", big) == "fp32"
+    assert precision.resolve_head_dtype("bf16", "cpu", 96) == "bf16"
     monkeypatch.setattr(precision, "native_bf16", lambda device: device == "cuda")
-    assert precision.resolve_head_dtype("auto", "cuda") == "bf16" and precision.resolve_head_dtype("auto", "cpu") == "fp32"
+    assert precision.resolve_head_dtype("auto", "cuda", big) == "bf16"
+    assert precision.resolve_head_dtype("auto", "cpu", big) == "fp32"  # emulated bf16: slower
+    assert precision.resolve_head_dtype("auto", "cuda", big - 1) == "fp32"  # a small head: keep it exact
     with pytest.raises(ConfigError, match="choose one of auto, fp32, bf16"):
-        precision.resolve_head_dtype("fp16", "cpu")
+        precision.resolve_head_dtype("fp16", "cpu", big)

@@ -57,14 +57,18 @@ def native_bf16(device: str) -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def resolve_head_dtype(name: str, device: str) -> str:
-    """The edge's LM-head dtype for the loss: `auto` is bf16 where the device computes it natively
-    (see native_bf16), fp32 elsewhere."""
+BIG_VOCAB = 32768  # from here on the LM head is a laptop's biggest matmul: `auto` takes it in bf16
+
+
+def resolve_head_dtype(name: str, device: str, vocab_size: int) -> str:
+    """The edge's LM-head dtype for the loss: `auto` is bf16 for a vocabulary of BIG_VOCAB or more
+    where the device computes bf16 natively (see native_bf16), fp32 elsewhere (a small head costs
+    little, and fp32 keeps its loss exact)."""
     if name not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"head dtype {name!r}: choose one of auto, fp32, bf16")
     if name != "auto":
         return name
-    return "bf16" if native_bf16(device) else "fp32"
+    return "bf16" if vocab_size >= BIG_VOCAB and native_bf16(device) else "fp32"
 
 
 def value_bytes(name: str) -> int:

@@ -180,12 +180,12 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     if remote is not None:
         engine = remote.start(methods, device)
         model, adapter = engine.model, engine.adapter
-        model.head_dtype = torch_dtype(resolve_head_dtype(cfg.head_dtype, str(device)))
+        model.head_dtype = torch_dtype(resolve_head_dtype(cfg.head_dtype, str(device), model.config.vocab_size))
     else:
         model = load_model(folder, device=device)
         adapter = attach_adapter(model, methods, seed=cfg.seed)
         engine = LocalEngine(model, resolve_kernels(cfg.kernels, str(device)), methods)
-        model.head_dtype = torch_dtype(resolve_head_dtype(cfg.head_dtype, str(device)))
+        model.head_dtype = torch_dtype(resolve_head_dtype(cfg.head_dtype, str(device), model.config.vocab_size))
     adapter.train()
     params = list(adapter.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

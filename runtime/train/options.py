@@ -64,7 +64,7 @@ class TrainConfig:
     # hardware
     device: str = "cpu"
     threads: int = 0  # 0: torch's default (distributed: cores / edgetune processes on the host)
-    head_dtype: str = "fp32"  # the edge's LM-head matmuls in the loss: fp32, bf16, auto (bf16 where native)
+    head_dtype: str = "auto"  # the edge's LM-head matmuls in the loss: fp32, bf16, auto (bf16 for big heads where native)
     kernels: str = "auto"  # --local: eager, compiled, fused or auto (fused on CUDA, else eager); nodes pick their own
     progress: bool = True
     # distributed (empty coordinator: train in this process)
