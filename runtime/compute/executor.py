@@ -10,7 +10,8 @@
   the adapter tensors are graph inputs, so neither another block, a new adapter version nor
   a new step recompiles (a test fails on any recompile after warm-up). Sequence lengths are
   padded up to a bucket (a multiple of `BUCKET` tokens, after the causal positions, where no
-  real token can see them) so a ragged last batch does not compile again.
+  real token can see them) so a ragged last batch does not compile again -- except with dropout,
+  whose masks depend on the shape they are drawn for (such a micro-batch compiles for its length).
 
 Training with dropout: each block's dropout keys are hashed before the call into one int64
 tensor (`BlockAdapter.with_hashed_keys`), an input like any other, so the compiled code draws the
@@ -72,7 +73,7 @@ class BlockExecutor:
         ctx = replace(ctx, dropout_key=None)
         views = {layer: v.with_hashed_keys() if drops else v.without_dropout() for layer, v in views.items()}
         T = h.shape[1]
-        Tp = bucket(T)
+        Tp = T if drops else bucket(T)  # a mask's values depend on the shape it is drawn for: no padding
         if Tp != T:
             h, ctx = _pad(h, ctx, Tp)
         for block in part.layers:
