@@ -219,6 +219,36 @@ def _add_report(sub) -> None:
     p.set_defaults(func=_run_report)
 
 
+def _add_plan(sub) -> None:
+    from edgetune.runtime.plan import shapes
+
+    p = sub.add_parser("plan", help="predict a run before it starts: partition, memory per node and on the edge, "
+                                    "FLOPs, bytes on every link, step time and what bounds it",
+                       description="Plan a distributed fine-tuning run from shapes alone (no weights): the partition "
+                                   "over the nodes in --nodes, memory per node and on the edge, FLOPs per token, bytes "
+                                   "per step each way on every link, and the predicted step time with its bound "
+                                   "(compute, bandwidth or latency).", formatter_class=_Defaults)
+    p.add_argument("--model", required=True, help=f"a shipped shape ({', '.join(shapes.names())}), a config.json or "
+                   "a folder with one, a .gguf file (its header), or 'embedded'")
+    p.add_argument("--nodes", required=True, help="YAML/JSON file: nodes: [{name, memory, tflops, dtype, quantize, "
+                   "link}], edge: {tflops, link, head_dtype}")
+    p.add_argument("--link", default="100mbit,50ms", help="RATE,RTT of every hop without a link of its own")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-seq-len", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument("--codec", default="fp32", choices=["fp32", "fp16", "bf16", "int8"], help="activations on the wire")
+    p.add_argument("--method", default=None, help="PEFT method, as in finetune (default: lora)")
+    p.add_argument("--rank", type=int, default=None, help="LoRA/DoRA rank (default: finetune's)")
+    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--target-modules", default=None, help="as in finetune, e.g. all-linear or q_proj,v_proj")
+    p.add_argument("--layers-to-transform", default=None)
+    p.add_argument("--num-virtual-tokens", type=int, default=None)
+    p.add_argument("--bottleneck-size", type=int, default=None)
+    p.add_argument("--use-rslora", action="store_true", default=None)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_run_plan)
+
+
 # demo options: (flag, type, help); defaults come from DemoOptions
 _DEMO_OPTIONS: list[tuple[str, type, str]] = [
     ("out", str, "folder for the run, the adapter and the ONNX export (an earlier demo's is replaced; any other existing folder is refused)"),
@@ -266,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_node(sub)
     _add_status(sub)
     _add_report(sub)
+    _add_plan(sub)
     _add_demo(sub)
     return parser
 
@@ -286,6 +317,12 @@ def _run_finetune(args: argparse.Namespace) -> int:
     if result.eval_loss is not None:
         print(f"final eval loss {result.eval_loss:.4f}")
     return 0
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from edgetune.commands.plan import run_plan
+
+    return run_plan(args)
 
 
 def _run_generate(args: argparse.Namespace) -> int:

@@ -106,6 +106,13 @@ def cached_hf_folder(gguf_path: str | Path, cache_dir: str | Path | None = None)
     return _convert(src, root / "gguf" / sha, sha256=sha)
 
 
+def gguf_config(gguf_path: str | Path) -> ModelConfig:
+    """The model config in a GGUF file's header, reading no tensor data (`edgetune plan`)."""
+    path = _existing_file(Path(gguf_path).expanduser())
+    reader = _open_gguf(path)
+    return _model_config(_metadata(reader, path), {t.name for t in reader.tensors}, path)
+
+
 def default_cache_root() -> Path:
     """`$EDGETUNE_CACHE`, else `~/.cache/edgetune`."""
     env = os.environ.get("EDGETUNE_CACHE")

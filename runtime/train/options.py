@@ -188,7 +188,7 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
-def _coerce(values: dict[str, Any]) -> dict[str, Any]:
+def coerce_options(values: dict[str, Any]) -> dict[str, Any]:
     out = dict(values)
     if "target_modules" in out:
         tm = _split_csv(out["target_modules"])
@@ -220,4 +220,4 @@ def train_config_from(args: Any) -> TrainConfig:
         values["resume"] = True
     if getattr(args, "no_progress", False):
         values["progress"] = False
-    return TrainConfig.from_dict(_coerce(values), source=str(getattr(args, "config", None) or "command line"))
+    return TrainConfig.from_dict(coerce_options(values), source=str(getattr(args, "config", None) or "command line"))

@@ -1,0 +1,151 @@
+"""`edgetune plan`: sizes from the runtime's own code, bytes against a real route's wire, the CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgetune.commands.plan import adapter_sizes, load_config, load_nodes
+from edgetune.runtime.errors import ConfigError
+from edgetune.runtime.model.config import ModelConfig
+from edgetune.runtime.plan import shapes
+from edgetune.runtime.plan.cost import block_params
+from edgetune.runtime.plan.planner import EdgeSpec, Link, PlanNode, Workload, parse_link, plan
+from edgetune.runtime.train.loop import TrainConfig, finetune
+from edgetune.tests.node_harness import patch_connect, start_route
+from edgetune.tests.tiny import make_tiny_folder
+
+NODES_YAML = """\
+nodes:
+  - {name: gpu-a, memory: 40G, tflops: 400, dtype: bf16}
+  - {name: gpu-b, memory: 40G, tflops: 400, dtype: bf16, link: "1gbit,5ms"}
+edge: {tflops: 2, head_dtype: bf16}
+"""
+
+
+def test_links_parse_and_bad_ones_say_why():
+    assert parse_link("100mbit,50ms") == Link(100e6, 0.05)
+    assert parse_link(" 1Gbit , 0.5ms ") == Link(1e9, 0.0005)
+    for bad, why in [("100mbit", "RATE,RTT"), ("fast,50ms", "rate 'fast'"), ("100mbit,soon", "round-trip"),
+                     ("0mbit,1ms", "positive")]:
+        with pytest.raises(ConfigError, match=why):
+            parse_link(bad)
+
+
+def test_shipped_shapes_have_the_public_parameter_counts():
+    counts = {}
+    for name in shapes.names():
+        c = ModelConfig.from_hf_dict(shapes.load(name))
+        counts[name] = c.num_layers * block_params(c) + c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2) + c.hidden_size
+    assert set(counts) >= {"llama-3-8b", "llama-3-70b", "qwen2-7b"}
+    assert round(counts["llama-3-8b"] / 1e9, 2) == 8.03 and round(counts["llama-3-70b"] / 1e9, 2) == 70.55
+    assert round(counts["qwen2-7b"] / 1e9, 2) == 7.62
+
+
+def test_adapter_sizes_on_fake_tensors_equal_a_real_adapter(tmp_path):
+    """The planner's per-block pushed values and trainable count, from fake tensors, equal those of
+    a real adapter on real blocks, for every method family."""
+    from edgetune.runtime.model.loader import load_model
+    from edgetune.runtime.peft import attach_adapter
+    from edgetune.runtime.peft.adapter import split_block_key
+
+    make_tiny_folder("llama", tmp_path, hidden_size=64, intermediate_size=128, num_hidden_layers=3)
+    config = ModelConfig.from_file(tmp_path / "config.json")
+    for options in [{}, {"method": "dora"}, {"method": "ia3"}, {"method": "prefix", "num_virtual_tokens": 3},
+                    {"method": "prefix", "num_virtual_tokens": 3, "prefix_projection": True},
+                    {"method": "prompt", "num_virtual_tokens": 3}, {"method": "ln_tuning"},
+                    {"method": "serial_adapter", "bottleneck_size": 8}, {"method": "bitfit"},
+                    {"target_modules": "all-linear", "layers_to_transform": (0, 2)}]:
+        methods = TrainConfig(data="x", **options).methods()
+        per_block, trainable = adapter_sizes(config, methods)
+        model = load_model(tmp_path)
+        adapter = attach_adapter(model, methods)
+        real = [0] * config.num_layers
+        for key, t in adapter.block_tensor_views(range(config.num_layers)).items():
+            real[split_block_key(key)[1]] += t.numel()
+        assert per_block == real and trainable == adapter.num_parameters(), options
+    # and by hand: LoRA r16 on every linear of Llama-3-8B is r * (in + out) summed
+    c8 = ModelConfig.from_hf_dict(shapes.load("llama-3-8b"))
+    per_block, trainable = adapter_sizes(c8, TrainConfig(data="x", rank=16, target_modules="all-linear").methods())
+    by_hand = 16 * sum(o + i for o, i in c8.linear_shapes().values())
+    assert per_block == [by_hand] * 32 and trainable == 32 * by_hand == 41_943_040
+
+
+def test_predicted_bytes_match_a_real_route_within_5_percent(tmp_path, monkeypatch):
+    """A 2-node route on loopback: the edge link's bytes per step, sent and received, as the plan says."""
+    folder = tmp_path / "tiny"
+    make_tiny_folder("llama", folder, hidden_size=64, intermediate_size=128, num_hidden_layers=4)
+    data = tmp_path / "long.jsonl"  # every example longer than max_seq_len: every batch is 4 x 32 tokens
+    data.write_text("".join(json.dumps({"text": "the library opens at nine and closes at six " * 8}) + "\n"
+                            for _ in range(8)))
+    route = start_route(folder, [2], tmp_path / "tok")
+    try:
+        patch_connect(monkeypatch, route)
+        cfg = TrainConfig(model=str(folder), data=str(data), out=str(tmp_path / "run"), rank=4, target_modules="all-linear",
+                          steps=2, batch_size=4, micro_batches=2, max_seq_len=32, eval_fraction=0.0, save_every=0,
+                          progress=False, coordinator="fake:1", token_file=str(route.token_file), codec="bf16")
+        run = finetune(cfg)
+    finally:
+        route.stop()
+    records = [r for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    config = ModelConfig.from_file(folder / "config.json")
+    per_block, trainable = adapter_sizes(config, cfg.methods())
+    nodes = [PlanNode("node-0", 1 << 30, 1e9, "fp32"), PlanNode("node-1", 1 << 30, 1e9, "fp32")]
+    report = plan(config, "tiny", nodes, EdgeSpec(1e9), Workload(4, 32, 2, "bf16", tuple(per_block), trainable),
+                  Link(1e9, 0.001))
+    assert [(s.start, s.end) for s in report.stages] == [(0, 2), (2, 4)]
+    edge_hop = report.hops[0]
+    for record in records[1:]:  # the first step also carries the session's Open
+        assert abs(record["bytes_sent"] - edge_hop.down_bytes) <= 0.05 * edge_hop.down_bytes, record
+        assert abs(record["bytes_received"] - edge_hop.up_bytes) <= 0.05 * edge_hop.up_bytes, record
+
+
+def test_plan_cli_prints_tables_and_json(tmp_path):
+    nodes = tmp_path / "nodes.yaml"
+    nodes.write_text(NODES_YAML)
+    args = [sys.executable, "-m", "edgetune", "plan", "--model", "llama-3-8b", "--nodes", str(nodes), "--rank", "16",
+            "--target-modules", "all-linear", "--batch-size", "4", "--max-seq-len", "2048", "--micro-batches", "4",
+            "--codec", "bf16", "--link", "100mbit,50ms"]
+    text = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert text.returncode == 0, text.stderr
+    assert "bound by bandwidth" in text.stdout and "edge -> gpu-a" in text.stdout and "gpu-a -> gpu-b" in text.stdout
+    shown = json.loads(subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=120).stdout)
+    assert shown["trainable_params"] == 41_943_040 and shown["bound"] == "bandwidth"
+    (a, b) = shown["stages"]  # 48 GiB of blocks and activations: too much for one 40G node
+    assert (a["name"], a["start"], b["name"], b["end"]) == ("gpu-a", 0, "gpu-b", 32) and a["end"] == b["start"]
+    assert all(s["memory_bytes"] <= 40 << 30 for s in shown["stages"])
+    c8 = ModelConfig.from_hf_dict(shapes.load("llama-3-8b"))
+    assert sum(s["weight_bytes"] for s in shown["stages"]) == 32 * block_params(c8) * 2  # bf16
+    # the edge's link carries every block's adapter (fp32) both ways, plus 2 x 4 hidden states (bf16) each way
+    hidden = 1 * 2048 * 4096 * 2
+    assert shown["hops"][0]["down_bytes"] == 4 * 41_943_040 + 8 * hidden
+    assert shown["hops"][1]["down_bytes"] == 4 * 41_943_040 // 32 * (32 - b["start"]) + 8 * hidden
+    assert shown["hops"][1]["link"].startswith("1 Gbit/s")
+    # a faster link turns the same plan compute-bound
+    fast = json.loads(subprocess.run([*args[:-1], "100gbit,0.1ms", "--json"], capture_output=True, text=True,
+                                     timeout=120).stdout)
+    assert fast["bound"] == "compute" and fast["step_s"] < shown["step_s"]
+
+
+def test_plan_of_the_embedded_model_reads_its_gguf_header(tmp_path):
+    config = load_config("embedded")
+    assert (config.num_layers, config.hidden_size, config.vocab_size, config.num_kv_heads) == (30, 576, 49152, 3)
+
+
+def test_bad_plan_inputs_are_named(tmp_path):
+    bad = tmp_path / "nodes.yaml"
+    for text, why in [("nodes: []\n", "non-empty list under 'nodes:'"),
+                      ("nodes:\n  - {name: a, memory: lots, tflops: 1}\n", "node 1: memory"),
+                      ("nodes:\n  - {name: a, memory: 1G, tflops: fast}\n", "tflops must be a number"),
+                      ("nodes:\n  - {name: a, memory: 1G, tflops: 1, dtype: int4}\n", "dtype 'int4'"),
+                      ("nodes:\n  - {name: a, memory: 1G, tflops: 1, speed: 3}\n", "unknown key")]:
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=why):
+            load_nodes(bad)
+    with pytest.raises(ConfigError, match="not a shipped shape"):
+        load_config(str(tmp_path / "missing.json"))
+    shown = subprocess.run([sys.executable, "-m", "edgetune", "plan", "--model", "llama-3-8b", "--nodes", str(bad),
+                            "--batch-size", "3", "--micro-batches", "2"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode != 0 and "unknown key" in shown.stderr
