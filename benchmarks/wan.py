@@ -260,13 +260,18 @@ def run_proxy(listen: str, target: str, delay_ms: float, report: str | None) -> 
     thost, tport = target.rsplit(":", 1)
     proxy = DelayProxy((host, int(port)), (thost, int(tport)), delay_ms / 1e3)
     signal.signal(signal.SIGTERM, _raise_exit)
+    with contextlib.suppress(OSError):  # the proxy plays the network: it must not queue behind training's compute
+        os.nice(-10)
     # select() takes its timeout in microseconds; epoll rounds up to whole milliseconds, which would
     # make every held chunk up to 1 ms late
     loop = asyncio.SelectorEventLoop(selectors.SelectSelector())
     try:
         loop.run_until_complete(proxy.serve())
     except (SystemExit, KeyboardInterrupt):
-        pass
+        pending = asyncio.all_tasks(loop)  # open connections: cancel them quietly, the run is over
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     finally:
         if report:
             with open(report, "w") as f:
@@ -406,6 +411,88 @@ def _wait_port(lab: Lab, ns: str, host: str, port: int, timeout: float = 30.0) -
                    timeout=timeout + 5)
 
 
+# --------------------------------------------------------------------- one gRPC stream
+_SINK_METHOD = "/edgetune.wan.Sink/Stream"
+
+
+def serve_grpc_sink(port: int) -> None:
+    """A gRPC server with edgetune's channel options whose one stream method counts what it receives."""
+    from concurrent import futures
+
+    import grpc
+
+    from edgetune.runtime.wire import rpc
+    from edgetune.runtime.wire.serde import channel_options
+
+    def count(requests, context):
+        total = sum(len(r) for r in requests)
+        return str(total).encode()
+
+    handler = grpc.method_handlers_generic_handler("edgetune.wan.Sink", {
+        "Stream": grpc.stream_unary_rpc_method_handler(count)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                         options=channel_options() + rpc.KEEPALIVE_OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    signal.signal(signal.SIGTERM, _raise_exit)
+    print("ready", flush=True)
+    try:
+        server.wait_for_termination()
+    except (SystemExit, KeyboardInterrupt):
+        server.stop(grace=0.5)
+
+
+def measure_grpc(address: str, seconds: float, message_bytes: int = 1 << 20) -> float:
+    """Bits/s of one client stream sending `message_bytes` messages to serve_grpc_sink for `seconds`
+    (edgetune's channel options), counted by the server, over the stream's whole life."""
+    import grpc
+
+    from edgetune.runtime.wire import rpc
+    from edgetune.runtime.wire.serde import channel_options
+
+    channel = grpc.insecure_channel(address, options=channel_options() + rpc.KEEPALIVE_OPTIONS)
+    grpc.channel_ready_future(channel).result(timeout=30)
+    call = channel.stream_unary(_SINK_METHOD, request_serializer=None, response_deserializer=None)
+    payload = b"\0" * message_bytes
+    start = time.perf_counter()
+
+    def messages():
+        while time.perf_counter() - start < seconds:
+            yield payload
+
+    total = int(call(messages(), timeout=seconds + 60))
+    elapsed = time.perf_counter() - start
+    channel.close()
+    return 8 * total / elapsed
+
+
+def grpc_throughput(lab: Lab, hop: Hop, seconds: float = 6.0, port: int = 17201) -> float:
+    """Bits/s of one gRPC stream across `hop`, through its delay proxy (see measure_grpc)."""
+    py = sys.executable
+    sink = lab.spawn(hop.b, [py, "-m", "edgetune.benchmarks.wan", "grpc-sink", "--port", str(port)],
+                     stdout=subprocess.PIPE, text=True)
+    proxy = lab.spawn(hop.b, [py, "-m", "edgetune.benchmarks.wan", "proxy", "--listen", f"{hop.b_addr}:{port + 1}",
+                              "--to", f"127.0.0.1:{port}", "--delay-ms", str(lab.proxy_delay_s * 1e3)])
+    try:
+        if sink.stdout.readline().strip() != "ready":
+            raise RuntimeError("the gRPC sink did not start")
+        _wait_port(lab, hop.a, hop.b_addr, port + 1)
+        out = subprocess.run(["ip", "netns", "exec", hop.a, py, "-c",
+                              "from edgetune.benchmarks.wan import measure_grpc; "
+                              f"print(measure_grpc('{hop.b_addr}:{port + 1}', {seconds}))"],
+                             capture_output=True, text=True, timeout=seconds + 90)
+        if out.returncode:
+            raise RuntimeError(f"gRPC throughput failed: {out.stderr.strip()[-500:]}")
+        return float(out.stdout.split()[-1])
+    finally:
+        for proc in (proxy, sink):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+            lab.procs.remove(proc)
+
+
 # ----------------------------------------------------------------- training over the lab
 SHARD_PORT = 17100  # each node's shard, on its loopback; its proxy listens on SHARD_PORT + 1 facing the previous hop
 
@@ -533,7 +620,10 @@ def main(argv: list[str] | None = None) -> int:
     ed = sub.add_parser("edge", help="fine-tune through a fixed route (used inside the edge namespace)")
     ed.add_argument("--spec", required=True)
     ed.add_argument("--out", required=True)
+    gs = sub.add_parser("grpc-sink", help="a gRPC stream sink on loopback (used inside a namespace)")
+    gs.add_argument("--port", type=int, required=True)
     ck = sub.add_parser("check", help="build a lab of one hop and run the self-check")
+    ck.add_argument("--grpc", action="store_true", help="also measure one gRPC stream's throughput")
     ck.add_argument("--rate", default="20mbit")
     ck.add_argument("--rtt-ms", type=float, default=50.0)
     ck.add_argument("--seconds", type=float, default=2.0)
@@ -547,6 +637,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "edge":
         run_edge(args.spec, args.out)
         return 0
+    if args.cmd == "grpc-sink":
+        serve_grpc_sink(args.port)
+        return 0
     from edgetune.runtime.plan.planner import parse_link
 
     link = parse_link(f"{args.rate},{args.rtt_ms}ms")
@@ -558,6 +651,10 @@ def main(argv: list[str] | None = None) -> int:
         rtt, rate, late = self_check(lab, lab.hops[0], args.seconds)
         print(f"self-check {lab.hops[0].a} -> {lab.hops[0].b}: RTT {rtt * 1e3:.2f} ms (set {args.rtt_ms:g}), "
               f"throughput {rate / 1e6:.2f} Mbit/s (set {link.rate_bits / 1e6:g}), proxy p99 lateness {late * 1e3:.3f} ms")
+        if args.grpc:
+            bits = grpc_throughput(lab, lab.hops[0], seconds=max(args.seconds, 6.0))
+            print(f"one gRPC stream: {bits / 1e6:.2f} Mbit/s = {bits / link.rate_bits:.1%} of the link (payload, "
+                  "whole stream including its start)")
     return 0
 
 

@@ -15,11 +15,15 @@ back up the same hops. Per step, with m micro-batches of b = B/m sequences of T 
   the inputs; no weight gradients): 2 x block_flops / the node's sustained FLOP/s per block and
   micro-batch. GPipe's step takes (m + S - 1) slots of the slowest stage; the edge adds its LM
   head (edge_head_flops) for the batch.
-- **Bandwidth.** The busiest hop's bytes (the larger direction; links are full duplex) over its
-  rate.
+- **Bandwidth.** The adapter push and the adapter gradients do not overlap with anything: a
+  node needs the whole push before its first forward and relays the rest after it (store and
+  forward), and the gradients travel up the same way after the last backward. So each costs the
+  sum over the hops of its bytes over the hop's rate. The activations flow within the pipeline:
+  each stage's slot is at least its hop's activation transfer.
 - **Latency.** Three sequential trips down the route and back per step (forward of the first
   micro-batch, backward of the last, end of step): 3 x the sum of the hops' round trips.
-- **Step time** = max(compute, bandwidth) + latency; the **bound** is the largest of the three.
+- **Step time** = push + pipeline (compute and activations) + gradients + latency; the **bound**
+  is whichever of compute, bandwidth (push, gradients and activations) or latency is largest.
 
 Memory on a node: its blocks' weights in its dtype/quantization, the activations of m
 micro-batches kept for backward, its adapter replica and gradients (fp32), and a fixed
@@ -239,12 +243,17 @@ def plan(config: BlockShapes, model_name: str, nodes: list[PlanNode], edge: Edge
 
     head_flops = edge_head_flops(config, work.batch_size, work.seq_len)
     edge_s = head_flops / edge.flops
-    bottleneck = max(s.seconds_per_micro_batch for s in stages)
-    compute = (m + len(stages) - 1) * bottleneck + edge_s
-    bandwidth = max(h.seconds for h in hops)
+    rates = [(edge.link or default_link).bytes_per_s] + [links[s.name].bytes_per_s for s in stages[1:]]
+    adapter_s = sum(FP32 * sum(values[s.start:]) / rate for s, rate in zip(stages, rates))  # one way, store and forward
+    activation_slot = max(2 * hidden_bytes / rate for rate in rates)  # a micro-batch's tensors over the slowest hop
+    compute_slot = max(s.seconds_per_micro_batch for s in stages)
+    slots = m + len(stages) - 1
+    compute = slots * compute_slot + edge_s
+    pipeline = slots * max(compute_slot, activation_slot) + edge_s
+    bandwidth = 2 * adapter_s + max(0.0, pipeline - compute)
     rtts = [(edge.link or default_link).rtt_s] + [links[s.name].rtt_s for s in stages[1:]]
     latency = 3 * sum(rtts)
-    step = max(compute, bandwidth) + latency
+    step = 2 * adapter_s + pipeline + latency
     bound = max((("compute", compute), ("bandwidth", bandwidth), ("latency", latency)), key=lambda kv: kv[1])[0]
 
     D, V = config.hidden_size, config.vocab_size
@@ -299,7 +308,8 @@ def format_plan(r: PlanReport) -> str:
             "", "hop              link                     down/step    up/step     transfer s"]
     for h in r.hops:
         out.append(f"{h.src + ' -> ' + h.dst:16} {h.link:24} {_size(h.down_bytes):>10}  {_size(h.up_bytes):>10}  {h.seconds:10.3f}")
-    out += ["", f"step: compute {r.compute_s:.3f} s, bandwidth {r.bandwidth_s:.3f} s, latency {r.latency_s:.3f} s -> "
-                f"predicted {r.step_s:.3f} s a step ({r.tokens_per_s:,.0f} tokens/s), bound by {r.bound}"]
+    out += ["", f"step: compute {r.compute_s:.3f} s, transfers not hidden by compute {r.bandwidth_s:.3f} s, "
+                f"latency {r.latency_s:.3f} s -> predicted {r.step_s:.3f} s a step ({r.tokens_per_s:,.0f} tokens/s), "
+                f"bound by {r.bound}"]
     out += [f"note: {n}" for n in r.notes]
     return "\n".join(out)
