@@ -57,6 +57,8 @@ _FINETUNE_OPTIONS: list[tuple[str, type, str]] = [
     ("threads", int, "torch CPU threads (0: local: torch's default; distributed: cores / edgetune processes here)"),
     ("coordinator", str, "HOST:PORT of `edgetune coordinator`: train on its cluster (instead of --local)"),
     ("codec", str, "activations and their gradients on the wire: fp32, fp16, bf16, int8 (adapters stay exact)"),
+    ("adapter_codec", str, "distributed: adapter traffic: raw (the whole adapter, exact, each step) or bf16 / int8 "
+                           "(deltas against the nodes' replicas and gradients, with error feedback)"),
     ("token_file", str, "the cluster's token file (empty: ~/.config/edgetune/token)"),
     ("max_step_retries", int, "distributed: replays of one step after node failures before giving up"),
     ("route_timeout_s", float, "distributed: seconds to wait for the coordinator to (re)assign blocks"),

@@ -84,6 +84,7 @@ class _Relay:
         self.work_q: queue.Queue = queue.Queue()  # ("down" | "up", message)
         self.session: ShardSession | None = None
         self.codec = "fp32"
+        self.adapter_codec = "raw"
         self.next_hop: wire.Hop | None = None
         self._down_q: queue.Queue | None = None   # frames for the next hop
         self._call = None
@@ -167,8 +168,8 @@ class _Relay:
         s = self.session
         if isinstance(msg, wire.AdapterPush):
             rest = s.push_adapter(msg)
-            if self.next_hop is not None:
-                self._down(wire.AdapterPush(msg.version, rest))
+            if self.next_hop is not None:  # relayed exactly as decoded: the next replica stays the edge's mirror
+                self._down(wire.AdapterPush(msg.version, rest, msg.delta))
         elif isinstance(msg, wire.Forward):
             out = s.forward(msg)
             if self.next_hop is not None:
@@ -187,7 +188,7 @@ class _Relay:
                 self._down(msg)
             else:
                 grads, timing = s.end_step(msg)
-                self._up(wire.Gradients(msg.step, msg.version, grads, [timing]))
+                self._up(wire.Gradients(msg.step, msg.version, s.with_feedback(grads), [timing]))
         else:
             raise SessionError(f"unexpected message {type(msg).__name__} going down", code="INVALID_ARGUMENT")
 
@@ -199,13 +200,15 @@ class _Relay:
             self._up(wire.BackwardResult(msg.step, msg.micro, s.backward(msg.step, msg.micro, msg.grad)))
         elif isinstance(msg, wire.Gradients):
             grads, timing = s.end_step(wire.EndStep(msg.step, msg.version))
-            self._up(wire.Gradients(msg.step, msg.version, {**grads, **msg.tensors}, [timing] + msg.timings))
+            merged = s.with_feedback({**grads, **msg.tensors})  # one error feedback over what this hop re-encodes
+            self._up(wire.Gradients(msg.step, msg.version, merged, [timing] + msg.timings))
 
     def _open(self, msg: wire.Open) -> None:
         if self.session is not None:
             raise SessionError("Open sent twice in one session", code="FAILED_PRECONDITION")
         self.session = self.shard.open_session(msg)
         self.codec = msg.codec
+        self.adapter_codec = msg.adapter_codec
         log.info("session %s opened: blocks [%d, %d), %d hop(s) after this node, codec %s", msg.session_id,
                  self.shard.start, self.shard.end, len(msg.route) - 1, msg.codec)
         if len(msg.route) == 1:
@@ -216,14 +219,16 @@ class _Relay:
         self._down_q = queue.Queue()
         self._call = node_client.open_session(self._channel, self._frames_down(), self.deadline_s)
         threading.Thread(target=self.read_downstream, args=(self._call,), daemon=True, name="edgetune-session-next").start()
-        self._down(wire.Open(msg.session_id, msg.model, msg.fingerprint, msg.route[1:], msg.codec, msg.methods_json))
+        self._down(wire.Open(msg.session_id, msg.model, msg.fingerprint, msg.route[1:], msg.codec, msg.methods_json,
+                             msg.adapter_codec))
 
     # -- plumbing -----------------------------------------------------------------------
     def _me(self) -> wire.Hop:
         return wire.Hop(self.shard.name, "", self.shard.start, self.shard.end)
 
     def _up(self, msg) -> None:
-        for frame in serde.up_frames(msg, codec=self.codec):
+        adapter_codec = None if self.adapter_codec == "raw" else self.adapter_codec
+        for frame in serde.up_frames(msg, codec=self.codec, adapter_codec=adapter_codec):
             if self.session is not None:
                 self.session.timing.bytes_out += serde.frame_bytes(frame)
             self.out.put(frame)

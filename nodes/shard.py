@@ -27,6 +27,7 @@ from edgetune.runtime.errors import ConfigError, SessionError
 from edgetune.runtime.model.transformer import CausalLM
 from edgetune.runtime.peft.adapter import block_adapters, methods_from_json, split_block_key
 from edgetune.runtime.wire import messages as wire
+from edgetune.runtime.wire.serde import roundtrip as wire_roundtrip
 
 log = logging.getLogger("edgetune.node")
 
@@ -96,7 +97,7 @@ class Shard:
             check_methods(methods, self.quantize, self.name)
         except ConfigError as e:
             raise SessionError(str(e), code="FAILED_PRECONDITION") from None
-        session = ShardSession(self, msg.session_id, methods, msg.methods_json)
+        session = ShardSession(self, msg.session_id, methods, msg.methods_json, msg.adapter_codec)
         with self._lock:
             self.sessions[msg.session_id] = session
         return session
@@ -124,11 +125,13 @@ class Shard:
 class ShardSession:
     """One edge's use of a shard: the current adapter version, cached activations, step grads."""
 
-    def __init__(self, shard: Shard, session_id: str, methods, methods_key: str = "") -> None:
+    def __init__(self, shard: Shard, session_id: str, methods, methods_key: str = "", adapter_codec: str = "raw") -> None:
         self.shard = shard
         self.session_id = session_id
         self.methods = methods
         self.methods_key = methods_key  # what a compiled block function is keyed by (with shapes, dtype)
+        self.adapter_codec = adapter_codec  # how deltas arrive and gradients leave (wire.ADAPTER_CODECS)
+        self.residuals: dict[str, torch.Tensor] = {}  # gradient error feedback: what encoding lost so far
         # Virtual tokens of prefix tuning shift the keys; prompt tuning shifts positions.
         self.prefix = sum(m.num_prefix_tokens() for m in methods)
         self.position_offset = sum(m.position_offset() for m in methods)
@@ -140,9 +143,12 @@ class ShardSession:
 
     # -- adapter ------------------------------------------------------------------
     def push_adapter(self, msg: wire.AdapterPush) -> dict[str, torch.Tensor]:
-        """Keep this shard's tensors of version `msg.version`; returns the others (for the next node)."""
+        """Keep this shard's tensors of version `msg.version`; returns the others (for the next node).
+
+        A delta push adds to the replica this session holds (what the edge's mirror of it says);
+        a whole push replaces it."""
         part = self.shard.part
-        mine, rest = {}, {}
+        mine, rest = (dict(self.tensors) if msg.delta else {}), {}
         for key, t in msg.tensors.items():
             k, layer, _ = split_block_key(key)
             if k >= len(self.methods) or not 0 <= layer < part.config.num_layers:
@@ -152,7 +158,16 @@ class ShardSession:
                     raise SessionError(f"adapter tensor {key!r} has dtype {t.dtype}; expected floating point", code="INVALID_ARGUMENT")
                 # the leaf stays fp32 (the edge's master precision): each forward casts it to the
                 # blocks' dtype, so autograd returns its gradient in fp32 and sums stay fp32
-                mine[key] = self._into_buffer(key, t)
+                if msg.delta:
+                    old = self.tensors.get(key)
+                    if old is None or old.shape != t.shape:
+                        raise SessionError(f"adapter delta for {key!r} but node {self.shard.name} holds no replica of "
+                                           "that shape; send the whole adapter", code="FAILED_PRECONDITION")
+                    with torch.no_grad():
+                        old.add_(t.to(device=old.device, dtype=torch.float32))
+                    mine[key] = old
+                else:
+                    mine[key] = self._into_buffer(key, t)
             else:
                 rest[key] = t
         self.version = msg.version
@@ -170,6 +185,21 @@ class ShardSession:
                 old.copy_(t)
             return old
         return t.to(device=part.device, dtype=torch.float32).clone().requires_grad_(True)
+
+    def with_feedback(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Gradients about to leave with the session's adapter codec, plus what encoding lost from
+        earlier steps (error feedback); keeps what this encoding will lose. Raw: unchanged."""
+        if self.adapter_codec == "raw":
+            return grads
+        out = {}
+        for name, g in grads.items():
+            g = g.float()
+            r = self.residuals.get(name)
+            if r is not None and r.shape == g.shape:
+                g = g + r.to(g.device)
+            self.residuals[name] = g - wire_roundtrip(g, self.adapter_codec)
+            out[name] = g
+        return out
 
     # -- forward / backward -----------------------------------------------------
     def forward(self, msg: wire.Forward) -> torch.Tensor:

@@ -141,3 +141,55 @@ def test_the_edge_loads_exactly_embeddings_final_norm_and_head(tiny64, route, tm
     got = engine.adapter.state_dict()
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     engine.close()
+
+
+@pytest.mark.parametrize("adapter_codec", ["bf16", "int8"])
+def test_adapter_deltas_keep_every_replica_equal_to_the_edges_mirror(adapter_codec, tiny64, data_file, route, tmp_path,
+                                                                     monkeypatch):
+    """--adapter-codec bf16|int8: after the first whole push the edge sends encoded deltas; each node's
+    replica equals the edge's mirror bit for bit at every version, the mirror tracks the adapter without
+    drifting, the adapter traffic shrinks, and training stays close to exact traffic."""
+    from edgetune.nodes.shard import ShardSession
+    from edgetune.runtime.train.remote import RemoteEngine
+
+    mirrors, replicas, exact = {}, {}, {}
+    push, node_push = RemoteEngine._push_adapter, ShardSession.push_adapter
+
+    def edge_push(self):
+        views = push(self)
+        exact[self.version] = {k: v.detach().clone() for k, v in views.items()}
+        if self._mirror is not None:
+            mirrors[self.version] = {k: v.clone() for k, v in self._mirror.items()}
+        return views
+
+    def kept(self, msg):
+        rest = node_push(self, msg)
+        if self.adapter_codec != "raw":
+            replicas.setdefault(msg.version, {}).update({k: v.detach().clone() for k, v in self.tensors.items()})
+        return rest
+
+    monkeypatch.setattr(RemoteEngine, "_push_adapter", edge_push)
+    monkeypatch.setattr(ShardSession, "push_adapter", kept)
+    patch_connect(monkeypatch, route)
+    kw = dict(coordinator="fake:1", token_file=str(route.token_file), dropout=0.0, rank=16, target_modules="all-linear",
+              steps=6, eval_fraction=0.0)
+    runs = {c: finetune(_cfg(tiny64, data_file, tmp_path / c, adapter_codec=c, **kw)) for c in ("raw", adapter_codec)}
+    assert mirrors and set(mirrors) <= set(replicas)
+    for version, mirror in mirrors.items():
+        assert replicas[version].keys() == mirror.keys()
+        for k, t in mirror.items():
+            assert torch.equal(replicas[version][k], t), (version, k)  # bit for bit
+    last = max(mirrors)
+    drift = max(float((mirrors[last][k] - exact[last][k]).abs().max() / exact[last][k].abs().max().clamp_min(1e-12))
+                for k in mirrors[last])
+    assert drift <= (2e-2 if adapter_codec == "int8" else 4e-3), drift
+    assert abs(runs[adapter_codec].losses[-1] - runs["raw"].losses[-1]) <= 0.03 * runs["raw"].losses[-1]
+    sent = {c: [rec for rec in map(json.loads, (r.out / "metrics.jsonl").read_text().splitlines()) if "loss" in rec]
+            for c, r in runs.items()}
+    values = sum(t.numel() for t in exact[last].values())
+    saved = {d: sent["raw"][-1][d] - sent[adapter_codec][-1][d] for d in ("bytes_sent", "bytes_received")}
+    fraction = 0.27 if adapter_codec == "int8" else 0.5  # of the raw adapter's 4 bytes a value, each way
+    print(f"{adapter_codec}: adapter {4 * values} raw bytes a way; saved {saved}; losses raw {runs['raw'].losses} "
+          f"{adapter_codec} {runs[adapter_codec].losses}; drift {drift:.2e}")
+    for d, bytes_saved in saved.items():
+        assert bytes_saved >= (1 - fraction - 0.03) * 4 * values, (d, bytes_saved, 4 * values)

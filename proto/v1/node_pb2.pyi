@@ -20,28 +20,32 @@ class Hop(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("session_id", "model", "fingerprint", "route", "codec", "methods_json")
+    __slots__ = ("session_id", "model", "fingerprint", "route", "codec", "methods_json", "adapter_codec")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     METHODS_JSON_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_CODEC_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     fingerprint: str
     route: _containers.RepeatedCompositeFieldContainer[Hop]
     codec: _tensor_pb2.Codec
     methods_json: str
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., methods_json: _Optional[str] = ...) -> None: ...
+    adapter_codec: _tensor_pb2.Codec
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., methods_json: _Optional[str] = ..., adapter_codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ...) -> None: ...
 
 class AdapterPush(_message.Message):
-    __slots__ = ("version", "tensors")
+    __slots__ = ("version", "tensors", "delta")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     version: int
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
-    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+    delta: bool
+    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., delta: _Optional[bool] = ...) -> None: ...
 
 class Forward(_message.Message):
     __slots__ = ("step", "micro", "version", "train", "dropout_key", "tensors")

@@ -70,6 +70,7 @@ class TrainConfig:
     # distributed (empty coordinator: train in this process)
     coordinator: str = ""
     codec: str = "fp32"  # activations and their gradients on the wire: fp32, fp16, bf16, int8
+    adapter_codec: str = "raw"  # adapter deltas and gradients on the wire: raw (exact), bf16, int8 (error feedback)
     token_file: str = ""  # default: ~/.config/edgetune/token
     max_step_retries: int = 5  # replays of one step after node failures before giving up
     route_timeout_s: float = 300.0  # how long to wait for the coordinator to reassign blocks
@@ -98,6 +99,8 @@ class TrainConfig:
             problems.append(f"micro_batches ({self.micro_batches}) cannot exceed batch_size ({self.batch_size})")
         if self.codec not in ("fp32", "fp16", "bf16", "int8"):
             problems.append(f"codec {self.codec!r} not in fp32, fp16, bf16, int8")
+        if self.adapter_codec not in ("raw", "bf16", "int8"):
+            problems.append(f"adapter_codec {self.adapter_codec!r} not in raw, bf16, int8")
         if self.coordinator and ":" not in self.coordinator:
             problems.append(f"coordinator {self.coordinator!r} must be HOST:PORT")
         if self.head_dtype not in ("auto", "fp32", "bf16"):

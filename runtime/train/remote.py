@@ -59,6 +59,7 @@ class RouteStream:
     def __init__(self, route: wire.Route, token: str, open_msg: wire.Open, reply_timeout_s: float) -> None:
         self.route = route
         self.codec = open_msg.codec
+        self.adapter_codec = None if open_msg.adapter_codec == "raw" else open_msg.adapter_codec
         self.reply_timeout_s = reply_timeout_s
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -75,7 +76,9 @@ class RouteStream:
         log.info("route open: %s", " -> ".join(f"{h.name}[{h.start},{h.end})" for h in opened.route))
 
     def send(self, msg) -> None:
-        for frame in serde.down_frames(msg, codec=self.codec):
+        # adapter deltas travel with the adapter codec; a whole push (the replica's start) is exact
+        adapter_codec = self.adapter_codec if getattr(msg, "delta", False) else None
+        for frame in serde.down_frames(msg, codec=self.codec, adapter_codec=adapter_codec):
             self.bytes_sent += serde.frame_bytes(frame)
             self._out.put(frame)
 
@@ -238,6 +241,7 @@ class RemoteEngine:
         self.version = 0
         self.stream: RouteStream | None = None
         self._metrics: dict[str, Any] = {}
+        self._mirror: dict[str, torch.Tensor] | None = None  # what the session's nodes hold (lossy adapter codecs)
 
     # -- the engine interface ---------------------------------------------------------
     def accumulate(self, micros: list[tuple[tuple, Any]], total_tokens: int) -> float:
@@ -284,7 +288,9 @@ class RemoteEngine:
         route = self.trainer.route
         hops = list(route.hops)
         open_msg = wire.Open(session_id=uuid.uuid4().hex, model=self.cfg.model, fingerprint=route.fingerprint,
-                             route=hops, codec=self.cfg.codec, methods_json=self.methods_json)
+                             route=hops, codec=self.cfg.codec, methods_json=self.methods_json,
+                             adapter_codec=self.cfg.adapter_codec)
+        self._mirror = None  # a new session: its nodes hold no replica yet
         try:
             return RouteStream(route, self.trainer.token, open_msg, self.cfg.reply_timeout_s)
         except RouteFailure:
@@ -294,9 +300,22 @@ class RemoteEngine:
 
     # -- one step -----------------------------------------------------------------------
     def _push_adapter(self) -> dict[str, torch.Tensor]:
+        """Bring the nodes' replicas to this version: whole and exact on a new session (and always with
+        --adapter-codec raw), else the deltas against the edge's mirror of the replicas, encoded with the
+        adapter codec; the mirror takes what the nodes will decode, so what encoding lost this step is
+        part of the next step's delta and the replicas never drift."""
         views = self.adapter.block_tensor_views(self.layers)  # what the blocks use (autograd-linked)
         self.version += 1
-        self.stream.send(wire.AdapterPush(self.version, {k: v.detach() for k, v in views.items()}))
+        current = {k: v.detach() for k, v in views.items()}
+        codec = self.cfg.adapter_codec
+        if codec == "raw" or self._mirror is None:
+            self.stream.send(wire.AdapterPush(self.version, current))
+            self._mirror = None if codec == "raw" else {k: t.float().clone() for k, t in current.items()}
+            return views
+        deltas = {k: t.float() - self._mirror[k] for k, t in current.items()}
+        self.stream.send(wire.AdapterPush(self.version, deltas, delta=True))
+        for k, d in deltas.items():
+            self._mirror[k] += serde.roundtrip(d, codec)
         return views
 
     def _embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 CODECS = ("fp32", "fp16", "bf16", "int8")  # activation / activation-gradient codecs
+ADAPTER_CODECS = ("raw", "bf16", "int8")  # adapter deltas and adapter gradients (raw: exact)
 Tensors = dict[str, torch.Tensor]
 
 
@@ -35,12 +36,14 @@ class Open:
     route: list[Hop]  # the receiving node first
     codec: str = "fp32"
     methods_json: str = "[]"
+    adapter_codec: str = "raw"  # how adapter deltas and gradients travel (ADAPTER_CODECS)
 
 
 @dataclass
 class AdapterPush:
     version: int
     tensors: Tensors  # "{method}.{layer}.{name}"
+    delta: bool = False  # add to the node's replica (encoded with the session's adapter codec) instead of replacing it
 
 
 @dataclass

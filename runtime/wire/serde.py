@@ -331,11 +331,12 @@ class _Encoding:
 def _open_to_pb(m: wire.Open, enc: _Encoding, payloads: list[bytes]) -> node_pb2.Open:
     return node_pb2.Open(session_id=m.session_id, model=m.model, fingerprint=m.fingerprint,
                          route=[hop_to_pb(h) for h in m.route],
-                         codec=_CODEC_ENUMS[_check_codec(m.codec, wire.CODECS)], methods_json=m.methods_json)
+                         codec=_CODEC_ENUMS[_check_codec(m.codec, wire.CODECS)], methods_json=m.methods_json,
+                         adapter_codec=_CODEC_ENUMS[_check_codec(m.adapter_codec, wire.ADAPTER_CODECS)])
 
 
 def _adapter_to_pb(m: wire.AdapterPush, enc: _Encoding, payloads: list[bytes]) -> node_pb2.AdapterPush:
-    return node_pb2.AdapterPush(version=m.version, tensors=enc.adapter_tensors(m.tensors, payloads))
+    return node_pb2.AdapterPush(version=m.version, tensors=enc.adapter_tensors(m.tensors, payloads), delta=m.delta)
 
 
 def _forward_to_pb(m: wire.Forward, enc: _Encoding, payloads: list[bytes]) -> node_pb2.Forward:
@@ -413,6 +414,15 @@ def _frames(msg, encoders: dict, frame_type: type, codec: str, adapter_codec: st
     return _chunked(frame, headers, payloads, chunk_bytes, lambda c: frame_type(chunk=c))
 
 
+def roundtrip(tensor: torch.Tensor, codec: str, block_size: int = INT8_BLOCK_SIZE) -> torch.Tensor:
+    """What `tensor` decodes to after travelling with `codec` (raw: itself): the edge and a node
+    compute a replica's update, and a node its gradients' error feedback, with it."""
+    if codec == "raw":
+        return tensor
+    header, payload = _encode_tensor("t", tensor, _check_codec(codec, wire.ADAPTER_CODECS), block_size)
+    return _decode_tensor(header, bytearray(payload)).to(tensor.device)
+
+
 def down_frames(msg: wire.DownMessage, codec: str = "fp32", chunk_bytes: int = CHUNK_BYTES, *,
                 adapter_codec: str | None = None, block_size: int = INT8_BLOCK_SIZE) -> Iterator[node_pb2.Down]:
     """The Down frames of one message: the message, then TensorChunk frames if it is large.
@@ -459,11 +469,21 @@ def _open_from_pb(pb: node_pb2.Open, tensors: wire.Tensors) -> wire.Open:
     if not pb.session_id:
         raise WireError("Open has an empty session_id")
     return wire.Open(session_id=pb.session_id, model=pb.model, fingerprint=pb.fingerprint,
-                     route=[hop_from_pb(h) for h in pb.route], codec=_open_codec(pb.codec), methods_json=pb.methods_json)
+                     route=[hop_from_pb(h) for h in pb.route], codec=_open_codec(pb.codec), methods_json=pb.methods_json,
+                     adapter_codec=_open_adapter_codec(pb.adapter_codec))
+
+
+def _open_adapter_codec(enum: int) -> str:
+    if enum == tensor_pb2.CODEC_UNSPECIFIED:  # a sender that predates adapter codecs
+        return "raw"
+    codec = _CODEC_NAMES.get(enum)
+    if codec not in wire.ADAPTER_CODECS:
+        raise WireError(f"Open.adapter_codec {enum} is not an adapter codec ({', '.join(wire.ADAPTER_CODECS)})")
+    return codec
 
 
 def _adapter_from_pb(pb: node_pb2.AdapterPush, tensors: wire.Tensors) -> wire.AdapterPush:
-    return wire.AdapterPush(version=pb.version, tensors=tensors)
+    return wire.AdapterPush(version=pb.version, tensors=tensors, delta=pb.delta)
 
 
 def _forward_from_pb(pb: node_pb2.Forward, tensors: wire.Tensors) -> wire.Forward:
