@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batches", type=int, default=2)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--split", type=int, default=15, help="node-0 serves [0, split), node-1 the rest")
+    p.add_argument("--codec", default="fp32", choices=["fp32", "fp16", "bf16", "int8"], help="activations on the wire")
+    p.add_argument("--adapter-codec", default="raw", choices=["raw", "bf16", "int8"])
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--json", default=None)
     p.add_argument("--replan", default=None, metavar="JSON", help="no runs: compare the plan with an earlier --json")
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         train = dict(model=str(folder), data=str(data), rank=args.rank, alpha=2.0 * args.rank,
                      target_modules="all-linear", steps=args.steps, batch_size=args.batch_size,
                      micro_batches=args.micro_batches, max_seq_len=args.seq_len, eval_fraction=0.0, save_every=0,
-                     progress=False, seed=0, codec="fp32", lr=1e-4)
+                     progress=False, seed=0, codec=args.codec, adapter_codec=args.adapter_codec, lr=1e-4)
         for name in args.scenarios.split(","):
             link = parse_link(SCENARIOS[name])
             with wan.Lab(nodes=2, rate_bits=link.rate_bits, rtt_s=link.rtt_s) as lab:
@@ -148,7 +150,8 @@ def _report(args, results: dict) -> int:
         link = parse_link(SCENARIOS[name])
         nodes = [PlanNode("node-0", 8 << 30, flops, "fp32"), PlanNode("node-1", 8 << 30, flops, "fp32")]
         report = plan(config, "embedded", nodes, EdgeSpec(edge_flops), Workload(args.batch_size, args.seq_len,
-                      args.micro_batches, "fp32", tuple(per_block), trainable), link)
+                      args.micro_batches, getattr(args, "codec", "fp32"), getattr(args, "adapter_codec", "raw"),
+                      tuple(per_block), trainable), link)
         r["plan"] = {"step_s": report.step_s, "bound": report.bound, "edge_link_bytes": report.hops[0].down_bytes,
                      "stages": [(s.start, s.end) for s in report.stages]}
         print(f"{name:13} {r['step_s']:10.2f} s  {report.step_s:8.2f} s  {report.bound:10} "

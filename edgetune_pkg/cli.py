@@ -239,6 +239,8 @@ def _add_plan(sub) -> None:
     p.add_argument("--max-seq-len", type=int, default=512, help="tokens per sequence")
     p.add_argument("--micro-batches", type=int, default=1)
     p.add_argument("--codec", default="fp32", choices=["fp32", "fp16", "bf16", "int8"], help="activations on the wire")
+    p.add_argument("--adapter-codec", default="raw", choices=["raw", "bf16", "int8"],
+                   help="adapter deltas and gradients on the wire (steady state)")
     p.add_argument("--method", default=None, help="PEFT method, as in finetune (default: lora)")
     p.add_argument("--rank", type=int, default=None, help="LoRA/DoRA rank (default: finetune's)")
     p.add_argument("--alpha", type=float, default=None)

@@ -73,7 +73,8 @@ def test_adapter_sizes_on_fake_tensors_equal_a_real_adapter(tmp_path):
     assert per_block == [by_hand] * 32 and trainable == 32 * by_hand == 41_943_040
 
 
-def test_predicted_bytes_match_a_real_route_within_5_percent(tmp_path, monkeypatch):
+@pytest.mark.parametrize("adapter_codec", ["raw", "int8"])
+def test_predicted_bytes_match_a_real_route_within_5_percent(adapter_codec, tmp_path, monkeypatch):
     """A 2-node route on loopback: the edge link's bytes per step, sent and received, as the plan says."""
     folder = tmp_path / "tiny"
     make_tiny_folder("llama", folder, hidden_size=64, intermediate_size=128, num_hidden_layers=4)
@@ -85,7 +86,8 @@ def test_predicted_bytes_match_a_real_route_within_5_percent(tmp_path, monkeypat
         patch_connect(monkeypatch, route)
         cfg = TrainConfig(model=str(folder), data=str(data), out=str(tmp_path / "run"), rank=4, target_modules="all-linear",
                           steps=2, batch_size=4, micro_batches=2, max_seq_len=32, eval_fraction=0.0, save_every=0,
-                          progress=False, coordinator="fake:1", token_file=str(route.token_file), codec="bf16")
+                          progress=False, coordinator="fake:1", token_file=str(route.token_file), codec="bf16",
+                          adapter_codec=adapter_codec)
         run = finetune(cfg)
     finally:
         route.stop()
@@ -93,11 +95,11 @@ def test_predicted_bytes_match_a_real_route_within_5_percent(tmp_path, monkeypat
     config = ModelConfig.from_file(folder / "config.json")
     per_block, trainable = adapter_sizes(config, cfg.methods())
     nodes = [PlanNode("node-0", 1 << 30, 1e9, "fp32"), PlanNode("node-1", 1 << 30, 1e9, "fp32")]
-    report = plan(config, "tiny", nodes, EdgeSpec(1e9), Workload(4, 32, 2, "bf16", tuple(per_block), trainable),
-                  Link(1e9, 0.001))
+    report = plan(config, "tiny", nodes, EdgeSpec(1e9), Workload(4, 32, 2, "bf16", adapter_codec, tuple(per_block),
+                                                                 trainable), Link(1e9, 0.001))
     assert [(s.start, s.end) for s in report.stages] == [(0, 2), (2, 4)]
     edge_hop = report.hops[0]
-    for record in records[1:]:  # the first step also carries the session's Open
+    for record in records[1:]:  # the first step also carries the session's Open (and, lossy, the whole adapter)
         assert abs(record["bytes_sent"] - edge_hop.down_bytes) <= 0.05 * edge_hop.down_bytes, record
         assert abs(record["bytes_received"] - edge_hop.up_bytes) <= 0.05 * edge_hop.up_bytes, record
 

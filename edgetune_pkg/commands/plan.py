@@ -118,7 +118,8 @@ def run_plan(args) -> int:
     cfg = TrainConfig.from_dict(coerce_options({"data": "(not read by plan)", **options}), source="edgetune plan")
     per_block, trainable = adapter_sizes(config, cfg.methods())
     nodes, edge = load_nodes(args.nodes)
-    work = Workload(args.batch_size, args.max_seq_len, args.micro_batches, args.codec, tuple(per_block), trainable)
+    work = Workload(args.batch_size, args.max_seq_len, args.micro_batches, args.codec, args.adapter_codec,
+                    tuple(per_block), trainable)
     report = plan(config, args.model, nodes, edge, work, parse_link(args.link))
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_plan(report))
     return 0

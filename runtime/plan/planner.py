@@ -7,9 +7,11 @@ The route is the pipeline of `partition.py`: edge -> node 1 -> ... -> node S, re
 back up the same hops. Per step, with m micro-batches of b = B/m sequences of T tokens:
 
 - **Bytes, per hop and direction.** Down: the adapter tensors of the blocks at or after the
-  hop's node (fp32), m hidden states (Forward) and m gradients (Backward goes to the last node).
+  hop's node, m hidden states (Forward) and m gradients (Backward goes to the last node).
   Up: m hidden states (ForwardResult, relayed), m gradients (BackwardResult) and the same
-  adapter gradients (Gradients). A hidden state is b x T x D values in the wire codec (int8:
+  adapter gradients (Gradients). Adapter values take 4 bytes with `--adapter-codec raw`; with
+  bf16/int8 the steady state's deltas take the codec's bytes on the edge's hop (nodes relay them
+  decoded, in fp32) and the gradients the codec's bytes on every hop. A hidden state is b x T x D values in the wire codec (int8:
   one byte a value plus an fp32 scale per 64).
 - **Compute.** A frozen block's training step costs about twice its forward (the backward to
   the inputs; no weight gradients): 2 x block_flops / the node's sustained FLOP/s per block and
@@ -43,6 +45,7 @@ from edgetune.runtime.plan.partition import ModelCost, StageNode, partition
 
 FP32 = 4
 CODEC_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0 + 4 / 64}
+ADAPTER_CODEC_BYTES = {"raw": 4.0, "bf16": 2.0, "int8": 1.0 + 4 / 64}  # a value of an adapter delta or gradient
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.5 + 1 / 64}
 FIXED_NODE_BYTES = 512 << 20  # a node's runtime overhead (torch, gRPC, buffers)
@@ -124,6 +127,7 @@ class Workload:
     seq_len: int
     micro_batches: int = 1
     codec: str = "fp32"
+    adapter_codec: str = "raw"  # steady state: deltas down the edge's hop (relayed in fp32 beyond), gradients up in it
     adapter_values: tuple[int, ...] = ()  # per block: values the edge pushes (fp32) and gets back as gradients
     trainable_params: int = 0  # the adapter's master copy on the edge (what AdamW updates)
 
@@ -135,6 +139,8 @@ class Workload:
             problems.append(f"batch size {self.batch_size} does not split into {self.micro_batches} micro-batches")
         if self.codec not in CODEC_BYTES:
             problems.append(f"codec {self.codec!r} not in {', '.join(CODEC_BYTES)}")
+        if self.adapter_codec not in ADAPTER_CODEC_BYTES:
+            problems.append(f"adapter codec {self.adapter_codec!r} not in {', '.join(ADAPTER_CODEC_BYTES)}")
         if problems:
             raise ConfigError("plan: " + "; ".join(problems))
 
@@ -235,16 +241,18 @@ def plan(config: BlockShapes, model_name: str, nodes: list[PlanNode], edge: Edge
     m = work.micro_batches
     hops = []
     names = ["edge"] + [s.name for s in stages]
+    per_value = ADAPTER_CODEC_BYTES[work.adapter_codec]
     for i, s in enumerate(stages):
-        adapter = FP32 * sum(values[s.start:])
-        one_way = int(adapter + 2 * m * hidden_bytes)  # both directions carry the same kinds of bytes
-        link = edge.link or default_link if i == 0 else links[s.name]
-        hops.append(HopReport(names[i], names[i + 1], str(link), one_way, one_way, one_way / link.bytes_per_s))
+        downstream = sum(values[s.start:])
+        down = int(downstream * (per_value if i == 0 else FP32) + 2 * m * hidden_bytes)
+        up = int(downstream * per_value + 2 * m * hidden_bytes)
+        link = (edge.link or default_link) if i == 0 else links[s.name]
+        hops.append(HopReport(names[i], names[i + 1], str(link), down, up, max(down, up) / link.bytes_per_s))
 
     head_flops = edge_head_flops(config, work.batch_size, work.seq_len)
     edge_s = head_flops / edge.flops
     rates = [(edge.link or default_link).bytes_per_s] + [links[s.name].bytes_per_s for s in stages[1:]]
-    adapter_s = sum(FP32 * sum(values[s.start:]) / rate for s, rate in zip(stages, rates))  # one way, store and forward
+    adapter_s = sum(per_value * sum(values[s.start:]) / rate for s, rate in zip(stages, rates))  # one way, store and forward
     activation_slot = max(2 * hidden_bytes / rate for rate in rates)  # a micro-batch's tensors over the slowest hop
     compute_slot = max(s.seconds_per_micro_batch for s in stages)
     slots = m + len(stages) - 1
