@@ -142,7 +142,7 @@ def _report(args, results: dict) -> int:
     # the plan, calibrated as a profiler would: node FLOP/s from the unshaped run's measured stage
     # compute, the edge's from timing its LM head and loss here
     methods = TrainConfig(data="x", rank=args.rank, alpha=2.0 * args.rank, target_modules="all-linear").methods()
-    per_block, trainable = adapter_sizes(config, methods)
+    per_block, trainable, tensors = adapter_sizes(config, methods)
     tokens = args.batch_size * args.seq_len
     flops, edge_flops = _calibrate(config, args, results.get("unshaped"))
     print("\nscenario      measured step  predicted  bound       measured edge-link bytes  predicted")
@@ -151,7 +151,7 @@ def _report(args, results: dict) -> int:
         nodes = [PlanNode("node-0", 8 << 30, flops, "fp32"), PlanNode("node-1", 8 << 30, flops, "fp32")]
         report = plan(config, "embedded", nodes, EdgeSpec(edge_flops), Workload(args.batch_size, args.seq_len,
                       args.micro_batches, getattr(args, "codec", "fp32"), getattr(args, "adapter_codec", "raw"),
-                      tuple(per_block), trainable), link)
+                      tuple(per_block), trainable, tuple(tensors)), link)
         r["plan"] = {"step_s": report.step_s, "bound": report.bound, "edge_link_bytes": report.hops[0].down_bytes,
                      "stages": [(s.start, s.end) for s in report.stages]}
         print(f"{name:13} {r['step_s']:10.2f} s  {report.step_s:8.2f} s  {report.bound:10} "

@@ -12,7 +12,7 @@ from edgetune.runtime.errors import ConfigError
 from edgetune.runtime.model.config import ModelConfig
 from edgetune.runtime.plan import shapes
 from edgetune.runtime.plan.cost import block_params
-from edgetune.runtime.plan.planner import EdgeSpec, Link, PlanNode, Workload, parse_link, plan
+from edgetune.runtime.plan.planner import TENSOR_HEADER_BYTES, EdgeSpec, Link, PlanNode, Workload, parse_link, plan
 from edgetune.runtime.train.loop import TrainConfig, finetune
 from edgetune.tests.node_harness import patch_connect, start_route
 from edgetune.tests.tiny import make_tiny_folder
@@ -59,7 +59,7 @@ def test_adapter_sizes_on_fake_tensors_equal_a_real_adapter(tmp_path):
                     {"method": "serial_adapter", "bottleneck_size": 8}, {"method": "bitfit"},
                     {"target_modules": "all-linear", "layers_to_transform": (0, 2)}]:
         methods = TrainConfig(data="x", **options).methods()
-        per_block, trainable = adapter_sizes(config, methods)
+        per_block, trainable, _ = adapter_sizes(config, methods)
         model = load_model(tmp_path)
         adapter = attach_adapter(model, methods)
         real = [0] * config.num_layers
@@ -68,7 +68,8 @@ def test_adapter_sizes_on_fake_tensors_equal_a_real_adapter(tmp_path):
         assert per_block == real and trainable == adapter.num_parameters(), options
     # and by hand: LoRA r16 on every linear of Llama-3-8B is r * (in + out) summed
     c8 = ModelConfig.from_hf_dict(shapes.load("llama-3-8b"))
-    per_block, trainable = adapter_sizes(c8, TrainConfig(data="x", rank=16, target_modules="all-linear").methods())
+    per_block, trainable, tensors = adapter_sizes(c8, TrainConfig(data="x", rank=16, target_modules="all-linear").methods())
+    assert tensors == [14] * 32  # A and B of 7 linears
     by_hand = 16 * sum(o + i for o, i in c8.linear_shapes().values())
     assert per_block == [by_hand] * 32 and trainable == 32 * by_hand == 41_943_040
 
@@ -93,10 +94,10 @@ def test_predicted_bytes_match_a_real_route_within_5_percent(adapter_codec, tmp_
         route.stop()
     records = [r for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     config = ModelConfig.from_file(folder / "config.json")
-    per_block, trainable = adapter_sizes(config, cfg.methods())
+    per_block, trainable, tensors = adapter_sizes(config, cfg.methods())
     nodes = [PlanNode("node-0", 1 << 30, 1e9, "fp32"), PlanNode("node-1", 1 << 30, 1e9, "fp32")]
     report = plan(config, "tiny", nodes, EdgeSpec(1e9), Workload(4, 32, 2, "bf16", adapter_codec, tuple(per_block),
-                                                                 trainable), Link(1e9, 0.001))
+                                                                 trainable, tuple(tensors)), Link(1e9, 0.001))
     assert [(s.start, s.end) for s in report.stages] == [(0, 2), (2, 4)]
     edge_hop = report.hops[0]
     for record in records[1:]:  # the first step also carries the session's Open (and, lossy, the whole adapter)
@@ -120,10 +121,11 @@ def test_plan_cli_prints_tables_and_json(tmp_path):
     assert all(s["memory_bytes"] <= 40 << 30 for s in shown["stages"])
     c8 = ModelConfig.from_hf_dict(shapes.load("llama-3-8b"))
     assert sum(s["weight_bytes"] for s in shown["stages"]) == 32 * block_params(c8) * 2  # bf16
-    # the edge's link carries every block's adapter (fp32) both ways, plus 2 x 4 hidden states (bf16) each way
-    hidden = 1 * 2048 * 4096 * 2
-    assert shown["hops"][0]["down_bytes"] == 4 * 41_943_040 + 8 * hidden
-    assert shown["hops"][1]["down_bytes"] == 4 * 41_943_040 // 32 * (32 - b["start"]) + 8 * hidden
+    # the edge's link carries every block's adapter (fp32, 14 tensors a block, each with its header) both
+    # ways, plus 2 x 4 hidden states (bf16) each way
+    hidden, header = 1 * 2048 * 4096 * 2, TENSOR_HEADER_BYTES
+    assert shown["hops"][0]["down_bytes"] == 4 * 41_943_040 + 14 * 32 * header + 8 * hidden
+    assert shown["hops"][1]["down_bytes"] == (4 * 41_943_040 // 32 + 14 * header) * (32 - b["start"]) + 8 * hidden
     assert shown["hops"][1]["link"].startswith("1 Gbit/s")
     # a faster link turns the same plan compute-bound
     fast = json.loads(subprocess.run([*args[:-1], "100gbit,0.1ms", "--json"], capture_output=True, text=True,

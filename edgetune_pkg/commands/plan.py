@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from edgetune.runtime.errors import ConfigError
 
@@ -46,9 +46,15 @@ def load_config(model: str):
     return ModelConfig.from_file(path)
 
 
-def adapter_sizes(config, methods, seed: int = 0) -> tuple[list[int], int]:
-    """(values the edge pushes for each block, the adapter's trainable values), counted by the
-    runtime's own method code on fake tensors: exact, and no memory for any weight."""
+class AdapterSizes(NamedTuple):
+    per_block: list[int]  # values the edge pushes for each block
+    trainable: int  # the adapter's master copy (what AdamW updates)
+    tensors_per_block: list[int]  # how many tensors carry them (each has a header on the wire)
+
+
+def adapter_sizes(config, methods, seed: int = 0) -> AdapterSizes:
+    """The adapter's sizes, counted by the runtime's own method code on fake tensors: exact, and no
+    memory for any weight."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -61,10 +67,11 @@ def adapter_sizes(config, methods, seed: int = 0) -> tuple[list[int], int]:
         blocks = [Block(config, i) for i in range(L)]
         adapter = Adapter.create(edge, methods, seed=seed, block_source=lambda: iter(blocks))
         views = adapter.block_tensor_views(range(L))
-        per_block = [0] * L
+        per_block, tensors = [0] * L, [0] * L
         for key, t in views.items():
             per_block[split_block_key(key)[1]] += t.numel()
-        return per_block, adapter.num_parameters()
+            tensors[split_block_key(key)[1]] += 1
+        return AdapterSizes(per_block, adapter.num_parameters(), tensors)
 
 
 def _number(node: dict, key: str, where: str) -> float:
@@ -116,10 +123,10 @@ def run_plan(args) -> int:
     options = {k: getattr(args, k) for k in ("method", "rank", "alpha", "target_modules", "layers_to_transform",
                                              "num_virtual_tokens", "bottleneck_size", "use_rslora") if getattr(args, k) is not None}
     cfg = TrainConfig.from_dict(coerce_options({"data": "(not read by plan)", **options}), source="edgetune plan")
-    per_block, trainable = adapter_sizes(config, cfg.methods())
+    sizes = adapter_sizes(config, cfg.methods())
     nodes, edge = load_nodes(args.nodes)
     work = Workload(args.batch_size, args.max_seq_len, args.micro_batches, args.codec, args.adapter_codec,
-                    tuple(per_block), trainable)
+                    tuple(sizes.per_block), sizes.trainable, tuple(sizes.tensors_per_block))
     report = plan(config, args.model, nodes, edge, work, parse_link(args.link))
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_plan(report))
     return 0

@@ -46,6 +46,7 @@ from edgetune.runtime.plan.partition import ModelCost, StageNode, partition
 FP32 = 4
 CODEC_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0 + 4 / 64}
 ADAPTER_CODEC_BYTES = {"raw": 4.0, "bf16": 2.0, "int8": 1.0 + 4 / 64}  # a value of an adapter delta or gradient
+TENSOR_HEADER_BYTES = 60  # a tensor's header on the wire: its name, dtype, shape and sizes (measured)
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.5 + 1 / 64}
 FIXED_NODE_BYTES = 512 << 20  # a node's runtime overhead (torch, gRPC, buffers)
@@ -130,6 +131,7 @@ class Workload:
     adapter_codec: str = "raw"  # steady state: deltas down the edge's hop (relayed in fp32 beyond), gradients up in it
     adapter_values: tuple[int, ...] = ()  # per block: values the edge pushes (fp32) and gets back as gradients
     trainable_params: int = 0  # the adapter's master copy on the edge (what AdamW updates)
+    adapter_tensors: tuple[int, ...] = ()  # per block: how many tensors carry its values (a header each)
 
     def __post_init__(self) -> None:
         problems = []
@@ -242,10 +244,12 @@ def plan(config: BlockShapes, model_name: str, nodes: list[PlanNode], edge: Edge
     hops = []
     names = ["edge"] + [s.name for s in stages]
     per_value = ADAPTER_CODEC_BYTES[work.adapter_codec]
+    headers = list(work.adapter_tensors) or [0] * L
     for i, s in enumerate(stages):
         downstream = sum(values[s.start:])
-        down = int(downstream * (per_value if i == 0 else FP32) + 2 * m * hidden_bytes)
-        up = int(downstream * per_value + 2 * m * hidden_bytes)
+        framing = TENSOR_HEADER_BYTES * sum(headers[s.start:])
+        down = int(downstream * (per_value if i == 0 else FP32) + framing + 2 * m * hidden_bytes)
+        up = int(downstream * per_value + framing + 2 * m * hidden_bytes)
         link = (edge.link or default_link) if i == 0 else links[s.name]
         hops.append(HopReport(names[i], names[i + 1], str(link), down, up, max(down, up) / link.bytes_per_s))
 
