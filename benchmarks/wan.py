@@ -164,19 +164,33 @@ class Lab:
         self.procs.append(proc)
         return proc
 
-    def close(self) -> None:
-        for proc in self.procs:
+    def start_proxy(self, hop: Hop, port: int, target_port: int, report: str | None = None,
+                    delay_s: float | None = None) -> subprocess.Popen:
+        """A delay proxy in `hop`'s server namespace: `hop.b_addr:port` -> `127.0.0.1:target_port`, adding
+        `delay_s` (default: proxy_delay_s) each way; it writes its p99 lateness to `report` when stopped."""
+        delay_s = self.proxy_delay_s if delay_s is None else delay_s
+        argv = [sys.executable, "-m", "edgetune.benchmarks.wan", "proxy", "--listen", f"{hop.b_addr}:{port}",
+                "--to", f"127.0.0.1:{target_port}", "--delay-ms", str(delay_s * 1e3)]
+        return self.spawn(hop.b, argv + (["--report", str(report)] if report else []))
+
+    def stop(self, *procs: subprocess.Popen) -> None:
+        """SIGTERM each process group, SIGKILL what has not ended within 5 s; they leave self.procs."""
+        for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 5
-        for proc in self.procs:
+        for proc in procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        self.procs.clear()
+            if proc in self.procs:
+                self.procs.remove(proc)
+
+    def close(self) -> None:
+        self.stop(*self.procs)
         for ns in reversed(self.namespaces):  # its veths go with it
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self.namespaces.clear()
@@ -369,8 +383,7 @@ def _measure_hop(lab: Lab, hop: Hop, delay_s: float, port: int, seconds: float) 
     sink = lab.spawn(hop.b, [py, "-c", "import threading; from edgetune.benchmarks.wan import _echo_server; "
                                        f"_echo_server('127.0.0.1', {port}, threading.Event())"])
     report = f"/tmp/{PREFIX}{lab.run}-proxy-check"
-    proxy = lab.spawn(hop.b, [py, "-m", "edgetune.benchmarks.wan", "proxy", "--listen", f"{hop.b_addr}:{port + 1}",
-                              "--to", f"127.0.0.1:{port}", "--delay-ms", str(delay_s * 1e3), "--report", report])
+    proxy = lab.start_proxy(hop, port + 1, port, report, delay_s)
     try:
         _wait_port(lab, hop.a, hop.b_addr, port + 1)
         out = subprocess.run(["ip", "netns", "exec", hop.a, py, "-c",
@@ -381,11 +394,7 @@ def _measure_hop(lab: Lab, hop: Hop, delay_s: float, port: int, seconds: float) 
             raise RuntimeError(f"self-check failed: {out.stderr.strip()[-500:]}")
         rtt, rate = map(float, out.stdout.split())
     finally:
-        for proc in (proxy, sink):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-            lab.procs.remove(proc)
+        lab.stop(proxy, sink)
     lateness = float(open(report).read().split()[0]) if os.path.exists(report) else float("nan")
     with contextlib.suppress(FileNotFoundError):
         os.remove(report)
@@ -463,8 +472,7 @@ def grpc_throughput(lab: Lab, hop: Hop, seconds: float = 6.0, port: int = 17201)
     py = sys.executable
     sink = lab.spawn(hop.b, [py, "-m", "edgetune.benchmarks.wan", "grpc-sink", "--port", str(port)],
                      stdout=subprocess.PIPE, text=True)
-    proxy = lab.spawn(hop.b, [py, "-m", "edgetune.benchmarks.wan", "proxy", "--listen", f"{hop.b_addr}:{port + 1}",
-                              "--to", f"127.0.0.1:{port}", "--delay-ms", str(lab.proxy_delay_s * 1e3)])
+    proxy = lab.start_proxy(hop, port + 1, port)
     try:
         if sink.stdout.readline().strip() != "ready":
             raise RuntimeError("the gRPC sink did not start")
@@ -477,11 +485,7 @@ def grpc_throughput(lab: Lab, hop: Hop, seconds: float = 6.0, port: int = 17201)
             raise RuntimeError(f"gRPC throughput failed: {out.stderr.strip()[-500:]}")
         return float(out.stdout.split()[-1])
     finally:
-        for proc in (proxy, sink):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-            lab.procs.remove(proc)
+        lab.stop(proxy, sink)
 
 
 # ----------------------------------------------------------------- training over the lab
@@ -571,9 +575,7 @@ def train_through(lab: Lab, folder: str, splits: list[int], train: dict, workdir
         if node.stdout.readline().strip() != "ready":
             raise RuntimeError(f"node {i} in {ns} did not start (exit code {node.poll()})")
         report = work / f"proxy{i}.txt"
-        proxies.append((lab.spawn(ns, [py, "-m", "edgetune.benchmarks.wan", "proxy", "--listen",
-                                       f"{hop.b_addr}:{SHARD_PORT + 1}", "--to", f"127.0.0.1:{SHARD_PORT}",
-                                       "--delay-ms", str(lab.proxy_delay_s * 1e3), "--report", str(report)]), report))
+        proxies.append((lab.start_proxy(hop, SHARD_PORT + 1, SHARD_PORT, str(report)), report))
         _wait_port(lab, hop.a, hop.b_addr, SHARD_PORT + 1)
         hops.append({"name": f"node-{i}", "address": f"{hop.b_addr}:{SHARD_PORT + 1}", "start": start, "end": end})
     spec = work / "spec.json"
@@ -582,14 +584,11 @@ def train_through(lab: Lab, folder: str, splits: list[int], train: dict, workdir
     out = work / "edge.json"
     edge = lab.spawn(lab.edge, [py, "-m", "edgetune.benchmarks.wan", "edge", "--spec", str(spec), "--out", str(out)])
     code = edge.wait()
-    lab.procs.remove(edge)
+    lab.stop(edge)
     if code:
         raise RuntimeError(f"the edge's fine-tuning failed with exit code {code}")
     result = json.loads(out.read_text())
-    for proc, _ in proxies:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-        lab.procs.remove(proc)
+    lab.stop(*(proc for proc, _ in proxies))
     result["proxy_p99_lateness_s"] = [float(report.read_text().split()[0]) for _, report in proxies]
     return result
 

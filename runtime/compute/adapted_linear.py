@@ -44,13 +44,15 @@ def _token_sum(t: torch.Tensor) -> torch.Tensor:
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale):
-        ctx.save_for_backward(x, weight, A, B, scale)
+    def forward(ctx, x, weight, bias, A, B, scale: float):
+        ctx.save_for_backward(x, weight, A, B)
+        ctx.scale = scale
         return F.linear(x, torch.addmm(weight, B * scale, A), bias)
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, A, B, scale = ctx.saved_tensors
+        x, weight, A, B = ctx.saved_tensors
+        scale = ctx.scale
         g2, x2 = _rows(g), _rows(x)
         dx = (g @ torch.addmm(weight, B * scale, A)) if ctx.needs_input_grad[0] else None
         dA = (g2 @ B).T @ x2 * scale if ctx.needs_input_grad[3] else None
@@ -121,12 +123,11 @@ def make_adapted_linear(backend: str = "torch"):
         weight, bias = layer.weight, layer.bias
         if kind == "lora":
             A, B = t[f"{name}.lora_A"], t[f"{name}.lora_B"]
-            scale = torch.tensor(method.scaling, dtype=A.dtype, device=A.device)
             if backend == "triton":
                 from edgetune.runtime.compute.triton_lora import lora_linear
 
                 return lora_linear(x, weight, bias, A, B, method.scaling)
-            return _LoraLinear.apply(x, weight, bias, A, B, scale)
+            return _LoraLinear.apply(x, weight, bias, A, B, method.scaling)
         l = t[f"{name}.ia3_l"]
         if l.shape[0] == 1:
             return _IA3InLinear.apply(x, weight, bias, l.reshape(-1))

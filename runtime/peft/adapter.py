@@ -101,6 +101,8 @@ class BlockAdapter:
 
     def without_dropout(self) -> BlockAdapter:
         """The same view with no dropout key (what a block runs where no method drops anything)."""
+        if self.dropout_key is None and self.seeds is None:
+            return self  # nothing to drop: no new view per block and micro-batch
         return BlockAdapter(self.layer, self._entries, None)
 
     @property
