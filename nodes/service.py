@@ -5,8 +5,13 @@ AdapterPush, Forward, Backward, EndStep) are handled here in order by one worker
 thread; the node opens the same kind of stream to the next node of the route
 and relays. Messages coming up from the next node are either relayed straight
 up (ForwardResult, errors: no compute, so the pipeline keeps moving) or need
-this node's compute (BackwardResult -> this stage's backward, Gradients -> add
-this stage's) and join the worker's queue.
+this node's compute (BackwardResult -> this stage's backward) and join the
+worker's queue.
+
+Adapter traffic of later nodes passes through unopened: an AdapterPush addressed
+hops ahead is relayed frame by frame as it arrives (cut-through, its tensors never
+decoded or kept), and so are the later nodes' Gradients going up; when those have
+gone up, this node sends its own stage's Gradients after them.
 
     edge ==Session==> node A ==Session==> node B
          <== up ======        <== up ======
@@ -21,6 +26,7 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import grpc
 
@@ -33,6 +39,21 @@ from edgetune.runtime.wire import node_client, rpc, serde
 log = logging.getLogger("edgetune.node")
 
 _END = object()  # end of a queue
+
+
+class _RelayedGradients(NamedTuple):
+    """The next node's Gradients went up unopened: time for this stage's own."""
+
+    step: int
+    version: int
+
+
+def _is_relayed_push(kind: str, header) -> bool:
+    return kind == "adapter" and header.hops_ahead > 0
+
+
+def _is_relayed_gradients(kind: str, header) -> bool:
+    return kind == "gradients"
 
 
 class _Abort(Exception):
@@ -90,19 +111,21 @@ class _Relay:
         self._call = None
         self._channel = None
         self._closed = threading.Event()
+        self._up_lock = threading.Lock()  # one message's Up frames at a time (worker and relay both send up)
+        self._relaying_up = False  # the downstream reader holds _up_lock for an unopened message
 
     # -- threads ----------------------------------------------------------------------
     def read_upstream(self, frames) -> None:
         """Assemble frames from the previous hop into messages for the worker."""
-        assembler = serde.Assembler("down")
+        assembler = serde.Assembler("down", pass_through=_is_relayed_push)
         try:
             for frame in frames:
                 msg = assembler.feed(frame)
-                if msg is not None:
-                    self._count_in(frame)
+                self._count_in(frame)
+                if isinstance(msg, serde.Opaque):
+                    self.work_q.put(("relay", msg))  # in order with this node's own messages down
+                elif msg is not None:
                     self.work_q.put(("down", msg))
-                elif self.session is not None:
-                    self._count_in(frame)
             assembler.close()
         except EdgetuneError as e:  # WireError: malformed or truncated input
             self.work_q.put(("abort", _Abort(rpc.status_code_for(e), str(e))))
@@ -121,6 +144,9 @@ class _Relay:
                 if kind == "abort":
                     self.out.put(msg)
                     break
+                if kind == "relay":
+                    self._relay_down(msg)
+                    continue
                 try:
                     self._handle_down(msg) if kind == "down" else self._handle_up(msg)
                 except SessionError as e:
@@ -141,13 +167,17 @@ class _Relay:
 
     def read_downstream(self, responses) -> None:
         """Up frames from the next hop: relay results, queue what needs this stage's compute."""
-        assembler = serde.Assembler("up")
+        assembler = serde.Assembler("up", pass_through=_is_relayed_gradients)
         try:
             for frame in responses:
                 msg = assembler.feed(frame)
                 if msg is None:
                     continue
-                if isinstance(msg, (wire.ForwardResult, wire.ItemError)):
+                if isinstance(msg, serde.Opaque):
+                    self._relay_up(msg)
+                    if msg.last:  # after the last of the next node's BackwardResults (same stream)
+                        self.work_q.put(("up", _RelayedGradients(msg.header.step, msg.header.version)))
+                elif isinstance(msg, (wire.ForwardResult, wire.ItemError)):
                     self._up(msg)
                 else:
                     self.work_q.put(("up", msg))
@@ -158,6 +188,10 @@ class _Relay:
                 self.work_q.put(("abort", _Abort(code, f"next node {hop.name} at {hop.address}: {e.details()}")))
         except EdgetuneError as e:
             self.work_q.put(("abort", _Abort(grpc.StatusCode.INTERNAL, f"next node {self.next_hop.name} sent {e}")))
+        finally:
+            if self._relaying_up:  # the next node went away mid-message: let the worker send up again
+                self._relaying_up = False
+                self._up_lock.release()
 
     # -- handlers -----------------------------------------------------------------------
     def _handle_down(self, msg) -> None:
@@ -167,9 +201,7 @@ class _Relay:
             raise SessionError("unknown session: the first message of a session must be Open", code="FAILED_PRECONDITION")
         s = self.session
         if isinstance(msg, wire.AdapterPush):
-            rest = s.push_adapter(msg)
-            if self.next_hop is not None:  # relayed exactly as decoded: the next replica stays the edge's mirror
-                self._down(wire.AdapterPush(msg.version, rest, msg.delta))
+            s.push_adapter(msg)
         elif isinstance(msg, wire.Forward):
             out = s.forward(msg)
             if self.next_hop is not None:
@@ -198,10 +230,9 @@ class _Relay:
             self._up(wire.Opened([self._me()] + msg.route))
         elif isinstance(msg, wire.BackwardResult):
             self._up(wire.BackwardResult(msg.step, msg.micro, s.backward(msg.step, msg.micro, msg.grad)))
-        elif isinstance(msg, wire.Gradients):
+        elif isinstance(msg, _RelayedGradients):
             grads, timing = s.end_step(wire.EndStep(msg.step, msg.version))
-            merged = s.with_feedback({**grads, **msg.tensors})  # one error feedback over what this hop re-encodes
-            self._up(wire.Gradients(msg.step, msg.version, merged, [timing] + msg.timings))
+            self._up(wire.Gradients(msg.step, msg.version, s.with_feedback(grads), [timing]))
 
     def _open(self, msg: wire.Open) -> None:
         if self.session is not None:
@@ -228,10 +259,31 @@ class _Relay:
 
     def _up(self, msg) -> None:
         adapter_codec = None if self.adapter_codec == "raw" else self.adapter_codec
-        for frame in serde.up_frames(msg, codec=self.codec, adapter_codec=adapter_codec):
-            if self.session is not None:
-                self.session.timing.bytes_out += serde.frame_bytes(frame)
-            self.out.put(frame)
+        with self._up_lock:
+            for frame in serde.up_frames(msg, codec=self.codec, adapter_codec=adapter_codec):
+                self._count_out(frame)
+                self.out.put(frame)
+
+    def _relay_up(self, item: serde.Opaque) -> None:
+        """One frame of a later node's Gradients, up as it came; no other message's frames between."""
+        if item.first:
+            self._up_lock.acquire()
+            self._relaying_up = True
+        self._count_out(item.frame)
+        self.out.put(item.frame)
+        if item.last:
+            self._relaying_up = False
+            self._up_lock.release()
+
+    def _relay_down(self, item: serde.Opaque) -> None:
+        """One frame of an AdapterPush for a later node, down as it came (one hop nearer its node)."""
+        if self.next_hop is None:
+            where = "before the session's Open" if self.session is None else f"past node {self.shard.name}, the last of the route"
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"an adapter push addressed {item.header.hops_ahead} hop(s) {where}")
+        if item.first:
+            item.frame.adapter.hops_ahead -= 1
+        self._down_q.put(item.frame)
 
     def _down(self, msg) -> None:
         for frame in serde.down_frames(msg, codec=self.codec):
@@ -247,6 +299,10 @@ class _Relay:
     def _count_in(self, frame) -> None:
         if self.session is not None:
             self.session.timing.bytes_in += serde.frame_bytes(frame)
+
+    def _count_out(self, frame) -> None:
+        if self.session is not None:
+            self.session.timing.bytes_out += serde.frame_bytes(frame)
 
     def cancel(self) -> None:
         """The previous hop went away: stop relaying and free the session."""

@@ -142,38 +142,39 @@ class ShardSession:
         self.timing = wire.StageTiming(name=shard.name)
 
     # -- adapter ------------------------------------------------------------------
-    def push_adapter(self, msg: wire.AdapterPush) -> dict[str, torch.Tensor]:
-        """Keep this shard's tensors of version `msg.version`; returns the others (for the next node).
+    def push_adapter(self, msg: wire.AdapterPush) -> None:
+        """Take version `msg.version` of this shard's adapter tensors (a push holds one stage's).
 
         A delta push adds to the replica this session holds (what the edge's mirror of it says);
-        a whole push replaces it."""
+        a whole push replaces it. Every tensor is checked before the replica changes."""
         part = self.shard.part
-        mine, rest = (dict(self.tensors) if msg.delta else {}), {}
         for key, t in msg.tensors.items():
             k, layer, _ = split_block_key(key)
             if k >= len(self.methods) or not 0 <= layer < part.config.num_layers:
                 raise SessionError(f"adapter tensor {key!r} names no method/block of this model", code="INVALID_ARGUMENT")
-            if part.start <= layer < part.end:
-                if not t.is_floating_point():
-                    raise SessionError(f"adapter tensor {key!r} has dtype {t.dtype}; expected floating point", code="INVALID_ARGUMENT")
-                # the leaf stays fp32 (the edge's master precision): each forward casts it to the
-                # blocks' dtype, so autograd returns its gradient in fp32 and sums stay fp32
-                if msg.delta:
-                    old = self.tensors.get(key)
-                    if old is None or old.shape != t.shape:
-                        raise SessionError(f"adapter delta for {key!r} but node {self.shard.name} holds no replica of "
-                                           "that shape; send the whole adapter", code="FAILED_PRECONDITION")
-                    with torch.no_grad():
-                        old.add_(t.to(device=old.device, dtype=torch.float32))
-                    mine[key] = old
-                else:
-                    mine[key] = self._into_buffer(key, t)
+            if not part.start <= layer < part.end:
+                raise SessionError(f"adapter tensor {key!r} is for block {layer}, but node {self.shard.name} serves "
+                                   f"[{part.start}, {part.end}): a push for a later node says how many hops ahead "
+                                   "it is going", code="INVALID_ARGUMENT")
+            if not t.is_floating_point():
+                raise SessionError(f"adapter tensor {key!r} has dtype {t.dtype}; expected floating point", code="INVALID_ARGUMENT")
+            if msg.delta:
+                old = self.tensors.get(key)
+                if old is None or old.shape != t.shape:
+                    raise SessionError(f"adapter delta for {key!r} but node {self.shard.name} holds no replica of "
+                                       "that shape; send the whole adapter", code="FAILED_PRECONDITION")
+        mine = dict(self.tensors) if msg.delta else {}
+        for key, t in msg.tensors.items():
+            # the leaf stays fp32 (the edge's master precision): each forward casts it to the
+            # blocks' dtype, so autograd returns its gradient in fp32 and sums stay fp32
+            if msg.delta:
+                with torch.no_grad():
+                    mine[key].add_(t.to(device=mine[key].device, dtype=torch.float32))
             else:
-                rest[key] = t
+                mine[key] = self._into_buffer(key, t)
         self.version = msg.version
         self.tensors = mine
         self.cache.clear()  # activations of an older version are useless for its gradients
-        return rest
 
     def _into_buffer(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """The session's persistent leaf for `key`, holding `t`: a new version is copied into the

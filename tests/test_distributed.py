@@ -118,6 +118,35 @@ def test_lossy_codecs_train_close_to_fp32(codec, tiny64, data_file, route, tmp_p
     assert sent[codec][0]["bytes_sent"] < sent["fp32"][0]["bytes_sent"]
 
 
+def test_later_stages_adapter_traffic_crosses_earlier_nodes_unopened(tiny64, data_file, route, tmp_path, monkeypatch):
+    """node-1's pushes and gradients pass node-0 as frames: every adapter tensor is decoded once per
+    push (by its node) and once per gradient (by the edge), whichever stage it belongs to, and
+    metrics.jsonl counts each link's bytes both ways."""
+    from edgetune.runtime.wire import serde
+
+    decoded: dict[str, int] = {}
+    real = serde._decode_tensor
+
+    def counting(header, payload):
+        decoded[header.name] = decoded.get(header.name, 0) + 1
+        return real(header, payload)
+
+    monkeypatch.setattr(serde, "_decode_tensor", counting)
+    patch_connect(monkeypatch, route)
+    run = finetune(_cfg(tiny64, data_file, tmp_path / "r", coordinator="fake:1", token_file=str(route.token_file),
+                        steps=2, eval_fraction=0.0, adapter_codec="int8"))
+    by_layer = {layer: {n: c for n, c in decoded.items() if n.split(".")[1:2] == [str(layer)]} for layer in (0, 1)}
+    assert by_layer[0] and by_layer[1]
+    assert set(by_layer[0].values()) == set(by_layer[1].values()) == {2 * 2}  # 2 steps x (push + gradient)
+    records = [r for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    stages = records[-1]["stages"]
+    assert [st["node"] for st in stages] == ["node-0", "node-1"]
+    assert all(st["bytes_in"] > 0 and st["bytes_out"] > 0 for st in stages)
+    # node-0's links carry node-1's adapter traffic on top of its own
+    assert stages[0]["bytes_in"] > stages[1]["bytes_in"] and stages[0]["bytes_out"] > stages[1]["bytes_out"]
+    assert records[-1]["bytes_sent"] >= stages[0]["bytes_in"]
+
+
 def test_the_edge_loads_exactly_embeddings_final_norm_and_head(tiny64, route, tmp_path, data_file, monkeypatch):
     from safetensors import safe_open
 

@@ -78,7 +78,8 @@ def _assert_healthy(local):
     s = Session(local)
     s.send(_open(local, session_id="good"))
     assert isinstance(s.recv(), wire.Opened)
-    s.send(wire.AdapterPush(1, {}))
+    for hop in range(len(local.route.hops)):  # one push per node of the route
+        s.send(wire.AdapterPush(1, {}, hops_ahead=hop))
     s.send(_fwd())
     out = s.recv()
     assert isinstance(out, wire.ForwardResult) and out.hidden.shape == (1, 4, D)
@@ -197,3 +198,44 @@ def test_info_and_health(node):
         assert (info.start, info.end, info.fingerprint) == (0, 2, node.route.fingerprint)
         assert info.loaded_bytes == sum(p.numel() * 4 for p in node.shards[0].part.parameters())
         assert rpc.check_health(channel) == "SERVING"
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-chain")
+    make_tiny_folder("llama", folder)
+    local = start_route(folder, [1], tmp_path_factory.mktemp("tok-chain"))  # node-0 [0, 1), node-1 [1, 2)
+    yield local
+    local.stop()
+
+
+def _lora(layer: int) -> dict[str, torch.Tensor]:
+    return {f"0.{layer}.self_attn.q_proj.lora_A": torch.randn(2, D), f"0.{layer}.self_attn.q_proj.lora_B": torch.randn(D, 2)}
+
+
+def test_a_later_nodes_push_passes_the_first_node_unopened(chain, monkeypatch):
+    """node-1's adapter tensors cross node-0 as frames: decoded once, by node-1, which then serves them."""
+    decoded = []
+    real = serde._decode_tensor
+    monkeypatch.setattr(serde, "_decode_tensor", lambda h, p: decoded.append(h.name) or real(h, p))
+    s = _ready(chain, push=False)
+    s.send(wire.AdapterPush(1, _lora(1), hops_ahead=1))
+    s.send(wire.AdapterPush(1, _lora(0)))
+    s.send(_fwd())
+    out = s.recv()
+    assert isinstance(out, wire.ForwardResult) and out.hidden.shape == (1, 4, D)
+    names = sorted(n for n in decoded if n.startswith("0."))
+    assert names == sorted([*_lora(0), *_lora(1)])  # each once: node-0 never decoded node-1's
+    s.close()
+
+
+def test_pushes_addressed_wrongly_are_refused(chain):
+    s = _ready(chain, push=False)
+    s.send(wire.AdapterPush(1, _lora(1)))  # node-1's tensors, addressed to node-0
+    err = s.recv()
+    assert isinstance(err, wire.ItemError) and err.code == "INVALID_ARGUMENT" and "serves [0, 1)" in err.message
+    s.send(wire.AdapterPush(1, _lora(1), hops_ahead=2))  # past the last node
+    e = _status(s)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "past node" in e.details()
+    s.close()
+    _assert_healthy(chain)

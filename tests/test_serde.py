@@ -208,6 +208,39 @@ def test_feed_returns_the_message_only_with_its_last_chunk():
     assert len(frames) == 4 and results[:-1] == [None] * 3 and isinstance(results[-1], wire.ForwardResult)
 
 
+def test_pass_through_relays_frames_unopened_with_the_same_checks(monkeypatch):
+    """A message picked for pass-through comes back frame by frame as Opaque: the very frames,
+    first and last marked, nothing decoded; its sizes and order are checked like any other."""
+    push = wire.AdapterPush(3, {"0.1.a": torch.randn(300), "0.1.b": torch.randn(40)}, delta=True, hops_ahead=1)
+    frames = _over_wire(serde.down_frames(push, chunk_bytes=256, adapter_codec="int8"))
+    frames += _over_wire(serde.down_frames(wire.EndStep(3, 3)))
+    decoded = []
+    real = serde._decode_tensor
+    monkeypatch.setattr(serde, "_decode_tensor", lambda h, p: decoded.append(h.name) or real(h, p))
+    assembler = serde.Assembler("down", pass_through=lambda kind, h: kind == "adapter" and h.hops_ahead > 0)
+    out = [assembler.feed(f) for f in frames]
+    assembler.close()
+    opaque, end = out[:-1], out[-1]
+    assert len(opaque) == len(frames) - 1 > 2 and all(isinstance(o, serde.Opaque) for o in opaque)
+    assert [o.frame for o in opaque] == frames[:-1]
+    assert [(o.first, o.last) for o in opaque] == [(True, False)] + [(False, False)] * (len(opaque) - 2) + [(False, True)]
+    assert opaque[0].kind == "adapter" and opaque[0].header.hops_ahead == 1 and opaque[0].header.version == 3
+    assert decoded == [] and end == wire.EndStep(3, 3)
+    # the relayed frames are the message: what the node they are for decodes is what was sent
+    relayed = [type(f).FromString(f.SerializeToString()) for f in frames[:-1]]
+    relayed[0].adapter.hops_ahead = 0
+    (got,) = serde.read_down(relayed)
+    assert got.delta and got.hops_ahead == 0 and got.tensors.keys() == push.tensors.keys()
+    # hostile input is refused in pass-through too
+    assembler = serde.Assembler("down", pass_through=lambda kind, h: True)
+    assembler.feed(frames[0])
+    with pytest.raises(WireError, match="truncated AdapterPush"):
+        assembler.close()
+    long_chunk = _chunk(frames[1].chunk.index, frames[1].chunk.payload + bytes(4096))
+    with pytest.raises(WireError, match="longer than declared"):
+        _feed([frames[0], long_chunk], pass_through=lambda kind, h: True)
+
+
 def test_edge_part_round_trip_with_split_files():
     files = {"config.json": b'{"a": 1}', "tokenizer.json": bytes(range(256)) * 5, "empty.txt": b""}
     tensors = {"embed_tokens.weight": torch.randn(50, 8, dtype=torch.bfloat16), "norm.weight": torch.randn(8)}

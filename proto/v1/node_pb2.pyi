@@ -38,14 +38,16 @@ class Open(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., methods_json: _Optional[str] = ..., adapter_codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ...) -> None: ...
 
 class AdapterPush(_message.Message):
-    __slots__ = ("version", "tensors", "delta")
+    __slots__ = ("version", "tensors", "delta", "hops_ahead")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    HOPS_AHEAD_FIELD_NUMBER: _ClassVar[int]
     version: int
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
     delta: bool
-    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., delta: _Optional[bool] = ...) -> None: ...
+    hops_ahead: int
+    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., delta: _Optional[bool] = ..., hops_ahead: _Optional[int] = ...) -> None: ...
 
 class Forward(_message.Message):
     __slots__ = ("step", "micro", "version", "train", "dropout_key", "tensors")

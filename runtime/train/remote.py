@@ -4,11 +4,13 @@ The edge holds the embeddings, final norm and LM head (frozen), the adapter's
 master tensors and the optimizer; the blocks run on the nodes of a route the
 coordinator hands out. One step:
 
-1. push the adapter tensors the blocks use (a new version) down the route;
+1. push the adapter tensors the blocks use (a new version) down the route: one push per
+   stage, the farthest first, which earlier nodes relay unopened as it arrives;
 2. embed each micro-batch and send it (all of them at once: the nodes pipeline);
 3. as each micro-batch's output returns, compute its loss and send dL/dh back;
-4. end the step: the nodes return their adapter gradients, which flow into the
-   master tensors; finetune's loop clips and steps the optimizer.
+4. end the step: every node returns its stage's adapter gradients (earlier nodes relay
+   them unopened), which flow into the master tensors; finetune's loop clips and steps
+   the optimizer.
 
 A step either completes or is replayed whole: when a node fails, the edge drops
 the step's gradients, asks the coordinator for a new route (it reassigns the
@@ -309,14 +311,31 @@ class RemoteEngine:
         current = {k: v.detach() for k, v in views.items()}
         codec = self.cfg.adapter_codec
         if codec == "raw" or self._mirror is None:
-            self.stream.send(wire.AdapterPush(self.version, current))
+            self._send_by_stage(current, delta=False)
             self._mirror = None if codec == "raw" else {k: t.float().clone() for k, t in current.items()}
             return views
         deltas = {k: t.float() - self._mirror[k] for k, t in current.items()}
-        self.stream.send(wire.AdapterPush(self.version, deltas, delta=True))
+        self._send_by_stage(deltas, delta=True)
         for k, d in deltas.items():
             self._mirror[k] += serde.roundtrip(d, codec)
         return views
+
+    def _send_by_stage(self, tensors: dict[str, torch.Tensor], delta: bool) -> None:
+        """One AdapterPush per stage of the route, the farthest first: earlier nodes relay a push for a
+        later one as its frames arrive, so every link carries it at once instead of one after another,
+        and the first node's own push lands just before the first forward that needs it."""
+        from edgetune.runtime.peft.adapter import split_block_key
+
+        hops = self.stream.route.hops
+        stages: list[dict[str, torch.Tensor]] = [{} for _ in hops]
+        for key, t in tensors.items():
+            layer = split_block_key(key)[1]
+            stage = next((i for i, h in enumerate(hops) if h.start <= layer < h.end), None)
+            if stage is None:
+                raise EdgetuneError(f"adapter tensor {key!r} is for block {layer}, which no node of the route serves")
+            stages[stage][key] = t
+        for stage in reversed(range(len(hops))):
+            self.stream.send(wire.AdapterPush(self.version, stages[stage], delta, hops_ahead=stage))
 
     def _embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.model.embed(input_ids)  # (B, T, D), frozen
@@ -370,23 +389,26 @@ class RemoteEngine:
         return loss_sum
 
     def _end_step(self, step: int, views: dict[str, torch.Tensor]) -> None:
+        """Collect every stage's Gradients (the last node's arrive first) into the master tensors."""
         self.stream.send(wire.EndStep(step, self.version))
-        msg = self.stream.recv()
-        if isinstance(msg, wire.ItemError):
-            raise EdgetuneError(f"node {msg.node}: {msg.message}")
-        if not isinstance(msg, wire.Gradients) or msg.step != step or msg.version != self.version:
-            raise RouteFailure(f"expected the gradients of step {step}, got {type(msg).__name__}", [])
-        tensors, grads = [], []
-        for key, g in msg.tensors.items():
-            t = views.get(key)
-            if t is None or tuple(t.shape) != tuple(g.shape):
-                raise EdgetuneError(f"a node returned a gradient for {key!r} {tuple(g.shape)} that matches no adapter tensor")
-            tensors.append(t)
-            grads.append(g.to(t.device, t.dtype))
+        tensors, grads, timings = {}, {}, []
+        for _ in self.stream.route.hops:
+            msg = self.stream.recv()
+            if isinstance(msg, wire.ItemError):
+                raise EdgetuneError(f"node {msg.node}: {msg.message}")
+            if not isinstance(msg, wire.Gradients) or msg.step != step or msg.version != self.version:
+                raise RouteFailure(f"expected the gradients of step {step}, got {type(msg).__name__}", [])
+            for key, g in msg.tensors.items():
+                t = views.get(key)
+                if t is None or tuple(t.shape) != tuple(g.shape) or key in grads:
+                    raise EdgetuneError(f"a node returned a gradient for {key!r} {tuple(g.shape)} that matches no "
+                                        "adapter tensor, or a second one")
+                tensors[key], grads[key] = t, g.to(t.device, t.dtype)
+            timings = msg.timings + timings  # the route's order: the first node's come last
         if tensors:
-            torch.autograd.backward(tensors, grads)
+            torch.autograd.backward(list(tensors.values()), list(grads.values()))
         self._metrics["stages"] = [{"node": t.name, "forward_s": t.forward_s, "backward_s": t.backward_s,
-                                    "bytes_in": t.bytes_in, "bytes_out": t.bytes_out} for t in msg.timings]
+                                    "bytes_in": t.bytes_in, "bytes_out": t.bytes_out} for t in timings]
 
     def _eval_loss(self, batch) -> float:
         self._push_adapter()

@@ -44,6 +44,7 @@ class AdapterPush:
     version: int
     tensors: Tensors  # "{method}.{layer}.{name}"
     delta: bool = False  # add to the node's replica (encoded with the session's adapter codec) instead of replacing it
+    hops_ahead: int = 0  # 0: for the receiving node; n: relayed unopened to the node n hops further down
 
 
 @dataclass

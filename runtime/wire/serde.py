@@ -245,8 +245,10 @@ def _decode_tensor(header: tensor_pb2.Tensor, payload: bytearray) -> torch.Tenso
 class _Payloads:
     """The payloads of one message's tensors while their TensorChunk frames arrive."""
 
-    def __init__(self, headers: Iterable[tensor_pb2.Tensor], what: str, max_tensor_bytes: int, max_message_bytes: int):
+    def __init__(self, headers: Iterable[tensor_pb2.Tensor], what: str, max_tensor_bytes: int, max_message_bytes: int,
+                 keep: bool = True):
         self.what = what
+        self.keep = keep  # False: count the bytes of a message relayed unopened, keep none
         self.headers = list(headers)
         names = set()
         for i, h in enumerate(self.headers):
@@ -256,17 +258,18 @@ class _Payloads:
         self.totals = [_payload_bytes(h, self._where(i), max_tensor_bytes) for i, h in enumerate(self.headers)]
         if sum(self.totals) > max_message_bytes:
             raise WireError(f"{what}: tensors of {sum(self.totals)} bytes in all, over the limit of {max_message_bytes}")
-        self.parts = [bytearray(h.payload) for h in self.headers]
-        for i, (part, total) in enumerate(zip(self.parts, self.totals)):
-            if len(part) > total:
-                raise WireError(f"{self._where(i)}: payload of {len(part)} bytes is longer than the {total} declared")
+        self.parts = [bytearray(h.payload) if keep else bytearray() for h in self.headers]
+        self.have = [len(h.payload) for h in self.headers]
+        for i, (have, total) in enumerate(zip(self.have, self.totals)):
+            if have > total:
+                raise WireError(f"{self._where(i)}: payload of {have} bytes is longer than the {total} declared")
 
     def _where(self, i: int) -> str:
         return f"{self.what} tensor {i} ({self.headers[i].name!r})"
 
     def next_index(self) -> int | None:
         """The tensor whose payload is still incomplete, first in order; None when all are complete."""
-        return next((i for i, (p, t) in enumerate(zip(self.parts, self.totals)) if len(p) < t), None)
+        return next((i for i, (h, t) in enumerate(zip(self.have, self.totals)) if h < t), None)
 
     def add(self, chunk: tensor_pb2.TensorChunk) -> None:
         due = self.next_index()
@@ -277,16 +280,18 @@ class _Payloads:
                             "is still incomplete (chunks come in order)")
         if not chunk.payload:
             raise WireError(f"{self._where(due)}: empty chunk")
-        part, total = self.parts[due], self.totals[due]
-        if len(part) + len(chunk.payload) > total:
+        have, total = self.have[due], self.totals[due]
+        if have + len(chunk.payload) > total:
             raise WireError(f"{self._where(due)}: payload longer than declared "
-                            f"({len(part) + len(chunk.payload)} > {total} bytes)")
-        part += chunk.payload
+                            f"({have + len(chunk.payload)} > {total} bytes)")
+        self.have[due] += len(chunk.payload)
+        if self.keep:
+            self.parts[due] += chunk.payload
 
     def missing(self) -> str:
         """What is still due, for a truncation message."""
         i = self.next_index()
-        return f"{self._where(i)} has {len(self.parts[i])} of {self.totals[i]} bytes"
+        return f"{self._where(i)} has {self.have[i]} of {self.totals[i]} bytes"
 
     def decode(self) -> wire.Tensors:
         return {h.name: _decode_tensor(h, part) for h, part in zip(self.headers, self.parts)}
@@ -336,7 +341,8 @@ def _open_to_pb(m: wire.Open, enc: _Encoding, payloads: list[bytes]) -> node_pb2
 
 
 def _adapter_to_pb(m: wire.AdapterPush, enc: _Encoding, payloads: list[bytes]) -> node_pb2.AdapterPush:
-    return node_pb2.AdapterPush(version=m.version, tensors=enc.adapter_tensors(m.tensors, payloads), delta=m.delta)
+    return node_pb2.AdapterPush(version=m.version, tensors=enc.adapter_tensors(m.tensors, payloads), delta=m.delta,
+                                hops_ahead=m.hops_ahead)
 
 
 def _forward_to_pb(m: wire.Forward, enc: _Encoding, payloads: list[bytes]) -> node_pb2.Forward:
@@ -483,7 +489,7 @@ def _open_adapter_codec(enum: int) -> str:
 
 
 def _adapter_from_pb(pb: node_pb2.AdapterPush, tensors: wire.Tensors) -> wire.AdapterPush:
-    return wire.AdapterPush(version=pb.version, tensors=tensors, delta=pb.delta)
+    return wire.AdapterPush(version=pb.version, tensors=tensors, delta=pb.delta, hops_ahead=pb.hops_ahead)
 
 
 def _forward_from_pb(pb: node_pb2.Forward, tensors: wire.Tensors) -> wire.Forward:
@@ -555,23 +561,40 @@ def _frame_kind(frame, frame_type: type) -> str:
     return kind
 
 
+class Opaque(NamedTuple):
+    """One frame of a message an `Assembler` passes through unopened (its tensors never decoded)."""
+
+    frame: node_pb2.Down | node_pb2.Up  # to relay as it is (the caller may edit the first frame's header)
+    kind: str  # the message's oneof field, e.g. "adapter"
+    header: object  # the message's protobuf (the first frame's; its payload bytes are not to be read)
+    first: bool
+    last: bool
+
+
 class Assembler:
     """Rebuilds the messages of one Down or Up stream from its frames.
 
     `feed(frame)` returns the complete wire message when its last frame arrived, else
     None; `close()` at the end of the stream raises WireError if a message was cut short.
+
+    `pass_through(kind, header)` picks messages to relay unopened: each of their frames comes
+    back from `feed` as an `Opaque`, after the same checks of sizes and order as any frame,
+    and nothing of their payloads is kept or decoded.
     """
 
-    def __init__(self, kind: str, *, max_tensor_bytes: int = MAX_TENSOR_BYTES, max_message_bytes: int = MAX_MESSAGE_BYTES):
+    def __init__(self, kind: str, *, max_tensor_bytes: int = MAX_TENSOR_BYTES, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 pass_through: Callable[[str, object], bool] | None = None):
         if kind not in _KINDS:
             raise ValueError(f"Assembler kind must be one of {list(_KINDS)}, got {kind!r}")
         self._frame_type, self._decoders = _KINDS[kind]
         self._max_tensor_bytes, self._max_message_bytes = max_tensor_bytes, max_message_bytes
+        self._pass_through = pass_through
         self._pending: tuple[str, object, _Payloads] | None = None  # (oneof field, inner message, payloads)
 
-    def feed(self, frame: node_pb2.Down | node_pb2.Up) -> wire.DownMessage | wire.UpMessage | None:
+    def feed(self, frame: node_pb2.Down | node_pb2.Up) -> wire.DownMessage | wire.UpMessage | Opaque | None:
         kind = _frame_kind(frame, self._frame_type)
-        if kind == "chunk":
+        first = kind != "chunk"
+        if not first:
             if self._pending is None:
                 raise WireError(f"a chunk frame (tensor {frame.chunk.index}) arrived with no message being assembled")
             self._pending[2].add(frame.chunk)
@@ -581,13 +604,16 @@ class Assembler:
                                 f"when the next message ({kind}) began")
             inner = getattr(frame, kind)
             headers = inner.tensors if "tensors" in inner.DESCRIPTOR.fields_by_name else ()
-            payloads = _Payloads(headers, inner.DESCRIPTOR.name, self._max_tensor_bytes, self._max_message_bytes)
+            keep = self._pass_through is None or not self._pass_through(kind, inner)
+            payloads = _Payloads(headers, inner.DESCRIPTOR.name, self._max_tensor_bytes, self._max_message_bytes, keep)
             self._pending = (kind, inner, payloads)
         kind, inner, payloads = self._pending
-        if payloads.next_index() is not None:
-            return None
-        self._pending = None
-        return self._decoders[kind](inner, payloads.decode())
+        last = payloads.next_index() is None
+        if last:
+            self._pending = None
+        if not payloads.keep:
+            return Opaque(frame, kind, inner, first, last)
+        return self._decoders[kind](inner, payloads.decode()) if last else None
 
     def close(self) -> None:
         """Call at the end of the stream: raises WireError if a message is still incomplete."""
