@@ -492,7 +492,7 @@ def grpc_throughput(lab: Lab, hop: Hop, seconds: float = 6.0, port: int = 17201)
 SHARD_PORT = 17100  # each node's shard, on its loopback; its proxy listens on SHARD_PORT + 1 facing the previous hop
 
 
-def serve_node(folder: str, start: int, end: int, port: int, token_file: str) -> None:
+def serve_node(folder: str, start: int, end: int, port: int, token_file: str, name: str) -> None:
     """Serve blocks [start, end) of `folder` on 127.0.0.1:port until SIGTERM (runs inside a node namespace)."""
     from edgetune.nodes.service import serve
     from edgetune.nodes.shard import Shard
@@ -501,7 +501,7 @@ def serve_node(folder: str, start: int, end: int, port: int, token_file: str) ->
     from edgetune.runtime.wire import rpc
 
     part = load_model(folder, start=start, end=end, edge=False)
-    shard = Shard(f"node-{start}", folder, part, fingerprint(checkpoint_manifest(folder)))
+    shard = Shard(name, folder, part, fingerprint(checkpoint_manifest(folder)))
     server, _ = serve(shard, rpc.load_token(token_file), host="127.0.0.1", port=port)
     signal.signal(signal.SIGTERM, _raise_exit)
     print("ready", flush=True)
@@ -520,6 +520,11 @@ class _RouteClient:
 
     def get_route(self, model, failed=None, timeout_s=0.0):
         return self.route
+
+    def status(self):
+        from edgetune.runtime.wire import messages as wire
+
+        return wire.ClusterStatus("", [], [self.route.model])  # no profiles: the lab's runs give --micro-batches
 
     def close(self) -> None:
         pass
@@ -570,7 +575,8 @@ def train_through(lab: Lab, folder: str, splits: list[int], train: dict, workdir
     for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
         ns, hop = lab.node(i), lab.hops[i]
         node = lab.spawn(ns, [py, "-m", "edgetune.benchmarks.wan", "node", "--folder", folder, "--start", str(start),
-                              "--end", str(end), "--port", str(SHARD_PORT), "--token-file", str(token_file)],
+                              "--end", str(end), "--port", str(SHARD_PORT), "--token-file", str(token_file),
+                              "--name", f"node-{i}"],
                          stdout=subprocess.PIPE, text=True)
         if node.stdout.readline().strip() != "ready":
             raise RuntimeError(f"node {i} in {ns} did not start (exit code {node.poll()})")
@@ -607,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     nd.add_argument("--end", type=int, required=True)
     nd.add_argument("--port", type=int, required=True)
     nd.add_argument("--token-file", required=True)
+    nd.add_argument("--name", required=True, help="the shard's name, as the route names its hop")
     ed = sub.add_parser("edge", help="fine-tune through a fixed route (used inside the edge namespace)")
     ed.add_argument("--spec", required=True)
     ed.add_argument("--out", required=True)
@@ -622,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         run_proxy(args.listen, args.to, args.delay_ms, args.report)
         return 0
     if args.cmd == "node":
-        serve_node(args.folder, args.start, args.end, args.port, args.token_file)
+        serve_node(args.folder, args.start, args.end, args.port, args.token_file, args.name)
         return 0
     if args.cmd == "edge":
         run_edge(args.spec, args.out)

@@ -40,7 +40,9 @@ _FINETUNE_OPTIONS: list[tuple[str, type, str]] = [
     ("steps", int, "optimizer steps"),
     ("batch_size", int, "sequences per batch"),
     ("grad_accum", int, "batches per optimizer step (gradient accumulation)"),
-    ("micro_batches", int, "split each batch in this many micro-batches (pipelined across nodes when distributed)"),
+    ("micro_batches", int, "split each batch in this many micro-batches, pipelined across nodes when distributed; "
+                           "0: 1 with --local, on a cluster chosen at start from the measured round trip to the route "
+                           "and the nodes' profiled speed (recorded in the run's config.json, reused by --resume)"),
     ("max_grad_norm", float, "gradient clipping norm (0 disables)"),
     ("max_seq_len", int, "truncate examples to this many tokens"),
     ("seed", int, "seed for adapter init, data order and dropout masks"),

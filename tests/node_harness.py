@@ -63,6 +63,11 @@ class _FakeClient:
     def __init__(self, route: wire.Route) -> None:
         self.route = route
         self.calls = 0
+        self.block_time_s: dict[str, float] = {}  # node -> profiled seconds of one block (none: unprofiled)
+
+    def status(self) -> wire.ClusterStatus:
+        nodes = [wire.NodeStatus(name, block_time_s=t) for name, t in self.block_time_s.items()]
+        return wire.ClusterStatus("", nodes, [self.route.model])
 
     def get_route(self, model, failed=None, timeout_s=0.0):
         self.calls += 1

@@ -117,7 +117,7 @@ def test_wrong_token_is_refused_with_a_clear_message(cluster, tmp_path):
 
 def test_node_killed_mid_step_is_replaced_and_the_adapter_is_unchanged(cluster, model_and_data, tmp_path,
                                                                        monkeypatch, caplog):
-    """Kill the first node of the route between a step's backward and its end: the edge gets
+    """Kill the first node of the route as the edge ends a step (its backwards sent): the edge gets
     an error, asks for a new route (the coordinator moves the blocks to the other node), replays
     the step, and the adapter equals an uninterrupted run's."""
     from edgetune.runtime.train import remote
@@ -126,12 +126,12 @@ def test_node_killed_mid_step_is_replaced_and_the_adapter_is_unchanged(cluster, 
     killed = []
     original = remote.RemoteEngine._end_step
 
-    def end_step_with_a_death(self, step, views):
+    def end_step_with_a_death(self, step):
         if step == 2 and not killed:
             victim = self.trainer.route.hops[0].name
             cluster.kill_node(int(victim.rsplit("-", 1)[1]))
             killed.append(victim)
-        return original(self, step, views)
+        return original(self, step)
 
     monkeypatch.setattr(remote.RemoteEngine, "_end_step", end_step_with_a_death)
     caplog.set_level("WARNING", logger="edgetune.remote")

@@ -147,6 +147,37 @@ def test_later_stages_adapter_traffic_crosses_earlier_nodes_unopened(tiny64, dat
     assert records[-1]["bytes_sent"] >= stages[0]["bytes_in"]
 
 
+def test_micro_batches_left_to_the_run_follow_the_round_trip_and_resume_as_recorded(tiny64, data_file, route, tmp_path,
+                                                                                   monkeypatch):
+    """--micro-batches 0: chosen once at the start from the measured round trip and the nodes'
+    profiles, written to config.json, and taken from there by --resume, so the resumed run
+    (whatever the link does meanwhile) equals one run with that count given."""
+    from edgetune.runtime.train import remote
+
+    measured = remote.round_trip_s(route.route.hops[0].address, route.token)
+    assert 0 < measured < 1.0  # loopback, through real health checks
+    client = patch_connect(monkeypatch, route)
+    client.block_time_s = {"node-0": 0.5, "node-1": 0.5}  # a block: 0.5 s fwd+bwd at 128 tokens
+    kw = dict(coordinator="fake:1", token_file=str(route.token_file), micro_batches=0, eval_fraction=0.0, steps=4)
+    # B=4 x T=32 tokens: a stage's forward of the batch is about 0.5 x 1 block x 128/128 / 3 = 0.17 s
+    rtts = iter([0.0])
+    monkeypatch.setattr(remote, "round_trip_s", lambda address, token: next(rtts))
+    fast = finetune(_cfg(tiny64, data_file, tmp_path / "fast", **kw))
+    assert json.loads((fast.out / "config.json").read_text())["micro_batches"] == 2  # one per stage
+    rtts = iter([0.05])  # route round trip 0.1 s: (m - 1) / m x 0.17 >= 0.1 first at m = 3
+    mid = finetune(_cfg(tiny64, data_file, tmp_path / "mid", **kw))
+    assert json.loads((mid.out / "config.json").read_text())["micro_batches"] == 3
+    rtts = iter([0.2])  # more than any split can hide: one row per micro-batch
+    finetune(_cfg(tiny64, data_file, tmp_path / "slow", **kw), stop_after=2)
+    assert json.loads((tmp_path / "slow" / "config.json").read_text())["micro_batches"] == 4
+    rtts = iter([])  # --resume measures nothing: config.json says 4
+    resumed = finetune(_cfg(tiny64, data_file, tmp_path / "slow", resume=True, **kw))
+    given = finetune(_cfg(tiny64, data_file, tmp_path / "given", **{**kw, "micro_batches": 4}))
+    _assert_same(_adapter(resumed.out), _adapter(given.out), 0.0)
+    local = finetune(_cfg(tiny64, data_file, tmp_path / "local", micro_batches=0, eval_fraction=0.0, steps=1))
+    assert json.loads((local.out / "config.json").read_text())["micro_batches"] == 1
+
+
 def test_the_edge_loads_exactly_embeddings_final_norm_and_head(tiny64, route, tmp_path, data_file, monkeypatch):
     from safetensors import safe_open
 

@@ -153,3 +153,17 @@ def test_bad_plan_inputs_are_named(tmp_path):
     shown = subprocess.run([sys.executable, "-m", "edgetune", "plan", "--model", "llama-3-8b", "--nodes", str(bad),
                             "--batch-size", "3", "--micro-batches", "2"], capture_output=True, text=True, timeout=120)
     assert shown.returncode != 0 and "unknown key" in shown.stderr
+
+
+def test_micro_batches_hide_the_round_trip_behind_the_other_forwards():
+    from edgetune.runtime.plan.planner import choose_micro_batches
+
+    assert choose_micro_batches(8, 2, 0.0, None) == 2  # unprofiled: one per stage
+    assert choose_micro_batches(1, 3, 0.5, None) == 1  # never more than rows
+    assert choose_micro_batches(8, 2, 0.0, 1.0) == 2
+    assert choose_micro_batches(8, 2, 0.5, 1.0) == 2  # 1/2 of a 1 s forward covers 0.5 s
+    assert choose_micro_batches(8, 2, 0.6, 1.0) == 3  # 2/3 s >= 0.6 s
+    assert choose_micro_batches(8, 2, 0.8, 1.0) == 5  # 4/5
+    assert choose_micro_batches(8, 2, 0.95, 1.0) == 8  # would need 20: one row each
+    with pytest.raises(ConfigError):
+        choose_micro_batches(0, 2, 0.1, 1.0)

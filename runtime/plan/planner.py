@@ -10,18 +10,19 @@ back up the same hops. Per step, with m micro-batches of b = B/m sequences of T 
   hop's node, m hidden states (Forward) and m gradients (Backward goes to the last node).
   Up: m hidden states (ForwardResult, relayed), m gradients (BackwardResult) and the same
   adapter gradients (Gradients). Adapter values take 4 bytes with `--adapter-codec raw`; with
-  bf16/int8 the steady state's deltas take the codec's bytes on the edge's hop (nodes relay them
-  decoded, in fp32) and the gradients the codec's bytes on every hop. A hidden state is b x T x D values in the wire codec (int8:
-  one byte a value plus an fp32 scale per 64).
+  bf16/int8 the steady state's deltas and gradients take the codec's bytes on every hop (nodes
+  relay later stages' traffic unopened). A hidden state is b x T x D values in the wire codec
+  (int8: one byte a value plus an fp32 scale per 64).
 - **Compute.** A frozen block's training step costs about twice its forward (the backward to
   the inputs; no weight gradients): 2 x block_flops / the node's sustained FLOP/s per block and
   micro-batch. GPipe's step takes (m + S - 1) slots of the slowest stage; the edge adds its LM
   head (edge_head_flops) for the batch.
-- **Bandwidth.** The adapter push and the adapter gradients do not overlap with anything: a
-  node needs the whole push before its first forward and relays the rest after it (store and
-  forward), and the gradients travel up the same way after the last backward. So each costs the
-  sum over the hops of its bytes over the hop's rate. The activations flow within the pipeline:
-  each stage's slot is at least its hop's activation transfer.
+- **Bandwidth.** The adapter push and the adapter gradients do not overlap with the pipeline:
+  a node needs its push before its first forward, and the gradients leave after the last
+  backward. Both cross the route cut-through (one push per stage, the farthest first, relayed
+  frame by frame as it arrives; gradients likewise), so each costs its slowest hop: the most
+  of a hop's bytes over the hop's rate. The activations flow within the pipeline: each stage's
+  slot is at least its hop's activation transfer.
 - **Latency.** Three sequential trips down the route and back per step (forward of the first
   micro-batch, backward of the last, end of step): 3 x the sum of the hops' round trips.
 - **Step time** = push + pipeline (compute and activations) + gradients + latency; the **bound**
@@ -248,7 +249,7 @@ def plan(config: BlockShapes, model_name: str, nodes: list[PlanNode], edge: Edge
     for i, s in enumerate(stages):
         downstream = sum(values[s.start:])
         framing = TENSOR_HEADER_BYTES * sum(headers[s.start:])
-        down = int(downstream * (per_value if i == 0 else FP32) + framing + 2 * m * hidden_bytes)
+        down = int(downstream * per_value + framing + 2 * m * hidden_bytes)
         up = int(downstream * per_value + framing + 2 * m * hidden_bytes)
         link = (edge.link or default_link) if i == 0 else links[s.name]
         hops.append(HopReport(names[i], names[i + 1], str(link), down, up, max(down, up) / link.bytes_per_s))
@@ -256,7 +257,7 @@ def plan(config: BlockShapes, model_name: str, nodes: list[PlanNode], edge: Edge
     head_flops = edge_head_flops(config, work.batch_size, work.seq_len)
     edge_s = head_flops / edge.flops
     rates = [(edge.link or default_link).bytes_per_s] + [links[s.name].bytes_per_s for s in stages[1:]]
-    adapter_s = sum(per_value * sum(values[s.start:]) / rate for s, rate in zip(stages, rates))  # one way, store and forward
+    adapter_s = max(per_value * sum(values[s.start:]) / rate for s, rate in zip(stages, rates))  # one way, cut-through
     activation_slot = max(2 * hidden_bytes / rate for rate in rates)  # a micro-batch's tensors over the slowest hop
     compute_slot = max(s.seconds_per_micro_batch for s in stages)
     slots = m + len(stages) - 1
@@ -325,3 +326,24 @@ def format_plan(r: PlanReport) -> str:
                 f"bound by {r.bound}"]
     out += [f"note: {n}" for n in r.notes]
     return "\n".join(out)
+
+
+def choose_micro_batches(batch_size: int, stages: int, route_rtt_s: float, stage_forward_s: float | None) -> int:
+    """Micro-batches for a step when the user gave none: enough to hide the route's round trip.
+
+    The edge sends a step's forwards at once; the backward of micro-batch 0 reaches the last
+    stage one route round trip (plus the edge's loss) after that stage finished its forward.
+    Meanwhile it has the other m - 1 forwards to run, (m - 1) / m of the batch's forward time,
+    so the smallest m with (m - 1) / m x stage_forward_s >= route_rtt_s leaves it no idle wait;
+    at least one per stage (fewer leaves a stage idle all step), at most one row each. Without
+    the stages' speed (`stage_forward_s` None: no profile) only the per-stage floor is known.
+    """
+    if batch_size <= 0 or stages <= 0:
+        raise ConfigError(f"micro-batches: batch size {batch_size} and stages {stages} must be positive")
+    floor = min(batch_size, stages)
+    if not stage_forward_s or stage_forward_s <= 0:
+        return floor
+    for m in range(floor, batch_size + 1):
+        if (m - 1) / m * stage_forward_s >= route_rtt_s:
+            return m
+    return batch_size

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +177,7 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         train_examples, eval_examples = split_train_eval(examples, cfg.eval_fraction, cfg.seed)
     pad_id = resolve_pad_id(tokenizer)
     stream = BatchStream(train_examples, cfg.batch_size, cfg.seed, pad_id)
+    cfg = _resolve_micro_batches(cfg, out, remote)
     if remote is not None:
         engine = remote.start(methods, device)
         model, adapter = engine.model, engine.adapter
@@ -243,6 +244,30 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     save_adapter(adapter, adapter_dir, base_model_name_or_path=str(folder))
     tokenizer.save(adapter_dir)  # so the adapter folder is self-contained for chat templates
     return RunResult(out, adapter_dir, [h["loss"] for h in state.history], eval_loss, state.step, eval_before)
+
+
+def _resolve_micro_batches(cfg: TrainConfig, out: Path, remote) -> TrainConfig:
+    """`micro_batches` 0 (auto) made concrete before the first step, since dropout masks are keyed by
+    micro-batch: 1 locally; on a cluster, what the run's config.json recorded (--resume), else chosen
+    from the measured round trip to the route (RemoteTrainer.choose_micro_batches)."""
+    if cfg.micro_batches:
+        return cfg
+    chosen = 1 if remote is None else None
+    if chosen is None and cfg.resume and (out / "config.json").exists():
+        from edgetune.runtime.errors import CheckpointError
+        from edgetune.runtime.jsonfile import read_json_object
+
+        recorded = read_json_object(out / "config.json", CheckpointError,
+                                    "--resume reads the micro-batches chosen at the start from it").get("micro_batches")
+        if isinstance(recorded, int) and recorded > 0:
+            chosen = recorded
+            log.info("micro-batches: %d, as recorded in %s", chosen, out / "config.json")
+    if chosen is None:
+        chosen = remote.choose_micro_batches(cfg.batch_size, cfg.max_seq_len)
+    cfg = replace(cfg, micro_batches=min(chosen, cfg.batch_size))
+    if remote is not None:
+        remote.cfg = cfg
+    return cfg
 
 
 def train_step(engine, params, optimizer, scheduler, stream, cfg: TrainConfig, state: TrainState, device) -> dict[str, Any]:

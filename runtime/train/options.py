@@ -50,7 +50,7 @@ class TrainConfig:
     steps: int = 100
     batch_size: int = 4
     grad_accum: int = 1
-    micro_batches: int = 1  # each batch is split in this many micro-batches (pipelined when distributed)
+    micro_batches: int = 0  # each batch is split in this many (pipelined when distributed); 0: auto (see loop)
     max_grad_norm: float = 1.0
     max_seq_len: int = 512
     seed: int = 0
@@ -86,9 +86,11 @@ class TrainConfig:
             problems.append("data: a JSONL file is required")
         if self.method not in METHOD_NAMES:
             problems.append(f"method {self.method!r} not in {', '.join(METHOD_NAMES)}")
-        for name in ("steps", "batch_size", "grad_accum", "micro_batches", "max_seq_len"):
+        for name in ("steps", "batch_size", "grad_accum", "max_seq_len"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.micro_batches < 0:
+            problems.append(f"micro_batches must be positive, or 0 to choose them automatically; got {self.micro_batches}")
         if self.lr <= 0:
             problems.append(f"lr must be positive, got {self.lr}")
         if not 0 <= self.eval_fraction < 1:

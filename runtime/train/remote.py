@@ -8,9 +8,10 @@ coordinator hands out. One step:
    stage, the farthest first, which earlier nodes relay unopened as it arrives;
 2. embed each micro-batch and send it (all of them at once: the nodes pipeline);
 3. as each micro-batch's output returns, compute its loss and send dL/dh back;
-4. end the step: every node returns its stage's adapter gradients (earlier nodes relay
-   them unopened), which flow into the master tensors; finetune's loop clips and steps
-   the optimizer.
+4. end the step as soon as the last Backward is sent: every node returns its stage's
+   adapter gradients once its own backwards are done (earlier nodes relay them up
+   unopened), which flow into the master tensors; finetune's loop clips and steps the
+   optimizer.
 
 A step either completes or is replayed whole: when a node fails, the edge drops
 the step's gradients, asks the coordinator for a new route (it reassigns the
@@ -53,6 +54,50 @@ class RouteFailure(EdgetuneError):
     def __init__(self, message: str, failed: list[str]) -> None:
         super().__init__(message)
         self.failed = failed
+
+
+class _StageGradients:
+    """The adapter gradients of one step as the stages' Gradients arrive (one per node and EndStep)."""
+
+    def __init__(self, views: dict[str, torch.Tensor], hops: list[wire.Hop], step: int, version: int) -> None:
+        self.views = views
+        self.hops = hops
+        self.step, self.version = step, version
+        self.due = 0  # Gradients messages still to come
+        self.sums: dict[str, torch.Tensor] = {}
+        self.stages: dict[str, tuple[int, wire.StageTiming]] = {}  # node -> (stage, its timing summed over EndSteps)
+
+    def add(self, msg: wire.Gradients) -> None:
+        from edgetune.runtime.peft.adapter import split_block_key
+
+        if msg.step != self.step or msg.version != self.version or len(msg.timings) != 1:
+            raise RouteFailure(f"gradients of step {msg.step} version {msg.version} from {len(msg.timings)} node(s), "
+                               f"expected one node's of step {self.step} version {self.version}", [])
+        timing = msg.timings[0]
+        layers = {split_block_key(k)[1] for k in msg.tensors if k in self.views}
+        stage = next((i for i, h in enumerate(self.hops) if all(h.start <= layer < h.end for layer in layers)), None)
+        for key, g in msg.tensors.items():
+            t = self.views.get(key)
+            if t is None or tuple(t.shape) != tuple(g.shape) or stage is None:
+                raise EdgetuneError(f"node {timing.name} returned a gradient for {key!r} {tuple(g.shape)} that matches "
+                                    "no adapter tensor, or tensors of blocks of more than one stage")
+            g = g.to(t.device, t.dtype)
+            self.sums[key] = g if key not in self.sums else self.sums[key] + g
+        if not layers:  # a stage without block tensors: known by name, if at all
+            stage = next((i for i, h in enumerate(self.hops) if h.name == timing.name), len(self.hops))
+        _, seen = self.stages.setdefault(timing.name, (stage, wire.StageTiming(name=timing.name)))
+        for field_name in ("forward_s", "backward_s", "bytes_in", "bytes_out"):
+            setattr(seen, field_name, getattr(seen, field_name) + getattr(timing, field_name))
+        self.due -= 1
+
+    def into_master(self) -> None:
+        if self.sums:
+            torch.autograd.backward([self.views[k] for k in self.sums], list(self.sums.values()))
+
+    def timings(self) -> list[dict[str, Any]]:
+        """Each node's share of the step, in the route's order."""
+        return [{"node": t.name, "forward_s": t.forward_s, "backward_s": t.backward_s, "bytes_in": t.bytes_in,
+                 "bytes_out": t.bytes_out} for _, t in sorted(self.stages.values(), key=lambda st: st[0])]
 
 
 class RouteStream:
@@ -134,6 +179,21 @@ def local_model_folder(model: str) -> Path | None:
     return None
 
 
+def round_trip_s(address: str, token: str, samples: int = 5) -> float:
+    """The shortest of `samples` health-check round trips to `address` on one open channel (seconds)."""
+    with rpc.make_channel(address, token) as channel:
+        best = float("inf")
+        try:
+            for i in range(samples + 1):  # the first call also connects: not counted
+                start = time.perf_counter()
+                rpc.check_health(channel)
+                if i:
+                    best = min(best, time.perf_counter() - start)
+        except grpc.RpcError as e:
+            raise RouteFailure(f"cannot reach {address} to measure its round trip: {e.code().name}", [address]) from None
+    return best
+
+
 class RemoteTrainer:
     """The connection to a cluster, before training starts: token, coordinator, route, edge folder."""
 
@@ -206,6 +266,30 @@ class RemoteTrainer:
             for layer in range(config.num_layers):  # one block in memory at a time
                 yield load_model(self.folder, start=layer, end=layer + 1, edge=False).block(layer)
         return weights
+
+    def choose_micro_batches(self, batch_size: int, seq_len: int) -> int:
+        """Micro-batches for this run, from the round trip measured now to the route's first node and
+        (when the coordinator has profiled them) the stages' speed; see plan.choose_micro_batches."""
+        from edgetune.runtime.plan.cost import REFERENCE_TOKENS
+        from edgetune.runtime.plan.planner import choose_micro_batches
+
+        hops = self.route.hops
+        rtt = round_trip_s(hops[0].address, self.token)
+        route_rtt = rtt * len(hops)  # every hop taken to be as far as the edge's: the cautious guess
+        try:
+            block_s = {n.name: n.block_time_s for n in self.client.status().nodes}
+        except EdgetuneError as e:
+            log.info("no node profiles from the coordinator (%s)", e)
+            block_s = {}
+        stage_forward_s = None
+        if hops and all(block_s.get(h.name, 0.0) > 0 for h in hops):
+            # profiled: forward + backward of one block at REFERENCE_TOKENS tokens; a forward is about a third
+            stage_forward_s = max(block_s[h.name] * (h.end - h.start) for h in hops) * batch_size * seq_len / REFERENCE_TOKENS / 3
+        m = choose_micro_batches(batch_size, len(hops), route_rtt, stage_forward_s)
+        speed = "unknown stage speed" if stage_forward_s is None else f"slowest stage's forward ~{stage_forward_s:.2f} s a batch"
+        log.info("micro-batches: %d of %d rows (round trip to %s %.1f ms, %d stage(s), %s)", m, batch_size,
+                 hops[0].name, rtt * 1e3, len(hops), speed)
+        return m
 
     def new_route(self, failed: list[str]) -> wire.Route:
         """Ask again until the coordinator answers with a usable route (it reassigns dead nodes' blocks)."""
@@ -354,13 +438,22 @@ class RemoteEngine:
         in_flight = set(range(len(micros)))  # a forward or backward of these is on its way
         lost: list[int] = []  # a node lost their activations: replay forward + backward, one at a time
         resends = {m: 0 for m in range(len(micros))}
+        gradients = _StageGradients(views, self.stream.route.hops, step, self.version)
+        unended = False  # Backwards sent since the last EndStep
         loss_sum = 0.0
-        while in_flight or lost:
-            if not in_flight:  # nothing else in flight: the replay cannot be evicted again
+        while in_flight or lost or gradients.due:
+            if lost and not in_flight:  # nothing else in flight: the replay cannot be evicted again
                 m = lost.pop(0)
                 self.stream.send(forwards[m])
                 self.stream.send(wire.Backward(step, m, grads_out[m]))
                 in_flight.add(m)
+                unended = True
+            if unended and not lost and len(grads_out) == len(micros):
+                # every Backward is on its way: each node sends its gradients once its last backward is
+                # done, the last node's going up while earlier nodes still run theirs
+                self._end_step(step)
+                gradients.due += len(self.stream.route.hops)
+                unended = False
             msg = self.stream.recv()
             if isinstance(msg, wire.ForwardResult):
                 m = self._check_item(msg, step, len(micros))
@@ -373,42 +466,29 @@ class RemoteEngine:
                 loss_sum += float(loss.detach())
                 grads_out[m] = h_out.grad
                 self.stream.send(wire.Backward(step, m, grads_out[m]))
+                unended = True
             elif isinstance(msg, wire.BackwardResult):
                 m = self._check_item(msg, step, len(micros))
                 if m in in_flight:
                     in_flight.discard(m)
                     if inputs[m].requires_grad:  # prompt tuning: into the virtual tokens
                         inputs[m].backward(msg.grad.to(inputs[m].device, inputs[m].dtype))
+            elif isinstance(msg, wire.Gradients) and gradients.due:
+                gradients.add(msg)
             elif isinstance(msg, wire.ItemError):
                 m = self._lost(msg, grads_out, resends)
                 in_flight.discard(m)
                 lost.append(m)
             else:
                 raise RouteFailure(f"unexpected {type(msg).__name__} during step {step}", [])
-        self._end_step(step, views)
+        gradients.into_master()
+        self._metrics["stages"] = gradients.timings()
         return loss_sum
 
-    def _end_step(self, step: int, views: dict[str, torch.Tensor]) -> None:
-        """Collect every stage's Gradients (the last node's arrive first) into the master tensors."""
+    def _end_step(self, step: int) -> None:
+        """Ask every node for the adapter gradients its backwards have summed since the last EndStep
+        (once a step; again after replaying micro-batches whose activations a node had lost)."""
         self.stream.send(wire.EndStep(step, self.version))
-        tensors, grads, timings = {}, {}, []
-        for _ in self.stream.route.hops:
-            msg = self.stream.recv()
-            if isinstance(msg, wire.ItemError):
-                raise EdgetuneError(f"node {msg.node}: {msg.message}")
-            if not isinstance(msg, wire.Gradients) or msg.step != step or msg.version != self.version:
-                raise RouteFailure(f"expected the gradients of step {step}, got {type(msg).__name__}", [])
-            for key, g in msg.tensors.items():
-                t = views.get(key)
-                if t is None or tuple(t.shape) != tuple(g.shape) or key in grads:
-                    raise EdgetuneError(f"a node returned a gradient for {key!r} {tuple(g.shape)} that matches no "
-                                        "adapter tensor, or a second one")
-                tensors[key], grads[key] = t, g.to(t.device, t.dtype)
-            timings = msg.timings + timings  # the route's order: the first node's come last
-        if tensors:
-            torch.autograd.backward(list(tensors.values()), list(grads.values()))
-        self._metrics["stages"] = [{"node": t.name, "forward_s": t.forward_s, "backward_s": t.backward_s,
-                                    "bytes_in": t.bytes_in, "bytes_out": t.bytes_out} for t in timings]
 
     def _eval_loss(self, batch) -> float:
         self._push_adapter()
