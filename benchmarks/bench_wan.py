@@ -29,11 +29,42 @@ SCENARIOS = {"unshaped": "10gbit,0ms", "20mbit-50ms": "20mbit,50ms", "100mbit-0m
              "100mbit-50ms": "100mbit,50ms"}
 
 
-def _data(path: Path, tokenizer, seq_len: int, rows: int) -> None:
+def _chunks(tokenizer, seq_len: int) -> list[str]:
+    """benchmarks/data/heldout.txt in pieces of a little over seq_len tokens."""
     text = (Path(__file__).parent / "data" / "heldout.txt").read_text()
     ids = tokenizer.encode(text)
-    chunks = [tokenizer.decode(ids[i:i + seq_len + 8]) for i in range(0, len(ids) - seq_len - 8, seq_len)]
+    return [tokenizer.decode(ids[i:i + seq_len + 8]) for i in range(0, len(ids) - seq_len - 8, seq_len)]
+
+
+def _write(path: Path, chunks: list[str], rows: int) -> None:
     path.write_text("".join(json.dumps({"text": chunks[i % len(chunks)]}) + "\n" for i in range(rows)))
+
+
+def _compare_loss(args, folder: Path, config, train: dict, tmp: str) -> int:
+    """Eval loss after --compare-loss steps with fp32/raw traffic and with --codec/--adapter-codec, on
+    the unshaped lab; the eval set is the text's last chunks, never trained on."""
+    from edgetune.benchmarks import wan
+    from edgetune.runtime.text.tokenizer import load_tokenizer
+
+    chunks = _chunks(load_tokenizer(folder), args.seq_len)
+    held = max(2, len(chunks) // 4)
+    train_file, eval_file = Path(tmp) / "train.jsonl", Path(tmp) / "eval.jsonl"
+    _write(train_file, chunks[:-held], 64)
+    _write(eval_file, chunks[-held:], held)
+    losses = {}
+    for codec, adapter_codec in (("fp32", "raw"), (args.codec, args.adapter_codec)):
+        name = f"{codec}+{adapter_codec}"
+        opts = {**train, "data": str(train_file), "eval_data": str(eval_file), "steps": args.compare_loss,
+                "codec": codec, "adapter_codec": adapter_codec, "out": f"{tmp}/{name}"}
+        with wan.Lab(nodes=2, rate_bits=10e9, rtt_s=0.0) as lab:
+            run = wan.train_through(lab, str(folder), [args.split], opts, f"{tmp}/{name}-lab", config.num_layers)
+        losses[name] = run["eval_loss"]
+        print(f"{name:12} eval loss after {args.compare_loss} steps: {run['eval_loss']:.4f} "
+              f"(train loss {run['losses'][0]:.4f} -> {run['losses'][-1]:.4f})", flush=True)
+    raw, lossy = losses.values()
+    print(f"\neval loss, {args.codec}+{args.adapter_codec} vs fp32+raw: {lossy / raw - 1:+.2%} (target: within 1%) "
+          f"on {held} held-out chunks of {args.seq_len}+ tokens")
+    return 0
 
 
 def _calibrate(config, args, unshaped: dict | None) -> tuple[float, float]:
@@ -76,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--json", default=None)
     p.add_argument("--replan", default=None, metavar="JSON", help="no runs: compare the plan with an earlier --json")
+    p.add_argument("--compare-loss", type=int, default=0, metavar="STEPS",
+                   help="no timing: eval loss after STEPS steps, fp32/raw traffic vs --codec/--adapter-codec")
     args = p.parse_args(argv)
     if args.replan:
         saved = json.loads(Path(args.replan).read_text())
@@ -97,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-wan-") as tmp:
         data = Path(tmp) / "data.jsonl"
-        _data(data, load_tokenizer(folder), args.seq_len, 64)
+        _write(data, _chunks(load_tokenizer(folder), args.seq_len), 64)
         train = dict(model=str(folder), data=str(data), rank=args.rank, alpha=2.0 * args.rank,
                      target_modules="all-linear", steps=args.steps, batch_size=args.batch_size,
                      micro_batches=args.micro_batches, max_seq_len=args.seq_len, eval_fraction=0.0, save_every=0,
                      progress=False, seed=0, codec=args.codec, adapter_codec=args.adapter_codec, lr=1e-4)
+        if args.compare_loss:
+            return _compare_loss(args, folder, config, train, tmp)
         for name in args.scenarios.split(","):
             link = parse_link(SCENARIOS[name])
             with wan.Lab(nodes=2, rate_bits=link.rate_bits, rtt_s=link.rtt_s) as lab:
