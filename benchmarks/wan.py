@@ -491,8 +491,12 @@ def grpc_throughput(lab: Lab, hop: Hop, seconds: float = 6.0, port: int = 17201)
 SHARD_PORT = 17100  # each node's shard, on its loopback; its proxy listens on SHARD_PORT + 1 facing the previous hop
 
 
-def serve_node(folder: str, start: int, end: int, port: int, token_file: str, name: str) -> None:
-    """Serve blocks [start, end) of `folder` on 127.0.0.1:port until SIGTERM (runs inside a node namespace)."""
+def serve_node(folder: str, start: int, end: int, port: int, token_file: str, name: str, threads: int) -> None:
+    """Serve blocks [start, end) of `folder` on 127.0.0.1:port with `threads` torch threads until SIGTERM
+    (runs inside a node namespace)."""
+    from edgetune.runtime.threads import set_threads
+
+    set_threads(threads)
     from edgetune.nodes.service import serve
     from edgetune.nodes.shard import Shard
     from edgetune.runtime.model.loader import load_model
@@ -558,7 +562,10 @@ def run_edge(spec_file: str, out_file: str) -> None:
 
 def train_through(lab: Lab, folder: str, splits: list[int], train: dict, workdir: str, num_layers: int) -> dict:
     """Shards for [0, s1), [s1, s2), ... in the lab's node namespaces, a delay proxy in front of each, and
-    finetune in the edge namespace through them; returns run_edge's figures plus each proxy's p99 lateness."""
+    finetune in the edge namespace through them; returns run_edge's figures plus each proxy's p99 lateness.
+
+    Each process plays a machine of its own, so the host's cores are shared out among them (at least
+    one thread each): more torch threads than cores make every process's compute erratic."""
     import json
     from pathlib import Path
 
@@ -569,13 +576,15 @@ def train_through(lab: Lab, folder: str, splits: list[int], train: dict, workdir
     token_file = work / "token"
     rpc.write_token(token_file)
     bounds = [0, *splits, num_layers]
+    threads = max(1, (os.cpu_count() or 1) // (len(bounds) - 1 + 1))  # the nodes and the edge
+    train = {"threads": threads, **train}
     py = sys.executable
     hops, proxies = [], []
     for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
         ns, hop = lab.node(i), lab.hops[i]
         node = lab.spawn(ns, [py, "-m", "edgetune.benchmarks.wan", "node", "--folder", folder, "--start", str(start),
                               "--end", str(end), "--port", str(SHARD_PORT), "--token-file", str(token_file),
-                              "--name", f"node-{i}"],
+                              "--name", f"node-{i}", "--threads", str(threads)],
                          stdout=subprocess.PIPE, text=True)
         if node.stdout.readline().strip() != "ready":
             raise RuntimeError(f"node {i} in {ns} did not start (exit code {node.poll()})")
@@ -613,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     nd.add_argument("--port", type=int, required=True)
     nd.add_argument("--token-file", required=True)
     nd.add_argument("--name", required=True, help="the shard's name, as the route names its hop")
+    nd.add_argument("--threads", type=int, default=1, help="torch threads")
     ed = sub.add_parser("edge", help="fine-tune through a fixed route (used inside the edge namespace)")
     ed.add_argument("--spec", required=True)
     ed.add_argument("--out", required=True)
@@ -628,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         run_proxy(args.listen, args.to, args.delay_ms, args.report)
         return 0
     if args.cmd == "node":
-        serve_node(args.folder, args.start, args.end, args.port, args.token_file, args.name)
+        serve_node(args.folder, args.start, args.end, args.port, args.token_file, args.name, args.threads)
         return 0
     if args.cmd == "edge":
         run_edge(args.spec, args.out)

@@ -113,6 +113,7 @@ class _Relay:
         self._closed = threading.Event()
         self._up_lock = threading.Lock()  # one message's Up frames at a time (worker and relay both send up)
         self._relaying_up = False  # the downstream reader holds _up_lock for an unopened message
+        self._input_grads: dict[tuple[int, int], bool] = {}  # (step, micro) -> the previous hop wants dL/d(input)
 
     # -- threads ----------------------------------------------------------------------
     def read_upstream(self, frames) -> None:
@@ -210,11 +211,13 @@ class _Relay:
                 self._up(wire.ForwardResult(msg.step, msg.micro, out))
         elif isinstance(msg, wire.Backward):
             if self.next_hop is None:
-                self._up(wire.BackwardResult(msg.step, msg.micro, s.backward(msg.step, msg.micro, msg.grad)))
+                grad = s.backward(msg.step, msg.micro, msg.grad)
+                self._up(wire.BackwardResult(msg.step, msg.micro, grad if msg.input_grad else None))
             elif not s.has_activation(msg.step, msg.micro):
                 raise s.missing(msg.step, msg.micro)  # no use asking the next nodes first
             else:
-                self._down(msg)
+                self._input_grads[(msg.step, msg.micro)] = msg.input_grad
+                self._down(wire.Backward(msg.step, msg.micro, msg.grad))  # this node needs the next one's
         elif isinstance(msg, wire.EndStep):
             if self.next_hop is not None:
                 self._down(msg)
@@ -229,8 +232,14 @@ class _Relay:
         if isinstance(msg, wire.Opened):
             self._up(wire.Opened([self._me()] + msg.route))
         elif isinstance(msg, wire.BackwardResult):
-            self._up(wire.BackwardResult(msg.step, msg.micro, s.backward(msg.step, msg.micro, msg.grad)))
+            if msg.grad is None:
+                raise SessionError(f"next node {self.next_hop.name} returned no input gradient for micro-batch "
+                                   f"{msg.micro}", code="INTERNAL")
+            grad = s.backward(msg.step, msg.micro, msg.grad)
+            wanted = self._input_grads.pop((msg.step, msg.micro), True)
+            self._up(wire.BackwardResult(msg.step, msg.micro, grad if wanted else None))
         elif isinstance(msg, _RelayedGradients):
+            self._input_grads = {k: v for k, v in self._input_grads.items() if k[0] >= msg.step}
             grads, timing = s.end_step(wire.EndStep(msg.step, msg.version))
             self._up(wire.Gradients(msg.step, msg.version, s.with_feedback(grads), [timing]))
 

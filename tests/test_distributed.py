@@ -178,6 +178,32 @@ def test_micro_batches_left_to_the_run_follow_the_round_trip_and_resume_as_recor
     assert json.loads((local.out / "config.json").read_text())["micro_batches"] == 1
 
 
+def test_each_version_is_pushed_once_right_after_the_optimizer_step(tiny64, data_file, route, tmp_path, monkeypatch):
+    """A version leaves as soon as the optimizer made it and evaluations reuse it: one push per step
+    (plus the first), however many eval batches run; the traffic is still counted per step."""
+    from edgetune.runtime.train.remote import RemoteEngine
+
+    events = []
+    push = RemoteEngine._push_adapter
+
+    def counted(self):
+        events.append("push")
+        return push(self)
+
+    monkeypatch.setattr(RemoteEngine, "_push_adapter", counted)
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: events.append("optimizer") or real_step(self, *a, **k))
+    patch_connect(monkeypatch, route)
+    run = finetune(_cfg(tiny64, data_file, tmp_path / "r", coordinator="fake:1", token_file=str(route.token_file),
+                        steps=3, eval_every=1, eval_fraction=0.5, batch_size=2))
+    assert run.steps == 3
+    # the first eval pushes version 1; each optimizer step is followed by its push, which the next
+    # step (and the evaluations around it, several batches each) use
+    assert events == ["push", "optimizer", "push", "optimizer", "push", "optimizer", "push"]
+    records = [r for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in records)
+
+
 def test_the_edge_loads_exactly_embeddings_final_norm_and_head(tiny64, route, tmp_path, data_file, monkeypatch):
     from safetensors import safe_open
 

@@ -239,3 +239,22 @@ def test_pushes_addressed_wrongly_are_refused(chain):
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "past node" in e.details()
     s.close()
     _assert_healthy(chain)
+
+
+def test_input_gradients_come_back_only_when_asked_for(chain):
+    """The edge needs dL/d(input) only for prompt tuning: a Backward that does not ask gets a
+    BackwardResult without a tensor, through both nodes (node-0 still gets node-1's)."""
+    s = _ready(chain, push=False)
+    for hop in (1, 0):
+        s.send(wire.AdapterPush(1, _lora(hop), hops_ahead=hop))
+    for micro, wanted in enumerate((False, True)):
+        s.send(wire.Forward(0, micro, 1, True, (0, 0, micro), torch.randn(1, 4, D)))
+        out = s.recv()
+        assert isinstance(out, wire.ForwardResult)
+        s.send(wire.Backward(0, micro, torch.randn_like(out.hidden), input_grad=wanted))
+        back = s.recv()
+        assert isinstance(back, wire.BackwardResult) and back.micro == micro
+        assert (back.grad is None) == (not wanted)
+        if wanted:
+            assert back.grad.shape == (1, 4, D) and back.grad.abs().sum() > 0
+    s.close()

@@ -85,7 +85,8 @@ def test_forward_round_trip(dropout_key):
 def test_backward_and_end_step_round_trip():
     grad = torch.randn(1, 3, 8, dtype=torch.bfloat16)
     out, _ = _down(wire.Backward(4, 2, grad))
-    assert (out.step, out.micro) == (4, 2) and torch.equal(out.grad, grad)
+    assert (out.step, out.micro) == (4, 2) and torch.equal(out.grad, grad) and out.input_grad
+    assert not _down(wire.Backward(4, 2, grad, input_grad=False))[0].input_grad
     assert _down(wire.EndStep(4, 5))[0] == wire.EndStep(4, 5)
 
 
@@ -96,6 +97,7 @@ def test_up_messages_round_trip():
     assert (out.step, out.micro) == (1, 0) and torch.equal(out.hidden, hidden)
     out, _ = _up(wire.BackwardResult(1, 1, hidden))
     assert (out.step, out.micro) == (1, 1) and torch.equal(out.grad, hidden)
+    assert _up(wire.BackwardResult(1, 1, None))[0] == wire.BackwardResult(1, 1, None)  # not asked for: no tensor
     timings = [wire.StageTiming("a", 0.5, 1.25, 100, 200), wire.StageTiming("b")]
     out, _ = _up(wire.Gradients(2, 3, ADAPTER, timings), codec="int8")
     assert (out.step, out.version, out.timings) == (2, 3, timings)

@@ -115,6 +115,7 @@ def load_nodes(path: str | Path) -> tuple[list, Any]:
 
 
 def run_plan(args) -> int:
+    from edgetune.runtime.peft.prompt import PromptTuningConfig
     from edgetune.runtime.plan.planner import Workload, format_plan, parse_link, plan
     from edgetune.runtime.train.options import TrainConfig, coerce_options
 
@@ -123,10 +124,12 @@ def run_plan(args) -> int:
     options = {k: getattr(args, k) for k in ("method", "rank", "alpha", "target_modules", "layers_to_transform",
                                              "num_virtual_tokens", "bottleneck_size", "use_rslora") if getattr(args, k) is not None}
     cfg = TrainConfig.from_dict(coerce_options({"data": "(not read by plan)", **options}), source="edgetune plan")
-    sizes = adapter_sizes(config, cfg.methods())
+    methods = cfg.methods()
+    sizes = adapter_sizes(config, methods)
     nodes, edge = load_nodes(args.nodes)
     work = Workload(args.batch_size, args.max_seq_len, args.micro_batches, args.codec, args.adapter_codec,
-                    tuple(sizes.per_block), sizes.trainable, tuple(sizes.tensors_per_block))
+                    tuple(sizes.per_block), sizes.trainable, tuple(sizes.tensors_per_block),
+                    input_grads=any(isinstance(m, PromptTuningConfig) for m in methods))
     report = plan(config, args.model, nodes, edge, work, parse_link(args.link))
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_plan(report))
     return 0

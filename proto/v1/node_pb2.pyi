@@ -66,14 +66,16 @@ class Forward(_message.Message):
     def __init__(self, step: _Optional[int] = ..., micro: _Optional[int] = ..., version: _Optional[int] = ..., train: _Optional[bool] = ..., dropout_key: _Optional[_Iterable[int]] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
 
 class Backward(_message.Message):
-    __slots__ = ("step", "micro", "tensors")
+    __slots__ = ("step", "micro", "tensors", "no_input_grad")
     STEP_FIELD_NUMBER: _ClassVar[int]
     MICRO_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    NO_INPUT_GRAD_FIELD_NUMBER: _ClassVar[int]
     step: int
     micro: int
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
-    def __init__(self, step: _Optional[int] = ..., micro: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+    no_input_grad: bool
+    def __init__(self, step: _Optional[int] = ..., micro: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., no_input_grad: _Optional[bool] = ...) -> None: ...
 
 class EndStep(_message.Message):
     __slots__ = ("step", "version")

@@ -8,8 +8,9 @@ back up the same hops. Per step, with m micro-batches of b = B/m sequences of T 
 
 - **Bytes, per hop and direction.** Down: the adapter tensors of the blocks at or after the
   hop's node, m hidden states (Forward) and m gradients (Backward goes to the last node).
-  Up: m hidden states (ForwardResult, relayed), m gradients (BackwardResult) and the same
-  adapter gradients (Gradients). Adapter values take 4 bytes with `--adapter-codec raw`; with
+  Up: m hidden states (ForwardResult, relayed), m gradients (BackwardResult: between nodes;
+  to the edge only for prompt tuning, whose virtual tokens need them) and the same adapter
+  gradients (Gradients). Adapter values take 4 bytes with `--adapter-codec raw`; with
   bf16/int8 the steady state's deltas and gradients take the codec's bytes on every hop (nodes
   relay later stages' traffic unopened). A hidden state is b x T x D values in the wire codec
   (int8: one byte a value plus an fp32 scale per 64).
@@ -129,10 +130,11 @@ class Workload:
     seq_len: int
     micro_batches: int = 1
     codec: str = "fp32"
-    adapter_codec: str = "raw"  # steady state: deltas down the edge's hop (relayed in fp32 beyond), gradients up in it
+    adapter_codec: str = "raw"  # steady state: deltas down and gradients up, in this codec on every hop
     adapter_values: tuple[int, ...] = ()  # per block: values the edge pushes (fp32) and gets back as gradients
     trainable_params: int = 0  # the adapter's master copy on the edge (what AdamW updates)
     adapter_tensors: tuple[int, ...] = ()  # per block: how many tensors carry its values (a header each)
+    input_grads: bool = False  # the edge gets dL/d(input) back (prompt tuning)
 
     def __post_init__(self) -> None:
         problems = []
@@ -250,7 +252,8 @@ def plan(config: BlockShapes, model_name: str, nodes: list[PlanNode], edge: Edge
         downstream = sum(values[s.start:])
         framing = TENSOR_HEADER_BYTES * sum(headers[s.start:])
         down = int(downstream * per_value + framing + 2 * m * hidden_bytes)
-        up = int(downstream * per_value + framing + 2 * m * hidden_bytes)
+        returned = 2 if i > 0 or work.input_grads else 1  # hidden states, and their gradients where wanted
+        up = int(downstream * per_value + framing + returned * m * hidden_bytes)
         link = (edge.link or default_link) if i == 0 else links[s.name]
         hops.append(HopReport(names[i], names[i + 1], str(link), down, up, max(down, up) / link.bytes_per_s))
 

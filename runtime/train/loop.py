@@ -111,6 +111,9 @@ class LocalEngine:
     def step_metrics(self) -> dict[str, Any]:
         return {}
 
+    def prepare_next_step(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -283,6 +286,7 @@ def train_step(engine, params, optimizer, scheduler, stream, cfg: TrainConfig, s
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
+    engine.prepare_next_step()  # distributed: the new adapter version leaves now
     scheduler.step()
     state.step += 1
     seen = sum(int(b.attention_mask.sum()) for b in batches)

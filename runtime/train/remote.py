@@ -328,10 +328,20 @@ class RemoteEngine:
         self.stream: RouteStream | None = None
         self._metrics: dict[str, Any] = {}
         self._mirror: dict[str, torch.Tensor] | None = None  # what the session's nodes hold (lossy adapter codecs)
+        self._pushed: dict[str, torch.Tensor] | None = None  # the current version's views, already on the route
+        self._closed_bytes = [0, 0]  # sent, received by the sessions closed so far
+        self._marked_bytes = (0, 0)  # the totals when the last training step was accounted
 
     # -- the engine interface ---------------------------------------------------------
     def accumulate(self, micros: list[tuple[tuple, Any]], total_tokens: int) -> float:
-        return self._with_replays(lambda: self._train_step(micros, total_tokens))
+        result = self._with_replays(lambda: self._train_step(micros, total_tokens))
+        # a step's traffic on the edge's link: everything since the previous step's account, so the
+        # push that left right after that step's optimizer update, replays and evaluations too
+        sent, received = self._bytes()
+        self._metrics["bytes_sent"] = sent - self._marked_bytes[0]
+        self._metrics["bytes_received"] = received - self._marked_bytes[1]
+        self._marked_bytes = (sent, received)
+        return result
 
     def loss_sum(self, batch) -> float:
         return self._with_replays(lambda: self._eval_loss(batch))
@@ -340,11 +350,27 @@ class RemoteEngine:
         metrics, self._metrics = self._metrics, {}
         return metrics
 
+    def prepare_next_step(self) -> None:
+        """The optimizer just stepped: the new version leaves for the nodes now, crossing the route while
+        the edge records the step and embeds the next batch; evaluations in between reuse it."""
+        self._pushed = None
+        if self.stream is not None:  # else the next step opens a session and pushes whole
+            self._pushed = self._push_adapter()
+
     def close(self) -> None:
+        self._close_stream()
+        self.trainer.client.close()
+
+    def _close_stream(self) -> None:
         if self.stream is not None:
+            self._closed_bytes[0] += self.stream.bytes_sent
+            self._closed_bytes[1] += self.stream.bytes_received
             self.stream.close()
             self.stream = None
-        self.trainer.client.close()
+
+    def _bytes(self) -> tuple[int, int]:
+        live = (self.stream.bytes_sent, self.stream.bytes_received) if self.stream is not None else (0, 0)
+        return self._closed_bytes[0] + live[0], self._closed_bytes[1] + live[1]
 
     # -- replay loop --------------------------------------------------------------------
     def _with_replays(self, attempt: Callable[[], Any]) -> Any:
@@ -353,18 +379,12 @@ class RemoteEngine:
             try:
                 if self.stream is None:
                     self.stream = self._open()
-                sent0, received0 = self.stream.bytes_sent, self.stream.bytes_received
-                result = attempt()
-                self._metrics["bytes_sent"] = self.stream.bytes_sent - sent0
-                self._metrics["bytes_received"] = self.stream.bytes_received - received0
-                return result
+                return attempt()
             except RouteFailure as e:
                 failures += 1
                 for p in self.adapter.parameters():  # drop this attempt's partial gradients
                     p.grad = None
-                if self.stream is not None:
-                    self.stream.close()
-                    self.stream = None
+                self._close_stream()
                 if failures > self.cfg.max_step_retries:
                     raise EdgetuneError(f"gave up after {failures} failed attempts: {e}") from None
                 log.warning("%s; replaying on a new route (attempt %d of %d)", e, failures + 1, self.cfg.max_step_retries + 1)
@@ -377,6 +397,7 @@ class RemoteEngine:
                              route=hops, codec=self.cfg.codec, methods_json=self.methods_json,
                              adapter_codec=self.cfg.adapter_codec)
         self._mirror = None  # a new session: its nodes hold no replica yet
+        self._pushed = None
         try:
             return RouteStream(route, self.trainer.token, open_msg, self.cfg.reply_timeout_s)
         except RouteFailure:
@@ -427,7 +448,8 @@ class RemoteEngine:
 
     def _train_step(self, micros: list[tuple[tuple, Any]], total_tokens: int) -> float:
         step = micros[0][0][1]
-        views = self._push_adapter()
+        views = self._pushed if self._pushed is not None else self._push_adapter()
+        self._pushed = None  # this step's backward consumes the views' graph
         inputs, forwards = {}, {}
         for micro, (key, batch) in enumerate(micros):
             h, mask = self._embed(batch.input_ids)
@@ -445,7 +467,7 @@ class RemoteEngine:
             if lost and not in_flight:  # nothing else in flight: the replay cannot be evicted again
                 m = lost.pop(0)
                 self.stream.send(forwards[m])
-                self.stream.send(wire.Backward(step, m, grads_out[m]))
+                self.stream.send(wire.Backward(step, m, grads_out[m], inputs[m].requires_grad))
                 in_flight.add(m)
                 unended = True
             if unended and not lost and len(grads_out) == len(micros):
@@ -465,13 +487,17 @@ class RemoteEngine:
                 loss.backward()  # h_out.grad, and edge tensors (LN tuning's final norm)
                 loss_sum += float(loss.detach())
                 grads_out[m] = h_out.grad
-                self.stream.send(wire.Backward(step, m, grads_out[m]))
+                # dL/d(input) comes back only for prompt tuning's virtual tokens: otherwise a node
+                # would send the edge a batch of hidden-state gradients for nothing
+                self.stream.send(wire.Backward(step, m, grads_out[m], inputs[m].requires_grad))
                 unended = True
             elif isinstance(msg, wire.BackwardResult):
                 m = self._check_item(msg, step, len(micros))
                 if m in in_flight:
                     in_flight.discard(m)
                     if inputs[m].requires_grad:  # prompt tuning: into the virtual tokens
+                        if msg.grad is None:
+                            raise RouteFailure(f"the route returned no input gradient for micro-batch {m}", [])
                         inputs[m].backward(msg.grad.to(inputs[m].device, inputs[m].dtype))
             elif isinstance(msg, wire.Gradients) and gradients.due:
                 gradients.add(msg)
@@ -491,7 +517,8 @@ class RemoteEngine:
         self.stream.send(wire.EndStep(step, self.version))
 
     def _eval_loss(self, batch) -> float:
-        self._push_adapter()
+        if self._pushed is None:
+            self._pushed = self._push_adapter()
         with torch.no_grad():
             h, mask = self._embed(batch.input_ids)
             self.stream.send(wire.Forward(0, 0, self.version, False, None, h, mask))

@@ -63,6 +63,7 @@ class Backward:
     step: int
     micro: int
     grad: torch.Tensor  # (B, T, D), dL/d(output of the route's last block)
+    input_grad: bool = True  # False: the sender needs no dL/d(input) back (the edge, unless prompt tuning)
 
 
 @dataclass
@@ -91,7 +92,7 @@ class ForwardResult:
 class BackwardResult:
     step: int
     micro: int
-    grad: torch.Tensor  # dL/d(input of the route's first block)
+    grad: torch.Tensor | None  # dL/d(input of the route's first block); None when not asked for
 
 
 @dataclass

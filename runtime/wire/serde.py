@@ -354,7 +354,8 @@ def _forward_to_pb(m: wire.Forward, enc: _Encoding, payloads: list[bytes]) -> no
 
 
 def _backward_to_pb(m: wire.Backward, enc: _Encoding, payloads: list[bytes]) -> node_pb2.Backward:
-    return node_pb2.Backward(step=m.step, micro=m.micro, tensors=enc.tensors([("grad", m.grad, enc.activation)], payloads))
+    return node_pb2.Backward(step=m.step, micro=m.micro, tensors=enc.tensors([("grad", m.grad, enc.activation)], payloads),
+                             no_input_grad=not m.input_grad)
 
 
 def _end_step_to_pb(m: wire.EndStep, enc: _Encoding, payloads: list[bytes]) -> node_pb2.EndStep:
@@ -371,7 +372,8 @@ def _forward_result_to_pb(m: wire.ForwardResult, enc: _Encoding, payloads: list[
 
 
 def _backward_result_to_pb(m: wire.BackwardResult, enc: _Encoding, payloads: list[bytes]) -> node_pb2.BackwardResult:
-    return node_pb2.BackwardResult(step=m.step, micro=m.micro, tensors=enc.tensors([("grad", m.grad, enc.activation)], payloads))
+    named = [] if m.grad is None else [("grad", m.grad, enc.activation)]
+    return node_pb2.BackwardResult(step=m.step, micro=m.micro, tensors=enc.tensors(named, payloads))
 
 
 def _gradients_to_pb(m: wire.Gradients, enc: _Encoding, payloads: list[bytes]) -> node_pb2.Gradients:
@@ -505,7 +507,8 @@ def _forward_from_pb(pb: node_pb2.Forward, tensors: wire.Tensors) -> wire.Forwar
 
 def _backward_from_pb(pb: node_pb2.Backward, tensors: wire.Tensors) -> wire.Backward:
     _named(tensors, "Backward", ("grad",))
-    return wire.Backward(step=pb.step, micro=pb.micro, grad=_activation(tensors, "grad", "Backward"))
+    return wire.Backward(step=pb.step, micro=pb.micro, grad=_activation(tensors, "grad", "Backward"),
+                         input_grad=not pb.no_input_grad)
 
 
 def _end_step_from_pb(pb: node_pb2.EndStep, tensors: wire.Tensors) -> wire.EndStep:
@@ -522,8 +525,9 @@ def _forward_result_from_pb(pb: node_pb2.ForwardResult, tensors: wire.Tensors) -
 
 
 def _backward_result_from_pb(pb: node_pb2.BackwardResult, tensors: wire.Tensors) -> wire.BackwardResult:
-    _named(tensors, "BackwardResult", ("grad",))
-    return wire.BackwardResult(step=pb.step, micro=pb.micro, grad=_activation(tensors, "grad", "BackwardResult"))
+    _named(tensors, "BackwardResult", (), ("grad",))
+    grad = _activation(tensors, "grad", "BackwardResult") if "grad" in tensors else None
+    return wire.BackwardResult(step=pb.step, micro=pb.micro, grad=grad)
 
 
 def _gradients_from_pb(pb: node_pb2.Gradients, tensors: wire.Tensors) -> wire.Gradients:
