@@ -180,18 +180,21 @@ def _report(args, results: dict) -> int:
     per_block, trainable, tensors = adapter_sizes(config, methods)
     tokens = args.batch_size * args.seq_len
     flops, edge_flops = _calibrate(config, args, results.get("unshaped"))
-    print("\nscenario      measured step  predicted  bound       measured edge-link bytes  predicted")
+    print("\nscenario      measured step  predicted  bound       edge link down / up: measured   predicted")
     for name, r in results.items():
         link = parse_link(SCENARIOS[name])
         nodes = [PlanNode("node-0", 8 << 30, flops, "fp32"), PlanNode("node-1", 8 << 30, flops, "fp32")]
         report = plan(config, "embedded", nodes, EdgeSpec(edge_flops), Workload(args.batch_size, args.seq_len,
                       args.micro_batches, getattr(args, "codec", "fp32"), getattr(args, "adapter_codec", "raw"),
                       tuple(per_block), trainable, tuple(tensors)), link)
-        r["plan"] = {"step_s": report.step_s, "bound": report.bound, "edge_link_bytes": report.hops[0].down_bytes,
-                     "stages": [(s.start, s.end) for s in report.stages]}
+        edge_hop = report.hops[0]
+        r["plan"] = {"step_s": report.step_s, "bound": report.bound, "edge_link_bytes": edge_hop.down_bytes,
+                     "edge_link_bytes_up": edge_hop.up_bytes, "stages": [(s.start, s.end) for s in report.stages]}
         print(f"{name:13} {r['step_s']:10.2f} s  {report.step_s:8.2f} s  {report.bound:10} "
-              f"{r['bytes_sent'] / 2**20:10.1f} MiB  {report.hops[0].down_bytes / 2**20:14.1f} MiB "
-              f"({r['bytes_sent'] / report.hops[0].down_bytes - 1:+.1%}; time {r['step_s'] / report.step_s - 1:+.0%})")
+              f"{r['bytes_sent'] / 2**20:6.1f} / {r['bytes_received'] / 2**20:4.1f} MiB  "
+              f"{edge_hop.down_bytes / 2**20:6.1f} / {edge_hop.up_bytes / 2**20:4.1f} MiB "
+              f"({r['bytes_sent'] / edge_hop.down_bytes - 1:+.1%} / {r['bytes_received'] / edge_hop.up_bytes - 1:+.1%}; "
+              f"time {r['step_s'] / report.step_s - 1:+.0%})")
     if "unshaped" in results and "20mbit-50ms" in results:
         r = results["20mbit-50ms"]
         bandwidth_bound = 20e6 / 8 / max(r["bytes_sent"], r["bytes_received"]) * tokens
@@ -199,6 +202,16 @@ def _report(args, results: dict) -> int:
         print(f"\n20 Mbit/s, 50 ms: {r['tokens_per_s']:.1f} tokens/s = {r['tokens_per_s'] / bound:.0%} of "
               f"min(compute bound {results['unshaped']['tokens_per_s']:.1f}, bandwidth bound {bandwidth_bound:.1f}) "
               "(target >= 80%)")
+        # what synchronous training cannot overlap: the push precedes the first forward, the first
+        # stage's gradients follow its last backward (the optimizer needs them all)
+        from edgetune.runtime.plan.planner import ADAPTER_CODEC_BYTES
+
+        push_s = ADAPTER_CODEC_BYTES[getattr(args, "adapter_codec", "raw")] * trainable / (20e6 / 8)
+        first = sum(per_block[:args.split]) / max(1, sum(per_block))
+        floor_s = results["unshaped"]["step_s"] + push_s * (1 + first)
+        print(f"  the adapter's push ({push_s:.2f} s at 20 Mbit/s) and the first stage's gradients ({push_s * first:.2f} s) "
+              f"cannot overlap the step's compute: step >= {floor_s:.2f} s, i.e. at most "
+              f"{tokens / floor_s / bound:.0%} of that bound")
     if "100mbit-0ms" in results and "100mbit-50ms" in results:
         base, slow = results["100mbit-0ms"]["step_s"], results["100mbit-50ms"]["step_s"]
         allowed = 6 * 0.025 + 0.1 * base
