@@ -9,9 +9,12 @@ this node's compute (BackwardResult -> this stage's backward) and join the
 worker's queue.
 
 Adapter traffic of later nodes passes through unopened: an AdapterPush addressed
-hops ahead is relayed frame by frame as it arrives (cut-through, its tensors never
-decoded or kept), and so are the later nodes' Gradients going up; when those have
-gone up, this node sends its own stage's Gradients after them.
+hops ahead is relayed frame by frame as it arrives, by the reading thread itself
+(cut-through, its tensors never decoded or kept, and never queued behind this node's
+compute), and so are the later nodes' Gradients going up; when those have gone up,
+this node sends its own stage's Gradients after them. So a later node's push may
+overtake a Forward sent before it: a Forward for a version this node does not hold
+yet waits (a few at most) for the push that brings it.
 
     edge ==Session==> node A ==Session==> node B
          <== up ======        <== up ======
@@ -39,6 +42,7 @@ from edgetune.runtime.wire import node_client, rpc, serde
 log = logging.getLogger("edgetune.node")
 
 _END = object()  # end of a queue
+MAX_PARKED = 16  # Forwards waiting for their adapter version's push, per session
 
 
 class _RelayedGradients(NamedTuple):
@@ -114,6 +118,13 @@ class _Relay:
         self._up_lock = threading.Lock()  # one message's Up frames at a time (worker and relay both send up)
         self._relaying_up = False  # the downstream reader holds _up_lock for an unopened message
         self._input_grads: dict[tuple[int, int], bool] = {}  # (step, micro) -> the previous hop wants dL/d(input)
+        self._down_lock = threading.Lock()  # one message's Down frames at a time (worker and relay both send down)
+        self._relaying_down = False  # the upstream reader holds _down_lock for an unopened push
+        self._next_open = threading.Event()  # the stream to the next node is up: pushes may be relayed directly
+        self._queued = 0  # relayed frames still in the worker's queue (a push that came before Open was handled)
+        self._queued_lock = threading.Lock()
+        self._direct = False  # how the push being relayed travels: by the reader (True) or the worker's queue
+        self._parked: list[wire.Forward] = []  # Forwards whose version's push has not arrived yet
 
     # -- threads ----------------------------------------------------------------------
     def read_upstream(self, frames) -> None:
@@ -124,7 +135,7 @@ class _Relay:
                 msg = assembler.feed(frame)
                 self._count_in(frame)
                 if isinstance(msg, serde.Opaque):
-                    self.work_q.put(("relay", msg))  # in order with this node's own messages down
+                    self._relay_push(msg)
                 elif msg is not None:
                     self.work_q.put(("down", msg))
             assembler.close()
@@ -133,6 +144,10 @@ class _Relay:
             return
         except Exception:  # the previous hop went away (cancelled stream)
             pass
+        finally:
+            if self._relaying_down:  # cut short mid-push: let the worker send down again
+                self._relaying_down = False
+                self._down_lock.release()
         self.work_q.put(("end", None))
 
     def work(self) -> None:
@@ -203,7 +218,20 @@ class _Relay:
         s = self.session
         if isinstance(msg, wire.AdapterPush):
             s.push_adapter(msg)
+            parked, self._parked = self._parked, []
+            for forward in parked:  # in the order they came; still too new ones park again
+                try:
+                    self._handle_down(forward)
+                except SessionError as e:
+                    self._up(wire.ItemError(e.code, str(e), self.shard.name, forward.step, forward.micro))
         elif isinstance(msg, wire.Forward):
+            if s.version is None or msg.version == s.version + 1:  # its push is on its way (sent after it)
+                if len(self._parked) >= MAX_PARKED:
+                    raise SessionError(f"{len(self._parked)} forwards already wait for adapter version {msg.version} "
+                                       f"on node {self.shard.name}, which holds {s.version}: push it first",
+                                       code="FAILED_PRECONDITION")
+                self._parked.append(msg)
+                return
             out = s.forward(msg)
             if self.next_hop is not None:
                 self._down(wire.Forward(msg.step, msg.micro, msg.version, msg.train, msg.dropout_key, out, msg.attention_mask))
@@ -261,6 +289,7 @@ class _Relay:
         threading.Thread(target=self.read_downstream, args=(self._call,), daemon=True, name="edgetune-session-next").start()
         self._down(wire.Open(msg.session_id, msg.model, msg.fingerprint, msg.route[1:], msg.codec, msg.methods_json,
                              msg.adapter_codec))
+        self._next_open.set()
 
     # -- plumbing -----------------------------------------------------------------------
     def _me(self) -> wire.Hop:
@@ -284,19 +313,44 @@ class _Relay:
             self._relaying_up = False
             self._up_lock.release()
 
-    def _relay_down(self, item: serde.Opaque) -> None:
-        """One frame of an AdapterPush for a later node, down as it came (one hop nearer its node)."""
-        if self.next_hop is None:
-            where = "before the session's Open" if self.session is None else f"past node {self.shard.name}, the last of the route"
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"an adapter push addressed {item.header.hops_ahead} hop(s) {where}")
+    def _relay_push(self, item: serde.Opaque) -> None:
+        """(Reader thread) one frame of an AdapterPush for a later node: straight down once the next
+        node's stream is up and no earlier relayed frame waits in the worker's queue, else queued."""
         if item.first:
+            with self._queued_lock:
+                self._direct = self._next_open.is_set() and self._queued == 0
+        if not self._direct:
+            with self._queued_lock:
+                self._queued += 1
+            self.work_q.put(("relay", item))
+            return
+        if item.first:
+            self._down_lock.acquire()
+            self._relaying_down = True
             item.frame.adapter.hops_ahead -= 1
         self._down_q.put(item.frame)
+        if item.last:
+            self._relaying_down = False
+            self._down_lock.release()
+
+    def _relay_down(self, item: serde.Opaque) -> None:
+        """(Worker) one queued frame of an AdapterPush for a later node, down as it came."""
+        try:
+            if self.next_hop is None:
+                where = "before the session's Open" if self.session is None else f"past node {self.shard.name}, the last of the route"
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"an adapter push addressed {item.header.hops_ahead} hop(s) {where}")
+            if item.first:
+                item.frame.adapter.hops_ahead -= 1
+            self._down_q.put(item.frame)  # the worker's own frames go down from this thread too: no interleaving
+        finally:
+            with self._queued_lock:  # only now may the reader relay a later push directly
+                self._queued -= 1
 
     def _down(self, msg) -> None:
-        for frame in serde.down_frames(msg, codec=self.codec):
-            self._down_q.put(frame)
+        with self._down_lock:
+            for frame in serde.down_frames(msg, codec=self.codec):
+                self._down_q.put(frame)
 
     def _frames_down(self) -> Iterator:
         while True:

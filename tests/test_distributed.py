@@ -137,8 +137,9 @@ def test_later_stages_adapter_traffic_crosses_earlier_nodes_unopened(tiny64, dat
                         steps=2, eval_fraction=0.0, adapter_codec="int8"))
     by_layer = {layer: {n: c for n, c in decoded.items() if n.split(".")[1:2] == [str(layer)]} for layer in (0, 1)}
     assert by_layer[0] and by_layer[1]
-    # 3 pushes (step 1's; after each optimizer step, the next version's) + 2 steps' gradients
-    assert set(by_layer[0].values()) == set(by_layer[1].values()) == {3 + 2}
+    # node-0's blocks: 3 pushes (step 1's, then the next version's after each optimizer step) + 2 steps'
+    # gradients; node-1's push goes out with the next forward, and none follows the last step
+    assert set(by_layer[0].values()) == {3 + 2} and set(by_layer[1].values()) == {2 + 2}
     records = [r for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     stages = records[-1]["stages"]
     assert [st["node"] for st in stages] == ["node-0", "node-1"]
@@ -263,9 +264,11 @@ def test_adapter_deltas_keep_every_replica_equal_to_the_edges_mirror(adapter_cod
     runs = {c: finetune(_cfg(tiny64, data_file, tmp_path / c, adapter_codec=c, **kw)) for c in ("raw", adapter_codec)}
     assert mirrors and set(mirrors) <= set(replicas)
     for version, mirror in mirrors.items():
-        assert replicas[version].keys() == mirror.keys()
-        for k, t in mirror.items():
-            assert torch.equal(replicas[version][k], t), (version, k)  # bit for bit
+        # the version made by the last optimizer step reaches node-1 only with a next forward: none came
+        assert replicas[version].keys() == mirror.keys() or version == max(mirrors)
+        assert replicas[version].keys() <= mirror.keys() and any(k.startswith("0.0.") for k in replicas[version])
+        for k, t in replicas[version].items():
+            assert torch.equal(t, mirror[k]), (version, k)  # bit for bit
     last = max(mirrors)
     drift = max(float((mirrors[last][k] - exact[last][k]).abs().max() / exact[last][k].abs().max().clamp_min(1e-12))
                 for k in mirrors[last])

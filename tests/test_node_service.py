@@ -258,3 +258,40 @@ def test_input_gradients_come_back_only_when_asked_for(chain):
         if wanted:
             assert back.grad.shape == (1, 4, D) and back.grad.abs().sum() > 0
     s.close()
+
+
+def test_a_forward_that_overtakes_its_push_waits_for_it(chain):
+    """The edge sends node-1's push after the first forward, so node-0's output may reach node-1
+    before node-1's push does: node-1 holds it until its push is there, and the result is the
+    same as with the push first."""
+    torch.manual_seed(0)
+    lora0, lora1, hidden = _lora(0), _lora(1), torch.randn(1, 4, D)
+    outs = []
+    for push_first in (True, False):
+        s = _ready(chain, push=False)
+        s.send(wire.AdapterPush(1, lora0))
+        if push_first:
+            s.send(wire.AdapterPush(1, lora1, hops_ahead=1))
+        s.send(wire.Forward(0, 0, 1, True, (0, 0, 0), hidden))
+        if not push_first:
+            s.send(wire.AdapterPush(1, lora1, hops_ahead=1))
+        out = s.recv()
+        assert isinstance(out, wire.ForwardResult)
+        outs.append(out.hidden)
+        s.close()
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_forwards_waiting_for_a_push_that_never_comes_are_bounded(node):
+    from edgetune.nodes.service import MAX_PARKED
+
+    s = _ready(node)  # holds version 1
+    for micro in range(MAX_PARKED + 1):  # version 2 is never pushed
+        s.send(wire.Forward(0, micro, 2, True, (0, 0, micro), torch.randn(1, 4, D)))
+    err = s.recv()
+    assert isinstance(err, wire.ItemError) and err.micro == MAX_PARKED and "wait for adapter version 2" in err.message
+    s.send(wire.AdapterPush(2, {}))  # the push arrives after all: the waiting ones run
+    results = [s.recv() for _ in range(MAX_PARKED)]
+    assert sorted(r.micro for r in results if isinstance(r, wire.ForwardResult)) == list(range(MAX_PARKED))
+    s.close()
+    _assert_healthy(node)

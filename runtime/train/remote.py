@@ -4,8 +4,10 @@ The edge holds the embeddings, final norm and LM head (frozen), the adapter's
 master tensors and the optimizer; the blocks run on the nodes of a route the
 coordinator hands out. One step:
 
-1. push the adapter tensors the blocks use (a new version) down the route: one push per
-   stage, the farthest first, which earlier nodes relay unopened as it arrives;
+1. push the adapter tensors the blocks use (a new version) down the route as soon as the
+   optimizer made it: one push per stage, which earlier nodes relay unopened as it
+   arrives; the first node's goes first, the others right after the first micro-batch,
+   so they cross the later hops while the first node computes;
 2. embed each micro-batch and send it (all of them at once: the nodes pipeline);
 3. as each micro-batch's output returns, compute its loss and send dL/dh back;
 4. end the step as soon as the last Backward is sent: every node returns its stage's
@@ -329,6 +331,7 @@ class RemoteEngine:
         self._metrics: dict[str, Any] = {}
         self._mirror: dict[str, torch.Tensor] | None = None  # what the session's nodes hold (lossy adapter codecs)
         self._pushed: dict[str, torch.Tensor] | None = None  # the current version's views, already on the route
+        self._later_pushes: list[wire.AdapterPush] = []  # the current version's pushes for stages 1.., not sent yet
         self._closed_bytes = [0, 0]  # sent, received by the sessions closed so far
         self._marked_bytes = (0, 0)  # the totals when the last training step was accounted
 
@@ -398,6 +401,7 @@ class RemoteEngine:
                              adapter_codec=self.cfg.adapter_codec)
         self._mirror = None  # a new session: its nodes hold no replica yet
         self._pushed = None
+        self._later_pushes = []
         try:
             return RouteStream(route, self.trainer.token, open_msg, self.cfg.reply_timeout_s)
         except RouteFailure:
@@ -426,9 +430,10 @@ class RemoteEngine:
         return views
 
     def _send_by_stage(self, tensors: dict[str, torch.Tensor], delta: bool) -> None:
-        """One AdapterPush per stage of the route, the farthest first: earlier nodes relay a push for a
-        later one as its frames arrive, so every link carries it at once instead of one after another,
-        and the first node's own push lands just before the first forward that needs it."""
+        """One AdapterPush per stage of the route: the first node's now, the others (nearest first) by
+        `_send_later_pushes` once the first micro-batch is on its way, so the first node starts computing
+        while they cross the later hops; earlier nodes relay them unopened as their frames arrive, and a
+        node holds a forward that overtook its push until the push is there."""
         from edgetune.runtime.peft.adapter import split_block_key
 
         hops = self.stream.route.hops
@@ -439,8 +444,13 @@ class RemoteEngine:
             if stage is None:
                 raise EdgetuneError(f"adapter tensor {key!r} is for block {layer}, which no node of the route serves")
             stages[stage][key] = t
-        for stage in reversed(range(len(hops))):
-            self.stream.send(wire.AdapterPush(self.version, stages[stage], delta, hops_ahead=stage))
+        self.stream.send(wire.AdapterPush(self.version, stages[0], delta))
+        self._later_pushes = [wire.AdapterPush(self.version, stages[i], delta, hops_ahead=i) for i in range(1, len(hops))]
+
+    def _send_later_pushes(self) -> None:
+        pushes, self._later_pushes = self._later_pushes, []
+        for push in pushes:
+            self.stream.send(push)
 
     def _embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.model.embed(input_ids)  # (B, T, D), frozen
@@ -456,6 +466,7 @@ class RemoteEngine:
             inputs[micro] = h
             forwards[micro] = wire.Forward(step, micro, self.version, True, key, h.detach(), mask)
             self.stream.send(forwards[micro])  # all at once: the nodes pipeline them
+            self._send_later_pushes()  # after the first
         grads_out: dict[int, torch.Tensor] = {}  # micro -> dL/d(route output)
         in_flight = set(range(len(micros)))  # a forward or backward of these is on its way
         lost: list[int] = []  # a node lost their activations: replay forward + backward, one at a time
@@ -522,6 +533,7 @@ class RemoteEngine:
         with torch.no_grad():
             h, mask = self._embed(batch.input_ids)
             self.stream.send(wire.Forward(0, 0, self.version, False, None, h, mask))
+            self._send_later_pushes()
             msg = self.stream.recv()
             if isinstance(msg, wire.ItemError):
                 raise EdgetuneError(f"node {msg.node}: {msg.message}")
