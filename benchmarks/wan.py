@@ -227,9 +227,13 @@ class DelayProxy:
         for sock in (writer.get_extra_info("socket"), up_writer.get_extra_info("socket")):
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True)
-        for w in (writer, up_writer):
-            w.close()
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True)
+        except asyncio.CancelledError:
+            pass  # the proxy is stopping: the connection just ends
+        finally:
+            for w in (writer, up_writer):
+                w.close()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
@@ -281,10 +285,14 @@ def run_proxy(listen: str, target: str, delay_ms: float, report: str | None) -> 
     try:
         loop.run_until_complete(proxy.serve())
     except (SystemExit, KeyboardInterrupt):
-        pending = asyncio.all_tasks(loop)  # open connections: cancel them quietly, the run is over
-        for task in pending:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        for _ in range(5):  # open connections: cancel them quietly (closing one may start more work)
+            pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
     finally:
         if report:
             with open(report, "w") as f:

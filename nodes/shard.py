@@ -270,8 +270,9 @@ class ShardSession:
     def end_step(self, msg: wire.EndStep) -> tuple[dict[str, torch.Tensor], wire.StageTiming]:
         """The step's summed adapter grads and this stage's timing; resets both."""
         if msg.version != self.version:
+            # ABORTED, not FAILED_PRECONDITION: the edge reads that as lost activations of a micro-batch
             raise SessionError(f"EndStep for adapter version {msg.version} but node "
-                               f"{self.shard.name} holds version {self.version}", code="FAILED_PRECONDITION")
+                               f"{self.shard.name} holds version {self.version}", code="ABORTED")
         sums = self.step_grads if self.step_grads is not None and self.step_grads.step == msg.step else _StepGrads(msg.step)
         timing, self.timing = self.timing, wire.StageTiming(name=self.shard.name)
         self.step_grads = None

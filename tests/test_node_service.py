@@ -295,3 +295,13 @@ def test_forwards_waiting_for_a_push_that_never_comes_are_bounded(node):
     assert sorted(r.micro for r in results if isinstance(r, wire.ForwardResult)) == list(range(MAX_PARKED))
     s.close()
     _assert_healthy(node)
+
+
+def test_an_end_step_for_another_version_is_not_taken_for_lost_activations(node):
+    s = _ready(node)  # holds version 1
+    s.send(wire.EndStep(0, 5))
+    err = s.recv()
+    assert isinstance(err, wire.ItemError) and err.code == "ABORTED" and "EndStep for adapter version 5" in err.message
+    s.send(_fwd())  # the session still serves
+    assert isinstance(s.recv(), wire.ForwardResult)
+    s.close()
