@@ -239,7 +239,8 @@ def _add_plan(sub) -> None:
     p.add_argument("--link", default="100mbit,50ms", help="RATE,RTT of every hop without a link of its own")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=512, help="tokens per sequence")
-    p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument("--micro-batches", type=int, default=0,
+                   help="micro-batches a step; 0: what finetune's default would choose for these nodes and links")
     p.add_argument("--codec", default="fp32", choices=["fp32", "fp16", "bf16", "int8"], help="activations on the wire")
     p.add_argument("--adapter-codec", default="raw", choices=["raw", "bf16", "int8"],
                    help="adapter deltas and gradients on the wire (steady state)")

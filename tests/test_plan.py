@@ -162,8 +162,37 @@ def test_micro_batches_hide_the_round_trip_behind_the_other_forwards():
     assert choose_micro_batches(1, 3, 0.5, None) == 1  # never more than rows
     assert choose_micro_batches(8, 2, 0.0, 1.0) == 2
     assert choose_micro_batches(8, 2, 0.5, 1.0) == 2  # 1/2 of a 1 s forward covers 0.5 s
-    assert choose_micro_batches(8, 2, 0.6, 1.0) == 3  # 2/3 s >= 0.6 s
-    assert choose_micro_batches(8, 2, 0.8, 1.0) == 5  # 4/5
+    assert choose_micro_batches(8, 2, 0.6, 1.0) == 4  # 2 leaves 0.5 s: the next divisor of 8 leaves 0.75 s
+    assert choose_micro_batches(8, 2, 0.8, 1.0) == 8  # 4 leaves 0.75 s
+    assert choose_micro_batches(6, 2, 0.6, 1.0) == 3  # 2/3 s
+    assert choose_micro_batches(5, 2, 0.1, 1.0) == 5  # no divisor between 1 and 5
     assert choose_micro_batches(8, 2, 0.95, 1.0) == 8  # would need 20: one row each
     with pytest.raises(ConfigError):
         choose_micro_batches(0, 2, 0.1, 1.0)
+
+
+def test_plan_picks_micro_batches_as_finetune_would_when_none_are_given(tmp_path):
+    from edgetune.runtime.plan.cost import block_flops
+    from edgetune.runtime.plan.planner import auto_micro_batches
+
+    config = ModelConfig.from_hf_dict(shapes.load("llama-3-8b"))
+    nodes = [PlanNode("a", 20 << 30, 20e12, "bf16"), PlanNode("b", 20 << 30, 20e12, "bf16")]  # too small for one
+    work = Workload(8, 512, 1)
+    split = plan(config, "m", nodes, EdgeSpec(1e12), work, Link(1e9, 0.0)).stages
+    assert len(split) == 2
+    forward = max(s.end - s.start for s in split) * block_flops(config, 8, 512) / 20e12  # the slowest stage, whole batch
+    chosen = {rtt: auto_micro_batches(config, "m", nodes, EdgeSpec(1e12), work, Link(1e9, rtt))
+              for rtt in (0.0, 0.1 * forward, 0.3 * forward, 10 * forward)}
+    assert chosen[0.0] == 2  # nothing to hide: one per stage
+    assert list(chosen.values()) == sorted(chosen.values())  # a longer round trip never gets fewer
+    assert chosen[10 * forward] == 8  # more than any split hides: one row each
+    assert chosen[0.1 * forward] == 2  # half the forward covers both hops' 0.2 x forward of round trips
+    assert chosen[0.3 * forward] == 4  # 0.6 x forward: half does not, three quarters do
+    # the CLI's default is that choice, and says so
+    (tmp_path / "nodes.yaml").write_text("nodes:\n  - {name: a, memory: 20G, tflops: 20, dtype: bf16}\n"
+                                         "  - {name: b, memory: 20G, tflops: 20, dtype: bf16}\nedge: {tflops: 1}\n")
+    out = subprocess.run([sys.executable, "-m", "edgetune", "plan", "--model", "llama-3-8b", "--nodes",
+                          str(tmp_path / "nodes.yaml"), "--batch-size", "8", "--max-seq-len", "512", "--link",
+                          f"1gbit,{0.3 * forward * 1e3:.3f}ms", "--json"], capture_output=True, text=True, timeout=120)
+    shown = json.loads(out.stdout)
+    assert shown["micro_batches"] == chosen[0.3 * forward] and "--micro-batches 0 would choose" in shown["notes"][-1]

@@ -18,6 +18,7 @@ fake tensors (no memory is allocated for weights or adapters).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -116,7 +117,7 @@ def load_nodes(path: str | Path) -> tuple[list, Any]:
 
 def run_plan(args) -> int:
     from edgetune.runtime.peft.prompt import PromptTuningConfig
-    from edgetune.runtime.plan.planner import Workload, format_plan, parse_link, plan
+    from edgetune.runtime.plan.planner import Workload, auto_micro_batches, format_plan, parse_link, plan
     from edgetune.runtime.train.options import TrainConfig, coerce_options
 
     config = load_config(args.model)
@@ -127,9 +128,17 @@ def run_plan(args) -> int:
     methods = cfg.methods()
     sizes = adapter_sizes(config, methods)
     nodes, edge = load_nodes(args.nodes)
-    work = Workload(args.batch_size, args.max_seq_len, args.micro_batches, args.codec, args.adapter_codec,
+    if args.micro_batches < 0:
+        raise ConfigError(f"--micro-batches must be positive, or 0 to choose as finetune would; got {args.micro_batches}")
+    link = parse_link(args.link)
+    work = Workload(args.batch_size, args.max_seq_len, args.micro_batches or 1, args.codec, args.adapter_codec,
                     tuple(sizes.per_block), sizes.trainable, tuple(sizes.tensors_per_block),
                     input_grads=any(isinstance(m, PromptTuningConfig) for m in methods))
-    report = plan(config, args.model, nodes, edge, work, parse_link(args.link))
+    if not args.micro_batches:
+        work = replace(work, micro_batches=auto_micro_batches(config, args.model, nodes, edge, work, link))
+    report = plan(config, args.model, nodes, edge, work, link)
+    if not args.micro_batches:
+        report.notes.append(f"{work.micro_batches} micro-batches: what finetune's --micro-batches 0 would choose "
+                            f"(route round trip {report.route_rtt_s * 1e3:.0f} ms)")
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_plan(report))
     return 0

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from edgetune.runtime.errors import ConfigError
 from edgetune.runtime.plan.cost import BlockShapes, block_flops, block_params, edge_head_flops, model_cost
@@ -198,6 +198,7 @@ class PlanReport:
     bound: str
     tokens_per_s: float
     notes: list[str] = field(default_factory=list)
+    route_rtt_s: float = 0.0  # the round trips of every hop, summed
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -291,7 +292,7 @@ def plan(config: BlockShapes, model_name: str, nodes: list[PlanNode], edge: Edge
         trainable_params=work.trainable_params, flops_per_token_forward=fwd_per_token,
         flops_per_token_train=2 * fwd_per_token, stages=stages, hops=hops, edge_memory=edge_memory,
         compute_s=compute, bandwidth_s=bandwidth, latency_s=latency, step_s=step, bound=bound,
-        tokens_per_s=work.batch_size * work.seq_len / step, notes=notes)
+        tokens_per_s=work.batch_size * work.seq_len / step, notes=notes, route_rtt_s=sum(rtts))
 
 
 def _human_rate(bits: float) -> str:
@@ -331,6 +332,15 @@ def format_plan(r: PlanReport) -> str:
     return "\n".join(out)
 
 
+def auto_micro_batches(config: BlockShapes, model_name: str, nodes: list[PlanNode], edge: EdgeSpec, work: Workload,
+                       default_link: Link) -> int:
+    """What finetune's `--micro-batches 0` would choose on these nodes: `choose_micro_batches` with the
+    plan's partition, its stages' speeds for the profiles and its links' round trips for the measured one."""
+    whole = plan(config, model_name, nodes, edge, replace(work, micro_batches=1), default_link)
+    stage_forward_s = max(s.seconds_per_micro_batch for s in whole.stages) / 2  # forward + backward to the inputs
+    return choose_micro_batches(work.batch_size, len(whole.stages), whole.route_rtt_s, stage_forward_s)
+
+
 def choose_micro_batches(batch_size: int, stages: int, route_rtt_s: float, stage_forward_s: float | None) -> int:
     """Micro-batches for a step when the user gave none: enough to hide the route's round trip.
 
@@ -338,15 +348,13 @@ def choose_micro_batches(batch_size: int, stages: int, route_rtt_s: float, stage
     stage one route round trip (plus the edge's loss) after that stage finished its forward.
     Meanwhile it has the other m - 1 forwards to run, (m - 1) / m of the batch's forward time,
     so the smallest m with (m - 1) / m x stage_forward_s >= route_rtt_s leaves it no idle wait;
-    at least one per stage (fewer leaves a stage idle all step), at most one row each. Without
-    the stages' speed (`stage_forward_s` None: no profile) only the per-stage floor is known.
+    at least one per stage (fewer leaves a stage idle all step), at most one row each, and a
+    divisor of the batch (micro-batches of equal size). Without the stages' speed
+    (`stage_forward_s` None: no profile) only the per-stage floor is known.
     """
     if batch_size <= 0 or stages <= 0:
         raise ConfigError(f"micro-batches: batch size {batch_size} and stages {stages} must be positive")
-    floor = min(batch_size, stages)
+    counts = [m for m in range(min(batch_size, stages), batch_size + 1) if batch_size % m == 0]
     if not stage_forward_s or stage_forward_s <= 0:
-        return floor
-    for m in range(floor, batch_size + 1):
-        if (m - 1) / m * stage_forward_s >= route_rtt_s:
-            return m
-    return batch_size
+        return counts[0]
+    return next((m for m in counts if (m - 1) / m * stage_forward_s >= route_rtt_s), batch_size)
