@@ -10,8 +10,8 @@ worker's queue.
 
 Adapter traffic of later nodes passes through unopened: an AdapterPush addressed
 hops ahead is relayed frame by frame as it arrives, by the reading thread itself
-(cut-through, its tensors never decoded or kept, and never queued behind this node's
-compute), and so are the later nodes' Gradients going up; when those have gone up,
+once Open is handled (cut-through, its tensors never decoded or kept, and never
+queued behind this node's compute), and so are the later nodes' Gradients going up; when those have gone up,
 this node sends its own stage's Gradients after them. So a later node's push may
 overtake a Forward sent before it: a Forward for a version this node does not hold
 yet waits (a few at most) for the push that brings it.
@@ -58,6 +58,37 @@ def _is_relayed_push(kind: str, header) -> bool:
 
 def _is_relayed_gradients(kind: str, header) -> bool:
     return kind == "gradients"
+
+
+class _Gate:
+    """Keeps one message's frames together on a queue that two threads write: the worker sends
+    whole messages (`with gate:`), a reader relays another node's message frame by frame
+    (`relay`), holding the gate from its first frame to its last."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._relaying = False
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    def relay(self, item: serde.Opaque, frames: queue.Queue) -> None:
+        if item.first:
+            self._lock.acquire()
+            self._relaying = True
+        frames.put(item.frame)
+        if item.last:
+            self._relaying = False
+            self._lock.release()
+
+    def abandon(self) -> None:
+        """The relaying reader's stream ended mid-message: let the worker send again."""
+        if self._relaying:
+            self._relaying = False
+            self._lock.release()
 
 
 class _Abort(Exception):
@@ -115,15 +146,10 @@ class _Relay:
         self._call = None
         self._channel = None
         self._closed = threading.Event()
-        self._up_lock = threading.Lock()  # one message's Up frames at a time (worker and relay both send up)
-        self._relaying_up = False  # the downstream reader holds _up_lock for an unopened message
+        self._up_gate = _Gate()  # the worker and the downstream reader both send up
         self._input_grads: dict[tuple[int, int], bool] = {}  # (step, micro) -> the previous hop wants dL/d(input)
-        self._down_lock = threading.Lock()  # one message's Down frames at a time (worker and relay both send down)
-        self._relaying_down = False  # the upstream reader holds _down_lock for an unopened push
-        self._next_open = threading.Event()  # the stream to the next node is up: pushes may be relayed directly
-        self._queued = 0  # relayed frames still in the worker's queue (a push that came before Open was handled)
-        self._queued_lock = threading.Lock()
-        self._direct = False  # how the push being relayed travels: by the reader (True) or the worker's queue
+        self._down_gate = _Gate()  # the worker and the upstream reader both send down
+        self._started = threading.Event()  # the worker handled the session's first message (Open): relays may go
         self._parked: list[wire.Forward] = []  # Forwards whose version's push has not arrived yet
 
     # -- threads ----------------------------------------------------------------------
@@ -135,7 +161,10 @@ class _Relay:
                 msg = assembler.feed(frame)
                 self._count_in(frame)
                 if isinstance(msg, serde.Opaque):
-                    self._relay_push(msg)
+                    refused = self._relay_push(msg)
+                    if refused is not None:
+                        self.work_q.put(("abort", refused))
+                        return
                 elif msg is not None:
                     self.work_q.put(("down", msg))
             assembler.close()
@@ -145,9 +174,7 @@ class _Relay:
         except Exception:  # the previous hop went away (cancelled stream)
             pass
         finally:
-            if self._relaying_down:  # cut short mid-push: let the worker send down again
-                self._relaying_down = False
-                self._down_lock.release()
+            self._down_gate.abandon()
         self.work_q.put(("end", None))
 
     def work(self) -> None:
@@ -160,9 +187,6 @@ class _Relay:
                 if kind == "abort":
                     self.out.put(msg)
                     break
-                if kind == "relay":
-                    self._relay_down(msg)
-                    continue
                 try:
                     self._handle_down(msg) if kind == "down" else self._handle_up(msg)
                 except SessionError as e:
@@ -170,6 +194,7 @@ class _Relay:
                         raise _Abort(rpc.status_code_for(e), str(e)) from None
                     step, micro = getattr(msg, "step", 0), getattr(msg, "micro", 0)
                     self._up(wire.ItemError(e.code, str(e), self.shard.name, step, micro))
+                self._started.set()
         except _Abort as a:
             self.out.put(a)
         except EdgetuneError as e:
@@ -205,9 +230,7 @@ class _Relay:
         except EdgetuneError as e:
             self.work_q.put(("abort", _Abort(grpc.StatusCode.INTERNAL, f"next node {self.next_hop.name} sent {e}")))
         finally:
-            if self._relaying_up:  # the next node went away mid-message: let the worker send up again
-                self._relaying_up = False
-                self._up_lock.release()
+            self._up_gate.abandon()
 
     # -- handlers -----------------------------------------------------------------------
     def _handle_down(self, msg) -> None:
@@ -289,7 +312,6 @@ class _Relay:
         threading.Thread(target=self.read_downstream, args=(self._call,), daemon=True, name="edgetune-session-next").start()
         self._down(wire.Open(msg.session_id, msg.model, msg.fingerprint, msg.route[1:], msg.codec, msg.methods_json,
                              msg.adapter_codec))
-        self._next_open.set()
 
     # -- plumbing -----------------------------------------------------------------------
     def _me(self) -> wire.Hop:
@@ -297,58 +319,31 @@ class _Relay:
 
     def _up(self, msg) -> None:
         adapter_codec = None if self.adapter_codec == "raw" else self.adapter_codec
-        with self._up_lock:
+        with self._up_gate:
             for frame in serde.up_frames(msg, codec=self.codec, adapter_codec=adapter_codec):
                 self._count_out(frame)
                 self.out.put(frame)
 
     def _relay_up(self, item: serde.Opaque) -> None:
-        """One frame of a later node's Gradients, up as it came; no other message's frames between."""
-        if item.first:
-            self._up_lock.acquire()
-            self._relaying_up = True
+        """One frame of a later node's Gradients, up as it came."""
         self._count_out(item.frame)
-        self.out.put(item.frame)
-        if item.last:
-            self._relaying_up = False
-            self._up_lock.release()
+        self._up_gate.relay(item, self.out)
 
-    def _relay_push(self, item: serde.Opaque) -> None:
-        """(Reader thread) one frame of an AdapterPush for a later node: straight down once the next
-        node's stream is up and no earlier relayed frame waits in the worker's queue, else queued."""
+    def _relay_push(self, item: serde.Opaque) -> _Abort | None:
+        """(Reader thread) one frame of an AdapterPush for a later node, straight down as it came, one
+        hop nearer its node (once the worker has handled Open and so connected the next node); an
+        _Abort to end the session with when there is no next node."""
         if item.first:
-            with self._queued_lock:
-                self._direct = self._next_open.is_set() and self._queued == 0
-        if not self._direct:
-            with self._queued_lock:
-                self._queued += 1
-            self.work_q.put(("relay", item))
-            return
-        if item.first:
-            self._down_lock.acquire()
-            self._relaying_down = True
-            item.frame.adapter.hops_ahead -= 1
-        self._down_q.put(item.frame)
-        if item.last:
-            self._relaying_down = False
-            self._down_lock.release()
-
-    def _relay_down(self, item: serde.Opaque) -> None:
-        """(Worker) one queued frame of an AdapterPush for a later node, down as it came."""
-        try:
+            self._started.wait()
             if self.next_hop is None:
                 where = "before the session's Open" if self.session is None else f"past node {self.shard.name}, the last of the route"
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"an adapter push addressed {item.header.hops_ahead} hop(s) {where}")
-            if item.first:
-                item.frame.adapter.hops_ahead -= 1
-            self._down_q.put(item.frame)  # the worker's own frames go down from this thread too: no interleaving
-        finally:
-            with self._queued_lock:  # only now may the reader relay a later push directly
-                self._queued -= 1
+                return _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"an adapter push addressed {item.header.hops_ahead} hop(s) {where}")
+            item.frame.adapter.hops_ahead -= 1
+        self._down_gate.relay(item, self._down_q)
+        return None
 
     def _down(self, msg) -> None:
-        with self._down_lock:
+        with self._down_gate:
             for frame in serde.down_frames(msg, codec=self.codec):
                 self._down_q.put(frame)
 
@@ -376,6 +371,7 @@ class _Relay:
         if self._closed.is_set():
             return
         self._closed.set()
+        self._started.set()  # a reader waiting to relay finds no next node and stops
         if self._down_q is not None:
             self._down_q.put(_END)
         if self._call is not None:

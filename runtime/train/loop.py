@@ -255,22 +255,27 @@ def _resolve_micro_batches(cfg: TrainConfig, out: Path, remote) -> TrainConfig:
     from the measured round trip to the route (RemoteTrainer.choose_micro_batches)."""
     if cfg.micro_batches:
         return cfg
-    chosen = 1 if remote is None else None
-    if chosen is None and cfg.resume and (out / "config.json").exists():
-        from edgetune.runtime.errors import CheckpointError
-        from edgetune.runtime.jsonfile import read_json_object
-
-        recorded = read_json_object(out / "config.json", CheckpointError,
-                                    "--resume reads the micro-batches chosen at the start from it").get("micro_batches")
-        if isinstance(recorded, int) and recorded > 0:
-            chosen = recorded
-            log.info("micro-batches: %d, as recorded in %s", chosen, out / "config.json")
+    if remote is None:
+        return replace(cfg, micro_batches=1)
+    chosen = _recorded_micro_batches(out / "config.json") if cfg.resume else None
     if chosen is None:
         chosen = remote.choose_micro_batches(cfg.batch_size, cfg.max_seq_len)
-    cfg = replace(cfg, micro_batches=min(chosen, cfg.batch_size))
-    if remote is not None:
-        remote.cfg = cfg
+    remote.cfg = cfg = replace(cfg, micro_batches=min(chosen, cfg.batch_size))
     return cfg
+
+
+def _recorded_micro_batches(path: Path) -> int | None:
+    from edgetune.runtime.errors import CheckpointError
+    from edgetune.runtime.jsonfile import read_json_object
+
+    if not path.exists():
+        return None
+    recorded = read_json_object(path, CheckpointError, "--resume reads the micro-batches chosen at the start from it")
+    chosen = recorded.get("micro_batches")
+    if not isinstance(chosen, int) or chosen <= 0:
+        return None
+    log.info("micro-batches: %d, as recorded in %s", chosen, path)
+    return chosen
 
 
 def train_step(engine, params, optimizer, scheduler, stream, cfg: TrainConfig, state: TrainState, device) -> dict[str, Any]:
