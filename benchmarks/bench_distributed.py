@@ -22,7 +22,10 @@ What it measures (the first `--warmup` steps of each run are not timed):
    edited; CLOCK_MONOTONIC is shared by all processes of the machine);
 3. bytes per step on the edge <-> first node link for the fp32, bf16 and int8 codecs;
 4. the training loss after the last step, int8 vs fp32;
-5. the edge's memory (peak RSS minus RSS after imports) vs the local run's.
+5. the edge's memory (peak RSS minus RSS after imports) vs the local run's;
+6. what mutual TLS costs: a second pair of node processes serves the same blocks with
+   certificates from a CA made for the run (each node admitting only the hop before it), and
+   "tls" runs (fp32) alternate with the plaintext ones ("dist"); step time TLS / plaintext.
 """
 from __future__ import annotations
 
@@ -54,7 +57,9 @@ TARGETS = {  # name -> (limit, comparison)
     "payload int8/fp32": (0.27, "<="),
     "loss |int8 - fp32|/fp32": (0.01, "<="),
     "edge RSS increase/local": (0.5, "<="),
+    "step time TLS/plaintext": (1.05, "<="),
 }
+SIDES = ("local", "dist", "tls")  # in one process; plaintext nodes; mutual-TLS nodes
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class RouteSpec:
     token_file: str
     hops: tuple[tuple[str, str, int, int], ...]  # (name, "127.0.0.1:port", start, end)
     events: tuple[str, ...]  # each node's event file
+    ca_dir: str = ""  # mutual TLS: the run's CA (ca.pem, ca.key), which certifies nodes and edges alike
 
 
 # ------------------------------------------------------------------ data
@@ -298,16 +304,30 @@ def run_node(args: argparse.Namespace) -> None:
     from edgetune.nodes.service import serve
     from edgetune.nodes.shard import Shard
     from edgetune.runtime.model.loader import load_model
+    from edgetune.runtime.security.access import Trust
     from edgetune.runtime.wire import rpc
 
     torch.set_num_threads(args.threads)
     part = load_model(args.node_model, start=args.start, end=args.end, edge=False)
     shard = Shard(args.node, args.node_model, part, args.fingerprint)
     instrument_node(Recorder(), Path(args.events))
-    server, port = serve(shard, rpc.load_token(Path(args.token_file)), host="127.0.0.1", port=0)
+    trust = Trust.insecure(rpc.load_token(Path(args.token_file)))
+    if args.ca_dir:
+        from edgetune.runtime.security.authority import peer_host
+
+        ca = _run_ca(args.ca_dir)
+        cert, key = ca.issue_keypair(args.node, "node", ips=["127.0.0.1"], dns=[peer_host(args.node)], valid_s=86400)
+        trust = Trust.mutual(ca.cert_pem, cert, key)
+    server, port = serve(shard, trust, host="127.0.0.1", port=0, previous=args.previous or "")
     print(json.dumps({"port": port, "threads": torch.get_num_threads()}), flush=True)
     sys.stdin.read()  # EOF: the parent is done (or gone)
     server.stop(grace=None)
+
+
+def _run_ca(folder: str):
+    from edgetune.runtime.security.ca import Authority
+
+    return Authority((Path(folder) / "ca.pem").read_bytes(), (Path(folder) / "ca.key").read_bytes())
 
 
 # ------------------------------------------------------------------ edge / local worker
@@ -322,7 +342,7 @@ def _import_side(side: str) -> None:
     import edgetune.runtime.train.data  # noqa: F401
     import edgetune.runtime.train.loop  # noqa: F401
 
-    if side == "dist":
+    if side != "local":
         import edgetune.runtime.train.remote  # noqa: F401  (grpc, serde, the stubs)
         import edgetune.tests.node_harness  # noqa: F401
 
@@ -337,14 +357,15 @@ def _connect(route: RouteSpec, model: str) -> None:
 
     hops = [wire.Hop(*h) for h in route.hops]
     local = LocalRoute(wire.Route(model, route.fingerprint, hops, hops[-1].end, []),
-                       rpc.load_token(Path(route.token_file)), Path(route.token_file))
+                       rpc.load_token(Path(route.token_file)), Path(route.token_file),
+                       authority=_run_ca(route.ca_dir) if route.ca_dir else None)  # TLS: the edge's certificate
     patch_connect(SimpleNamespace(setattr=setattr), local)  # patch_connect only calls monkeypatch.setattr
 
 
 def _train_config(cfg: BenchConfig, side: str, codec: str, out: str, token_file: str):
     from edgetune.runtime.train.loop import TrainConfig
 
-    dist = side == "dist"
+    dist = side != "local"
     return TrainConfig(model=cfg.model, data=cfg.data, out=out, method="lora", rank=cfg.rank, alpha=cfg.alpha,
                        dropout=0.0, target_modules=("q_proj", "v_proj"), lr=cfg.lr, steps=cfg.steps,
                        batch_size=cfg.batch_size, micro_batches=cfg.micro_batches if dist else cfg.local_micro_batches,
@@ -369,10 +390,10 @@ def run_worker(spec: dict) -> dict:
 
     from edgetune.runtime.train.loop import finetune
 
-    torch.set_num_threads(cfg.threads if side == "dist" else cfg.local_threads)
+    torch.set_num_threads(cfg.threads if side != "local" else cfg.local_threads)
     rss_import = _max_rss_mb()
     rec = route = None
-    if side == "dist":
+    if side != "local":
         route = RouteSpec(**{k: tuple(map(tuple, v)) if k == "hops" else v for k, v in spec["route"].items()})
         _connect(route, cfg.model)
         rec = Recorder()
@@ -401,8 +422,9 @@ def _env(threads: int) -> dict[str, str]:
             "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore::FutureWarning"}
 
 
-def start_nodes(cfg: BenchConfig, workdir: Path) -> tuple[list[subprocess.Popen], RouteSpec]:
-    """Two node processes, blocks [0, L/2) and [L/2, L); returns them and the route to them."""
+def start_nodes(cfg: BenchConfig, workdir: Path, tls: bool = False) -> tuple[list[subprocess.Popen], RouteSpec]:
+    """Two node processes, blocks [0, L/2) and [L/2, L); returns them and the route to them. `tls`:
+    they serve mutual TLS with certificates from a CA made here (in `workdir`/ca)."""
     from edgetune.runtime.model.config import ModelConfig
     from edgetune.runtime.model.manifest import checkpoint_manifest, fingerprint
     from edgetune.runtime.wire import rpc
@@ -411,13 +433,23 @@ def start_nodes(cfg: BenchConfig, workdir: Path) -> tuple[list[subprocess.Popen]
     fp = fingerprint(checkpoint_manifest(cfg.model))
     token_file = workdir / "token"
     rpc.write_token(token_file)
+    ca_dir = ""
+    if tls:
+        from edgetune.runtime.security.ca import Authority
+
+        ca = Authority.create("bench_distributed")
+        (workdir / "ca").mkdir()
+        (workdir / "ca" / "ca.pem").write_bytes(ca.cert_pem)
+        (workdir / "ca" / "ca.key").write_bytes(ca.key_pem)
+        ca_dir = str(workdir / "ca")
     procs, hops, events = [], [], []
     for i, (start, end) in enumerate([(0, layers // 2), (layers // 2, layers)]):
         name, events_file = f"node-{i}", workdir / f"node-{i}.events.jsonl"
         events_file.touch()
         cmd = [sys.executable, "-m", MODULE, "--node", name, "--start", str(start), "--end", str(end),
                "--node-model", cfg.model, "--fingerprint", fp, "--token-file", str(token_file),
-               "--events", str(events_file), "--threads", str(cfg.threads)]
+               "--events", str(events_file), "--threads", str(cfg.threads), "--ca-dir", ca_dir,
+               "--previous", f"node-{i - 1}" if i else ""]
         with (workdir / f"{name}.log").open("w") as log:
             procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
                                           env=_env(cfg.threads)))
@@ -430,7 +462,7 @@ def start_nodes(cfg: BenchConfig, workdir: Path) -> tuple[list[subprocess.Popen]
             stop_nodes(procs)
             raise RuntimeError(f"{name} did not start:\n{(workdir / f'{name}.log').read_text()[-4000:]}")
         route_hops.append((name, f"127.0.0.1:{json.loads(line)['port']}", start, end))
-    return procs, RouteSpec(fp, str(token_file), tuple(route_hops), tuple(events))
+    return procs, RouteSpec(fp, str(token_file), tuple(route_hops), tuple(events), ca_dir)
 
 
 def stop_nodes(procs: list[subprocess.Popen]) -> None:
@@ -448,7 +480,7 @@ def spawn_worker(side: str, codec: str, cfg: BenchConfig, route: RouteSpec, work
     """One run in a fresh interpreter; its last stdout line is the JSON record."""
     out = tempfile.mkdtemp(prefix=f"{side}-{codec}-", dir=workdir)
     spec = {"side": side, "codec": codec, "config": asdict(cfg), "route": asdict(route), "out": out}
-    threads = cfg.threads if side == "dist" else cfg.local_threads
+    threads = cfg.threads if side != "local" else cfg.local_threads
     proc = subprocess.run([sys.executable, "-m", MODULE, "--worker-spec", json.dumps(spec)],
                           capture_output=True, text=True, env=_env(threads), check=False)
     if proc.returncode != 0:
@@ -458,10 +490,10 @@ def spawn_worker(side: str, codec: str, cfg: BenchConfig, route: RouteSpec, work
 
 def schedule(repeats: int) -> list[tuple[str, str]]:
     """Round 1 runs every codec; later rounds repeat the timed pair, alternating which goes first."""
-    runs = [("local", "fp32"), ("dist", "fp32"), ("dist", "bf16"), ("dist", "int8")]
+    runs = [("local", "fp32"), ("dist", "fp32"), ("tls", "fp32"), ("dist", "bf16"), ("dist", "int8")]
     for i in range(1, repeats):
-        pair = [("dist", "fp32"), ("local", "fp32")]
-        runs += pair if i % 2 else pair[::-1]
+        trio = [("dist", "fp32"), ("tls", "fp32"), ("local", "fp32")]
+        runs += trio[i % 3:] + trio[:i % 3]
     return runs
 
 
@@ -480,6 +512,7 @@ def summarize(cfg: BenchConfig, runs: list[dict]) -> dict:
     local, dist = by[("local", "fp32")], by[("dist", "fp32")]
     step_local = _median(s["time_s"] for s in _timed_steps(local, cfg))
     step_dist = _median(s["time_s"] for s in _timed_steps(dist, cfg))
+    step_tls = _median(s["time_s"] for s in _timed_steps(by[("tls", "fp32")], cfg))
     timed = _timed_steps(dist, cfg)
     breakdown = {k: _median(s["breakdown"][k] for s in timed) for k in timed[0]["breakdown"]}
     rest = sum(v for k, v in breakdown.items() if k not in ("step_s", "pipeline idle_s") and not k.startswith("("))
@@ -505,8 +538,9 @@ def summarize(cfg: BenchConfig, runs: list[dict]) -> dict:
         "payload int8/fp32": payload["int8"]["activation_bytes"] / payload["fp32"]["activation_bytes"],
         "loss |int8 - fp32|/fp32": abs(int8_loss - fp32_loss) / abs(fp32_loss),
         "edge RSS increase/local": rss[("dist", "fp32")] / rss[("local", "fp32")],
+        "step time TLS/plaintext": step_tls / step_dist,
     }
-    return {"step_s": {"local": step_local, "dist": step_dist}, "breakdown": breakdown, "payload": payload,
+    return {"step_s": {"local": step_local, "dist": step_dist, "tls": step_tls}, "breakdown": breakdown, "payload": payload,
             "rss_increase_mb": {f"{s}/{c}": v for (s, c), v in rss.items()},
             "rss_peak_mb": {f"{s}/{c}": _median(r["rss_peak_mb"] for r in g) for (s, c), g in by.items()},
             "local_final_loss": local[0]["steps"][-1]["loss"], "ratios": ratios}
@@ -524,6 +558,8 @@ def _section_time(cfg: BenchConfig, runs: list[dict], s: dict) -> list[str]:
             f"   local             {s['step_s']['local']:8.3f} s",
             f"   distributed fp32  {s['step_s']['dist']:8.3f} s",
             f"   ratio dist/local  {s['ratios']['step time distributed/local']:8.3f}   (target <= 1.3)",
+            f"   distributed fp32 over mutual TLS {s['step_s']['tls']:8.3f} s: TLS / plaintext "
+            f"{s['ratios']['step time TLS/plaintext']:.3f}   (target <= 1.05)",
             f"   per run, in run order (median step s): {per_run}"]
 
 
@@ -597,12 +633,17 @@ def run_parent(cfg: BenchConfig, repeats: int, json_path: str | None) -> dict:
         data = workdir / "train.jsonl"
         write_dataset(data, cfg.seq_len, count=max(64, 2 * cfg.steps * cfg.batch_size))
         cfg = BenchConfig(**{**asdict(cfg), "data": str(data)})
-        procs, route = start_nodes(cfg, workdir)
+        (workdir / "plain").mkdir()
+        (workdir / "tls").mkdir()
+        procs, route = start_nodes(cfg, workdir / "plain")
+        routes = {"local": route, "dist": route}
         runs = []
         try:
+            tls_procs, routes["tls"] = start_nodes(cfg, workdir / "tls", tls=True)
+            procs += tls_procs
             for side, codec in schedule(repeats):
                 started = time.perf_counter()
-                runs.append(spawn_worker(side, codec, cfg, route, workdir))
+                runs.append(spawn_worker(side, codec, cfg, routes[side], workdir))
                 r = runs[-1]
                 print(f"{side}/{codec}: median step {_median(x['time_s'] for x in r['steps'][cfg.warmup:]):.3f} s, "
                       f"loss {r['steps'][-1]['loss']:.4f}, RSS +{r['rss_increase_mb']:.0f} MB "
@@ -642,6 +683,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--node-model", help=argparse.SUPPRESS)
     p.add_argument("--fingerprint", help=argparse.SUPPRESS)
     p.add_argument("--token-file", help=argparse.SUPPRESS)
+    p.add_argument("--ca-dir", default="", help=argparse.SUPPRESS)
+    p.add_argument("--previous", default="", help=argparse.SUPPRESS)
     p.add_argument("--events", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import ray
@@ -26,9 +27,11 @@ from edgetune.coordinator import placement
 from edgetune.runtime.cluster.node_labels import NODE_RESOURCE, NodeOptions
 from edgetune.runtime.compute.precision import value_bytes
 from edgetune.runtime.compute.quantize import bytes_per_value
-from edgetune.runtime.errors import ConfigError, EdgetuneError, PartitionError, SessionError
+from edgetune.runtime.errors import ConfigError, EdgetuneError, PartitionError, SessionError, TrustError
 from edgetune.runtime.plan.cost import model_cost
 from edgetune.runtime.plan.partition import StageNode, partition
+from edgetune.runtime.security.access import Peer, Revocations, Trust
+from edgetune.runtime.security.authority import ClusterAuthority
 from edgetune.runtime.wire import messages as wire
 
 log = logging.getLogger("edgetune.coordinator")
@@ -72,24 +75,75 @@ class CoordinatorState:
 class Coordinator:
     """Plain Python over Ray; coordinator/service.py maps gRPC calls onto these methods."""
 
-    def __init__(self, token: str, ray_address: str, ray_auth_token: str = "", ray_auth_mode: str = "") -> None:
-        self.token = token
+    def __init__(self, trust: Trust, ray_address: str, ray_auth_token: str = "", ray_auth_mode: str = "",
+                 authority: ClusterAuthority | None = None, ray_tls: bool = False, address: str = "") -> None:
+        self.trust = trust  # the coordinator's own server identity (or --insecure's token)
+        self.authority = authority  # None under --insecure
         self.ray_address = ray_address
         self.ray_auth_token = ray_auth_token
         self.ray_auth_mode = ray_auth_mode
+        self.ray_tls = ray_tls  # Ray runs with TLS: joining nodes get a Ray-only certificate
+        self.address = address  # HOST:PORT of the mutual-TLS port, as nodes and edges reach it
+        self.revoked = Revocations(authority.revoked_serials() if authority else ())
         self.state = CoordinatorState()
         self._lock = threading.RLock()  # model infos
         self._plan_lock = threading.RLock()  # routes: one placement at a time (it may take minutes)
 
     # -- membership ---------------------------------------------------------------------
-    def join(self, name: str) -> wire.JoinReply:
+    def join(self, name: str, peer: Peer, peer_ip: str = "") -> wire.JoinReply:
         from edgetune.runtime.cluster.node_labels import check_name
 
         check_name(name)
+        if self.trust.secure and name != peer.name:
+            raise TrustError(f"node {peer.name!r} may join only under its own name, not {name!r}")
         taken = [n for n in self.nodes() if n.alive and n.options.name == name]
         if taken:
             raise ConfigError(f"a live node is already called {name!r} (on {taken[0].host}); pick another --name")
-        return wire.JoinReply(self.ray_address, self.ray_auth_token, self.ray_auth_mode)
+        reply = wire.JoinReply(self.ray_address, self.ray_auth_token, self.ray_auth_mode)
+        if self.ray_tls and self.authority is not None:
+            ips = sorted({*peer.ips, *([peer_ip] if peer_ip else [])})  # Ray dials a node by its routable IP
+            cert, key = self.authority.ray_keypair(f"ray-{name}", ips)
+            reply.ray_tls_cert, reply.ray_tls_key, reply.ray_tls_ca = cert, key, self.authority.ray_ca.cert_pem
+        return reply
+
+    # -- trust ------------------------------------------------------------------------------
+    def enroll(self, token_id: str, secret: str, name: str, csr_pem: bytes, ips: list[str]) -> wire.Enrolled:
+        issued = self._authority().enroll(token_id, secret, name, csr_pem, ips)
+        return wire.Enrolled(issued.cert_pem, self.trust.ca_pem, self.address)
+
+    def renew(self, peer: Peer, csr_pem: bytes, ips: list[str]) -> wire.Enrolled:
+        from edgetune.runtime.security.ca import CertInfo
+
+        holder = CertInfo(peer.name, peer.role, peer.serial, datetime.max)
+        issued = self._authority().renew(holder, csr_pem, ips)
+        return wire.Enrolled(issued.cert_pem, self.trust.ca_pem, self.address)
+
+    def _authority(self) -> ClusterAuthority:
+        if self.authority is None:
+            raise TrustError("this coordinator runs with --insecure: there are no certificates to issue",
+                             code="FAILED_PRECONDITION")
+        return self.authority
+
+    def check_revocations(self) -> bool:
+        """Pick up `edgetune revoke`: refuse the serials from now on, hand the list to every shard
+        (they cancel the revoked peers' open streams) and evict revoked nodes' shards. True when
+        the list changed."""
+        if self.authority is None:
+            return False
+        serials = self.authority.revoked_serials()
+        names = set(self.authority.revoked_names())
+        if serials == self.revoked.serials:
+            return False
+        self.revoked.update(serials)
+        log.warning("revoked identities now: %s", ", ".join(sorted(names)) or "none")
+        with self._plan_lock:
+            for model, p in list(self.state.placements.items()):
+                for _, _, actor in p.stages:
+                    actor.revoke(sorted(serials))
+                if any(node.options.name in names for node, _, _ in p.stages):
+                    log.warning("evicting the placement of %s: it uses a revoked node", model)
+                    self._drop(model)
+        return True
 
     def nodes(self) -> list[RayNode]:
         """Edgetune nodes Ray knows, alive or not."""
@@ -175,7 +229,8 @@ class Coordinator:
         nodes = self.nodes()
         alive_ids = {n.node_id for n in nodes if n.alive}
         self.state.suspects &= alive_ids  # Ray declared them dead: no longer our concern
-        return [n for n in nodes if n.alive and n.node_id not in self.state.suspects]
+        revoked = set(self.authority.revoked_names()) if self.authority else set()
+        return [n for n in nodes if n.alive and n.node_id not in self.state.suspects and n.options.name not in revoked]
 
     def _place(self, model: str) -> Placement:
         info = self.model_info(model)
@@ -190,9 +245,11 @@ class Coordinator:
         by_name = {n.options.name: n for n in nodes}
         stages = []
         try:
+            previous = ""  # the first stage serves edges; each later one only the node before it
             for stage in plan.stages:
                 node = by_name[stage.name]
-                stages.append((node, stage, self._start_shard(node, stage, info)))
+                stages.append((node, stage, self._start_shard(node, stage, info, previous)))
+                previous = node.options.name
             for _, _, actor in stages:  # wait until every shard loaded and listens
                 actor.address()
         except EdgetuneError:
@@ -214,7 +271,7 @@ class Coordinator:
                      min(p.bandwidth_bytes_per_s, 1e12) / 1e6)
         return self.state.profiles[key]
 
-    def _start_shard(self, node: RayNode, stage, info: ModelInfo) -> placement.ShardActor:
+    def _start_shard(self, node: RayNode, stage, info: ModelInfo, previous: str) -> placement.ShardActor:
         o = node.options
         prof = self._profile(node, info)  # --dtype as the node resolved it for its device
         fetch = o.fetch_weights or not placement.has_model(node.node_id, info.name)
@@ -229,8 +286,18 @@ class Coordinator:
             log.info("node %s reads no model file: sending its %d tensors through the object store", o.name, len(names))
         spec = placement.shard_spec(name=o.name, model=info.name, start=stage.start, end=stage.end, device=o.device,
                                     threads=o.threads, fetch_weights=fetch, port=o.shard_port, dtype=prof.dtype,
-                                    quantize=prof.quantize, kernels=prof.kernels)
-        return placement.ShardActor.place(node.node_id, spec, self.token, info.manifest, info.config_dict, tensors_ref)
+                                    quantize=prof.quantize, kernels=prof.kernels, previous=previous,
+                                    memory_bytes=int(prof.memory_bytes))
+        return placement.ShardActor.place(node.node_id, spec, self._shard_trust(node), sorted(self.revoked.serials),
+                                          info.manifest, info.config_dict, tensors_ref)
+
+    def _shard_trust(self, node: RayNode) -> Trust:
+        """What a node's shard serves and relays with: a certificate naming the node (made here,
+        shipped over Ray's own TLS), or --insecure's token."""
+        if self.authority is None:
+            return self.trust
+        cert, key = self.authority.shard_keypair(node.options.name, [node.host] if node.host else [])
+        return Trust.mutual(self.trust.ca_pem, cert, key)
 
     # -- status ---------------------------------------------------------------------------
     def status(self) -> wire.ClusterStatus:

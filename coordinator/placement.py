@@ -83,11 +83,19 @@ class ShardActor:
         self.spec = spec
 
     @classmethod
-    def place(cls, node_id: str, spec, token: str, manifest: list[wire.ManifestEntry], config: dict,
+    def place(cls, node_id: str, spec, trust, revoked: list[int], manifest: list[wire.ManifestEntry], config: dict,
               tensors_ref=None) -> ShardActor:
+        """`trust`: the shard's certificate and key (or --insecure's token); `revoked`: serials it refuses."""
         body = ray.remote(resolve(SHARD_SERVER)).options(**_on(node_id), max_restarts=ACTOR_RESTARTS,
                                                          max_task_retries=0, namespace=NAMESPACE)
-        return cls(body.remote(spec, token, manifest, config, tensors_ref), node_id, spec)
+        return cls(body.remote(spec, trust, revoked, manifest, config, tensors_ref), node_id, spec)
+
+    def revoke(self, serials: list[int], timeout_s: float = PING_TIMEOUT_S) -> None:
+        """Hand the shard the cluster's revoked serials: it refuses them and cancels their streams."""
+        try:
+            self._get(self.handle.revoke.remote(serials), timeout_s, "revoke")
+        except PlacementError as e:
+            log.warning("%s", e)
 
     def address(self, timeout_s: float = LOAD_TIMEOUT_S) -> str:
         return self._get(self.handle.address.remote(), timeout_s, "start")

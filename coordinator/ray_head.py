@@ -6,6 +6,10 @@ or a driver connection to a Ray cluster someone else runs (`--ray-address`).
         head.connect()                  # ray.init(address, namespace="edgetune") here
         token = head.auth_token         # hand to joining nodes in the Join reply
 
+With `RayHeadConfig(tls=RayTLS(...))` every channel of the head, and the
+driver, run Ray's mutual TLS; the nodes must then get certificates from the
+same Ray-only CA (`RayNodeConfig.tls`).
+
 Node-death detection is the GCS's health check of every raylet, so its
 settings live here: a node whose processes die is declared dead after about
 `health_check_period_ms * health_check_failure_threshold`; one that hangs
@@ -25,6 +29,7 @@ from edgetune.runtime.cluster.ray_process import (
     RayPorts,
     RayProcess,
     RayStartError,
+    RayTLS,
     check_temp_dir,
     connect_driver,
     logger,
@@ -45,6 +50,7 @@ class RayHeadConfig:
     temp_dir: Path | None = None  # Ray's --temp-dir; <= 40 chars (unix sockets). None = a fresh /tmp/et-head-*
     num_cpus: int = 0  # the head hosts no shards by default
     auth_mode: str = "token"  # "token": Ray's token auth (token handed to nodes); "disabled"
+    tls: RayTLS | None = None  # Ray's mutual TLS for the head and the driver; None = plaintext
     health_check_period_ms: int = 1000
     health_check_timeout_ms: int = 1000
     health_check_failure_threshold: int = 4
@@ -147,19 +153,19 @@ class RayHead:
         client_port = self.config.ray_client_server_port or free_port("0.0.0.0")
         argv = build_head_command(self.config, temp_dir=temp_dir, client_port=client_port)
         self._process = RayProcess(
-            argv, env=ray_env(self.auth), temp_dir=temp_dir,
+            argv, env=ray_env(self.auth, tls=self.config.tls), temp_dir=temp_dir,
             log_path=self._log_path or temp_dir / "ray_start_head.log", label="ray head",
         )
-        logger.info("ray head: starting (temp dir %s, auth %s, health check every %d ms, dead after %d misses)",
-                    temp_dir, self.auth.mode, self.config.health_check_period_ms,
-                    self.config.health_check_failure_threshold)
+        logger.info("ray head: starting (temp dir %s, auth %s, TLS %s, health check every %d ms, "
+                    "dead after %d misses)", temp_dir, self.auth.mode, "on" if self.config.tls else "off",
+                    self.config.health_check_period_ms, self.config.health_check_failure_threshold)
         return self._process.start(self.config.ready_timeout_s)
 
     def connect(self, namespace: str = NAMESPACE) -> None:
         """Connect this process to the head as a Ray driver (`ray.init`)."""
         if self.address is None:
             raise RayStartError("RayHead.connect(): start() the head first")
-        connect_driver(self.address, self.auth, namespace)
+        connect_driver(self.address, self.auth, namespace, tls=self.config.tls)
         self._connected = True
 
     def stop(self) -> list[int]:
@@ -183,11 +189,11 @@ class RayHead:
         self.stop()
 
 
-def join_existing(address: str, auth: RayAuth, namespace: str = NAMESPACE) -> None:
+def join_existing(address: str, auth: RayAuth, namespace: str = NAMESPACE, tls: RayTLS | None = None) -> None:
     """`--ray-address`: start no head, connect this process as a driver of an existing cluster.
 
-    The cluster's auth mode and token must be given (Ray reads them from this
-    process's environment; they are set here). Ray requires a Ray node on this
-    host for the driver to attach to.
+    The cluster's auth mode and token must be given, and its TLS files where it
+    runs TLS (Ray reads them from this process's environment; they are set
+    here). Ray requires a Ray node on this host for the driver to attach to.
     """
-    connect_driver(address, auth, namespace)
+    connect_driver(address, auth, namespace, tls=tls)

@@ -61,12 +61,21 @@ _FINETUNE_OPTIONS: list[tuple[str, type, str]] = [
     ("codec", str, "activations and their gradients on the wire: fp32, fp16, bf16, int8 (adapters stay exact)"),
     ("adapter_codec", str, "distributed: adapter traffic: raw (the whole adapter, exact, each step) or bf16 / int8 "
                            "(deltas against the nodes' replicas and gradients, with error feedback)"),
-    ("token_file", str, "the cluster's token file (empty: ~/.config/edgetune/token)"),
+    ("join", str, "distributed: a join string (`edgetune token create --role edge` on the coordinator's host): join "
+                  "the cluster as an edge first; the credentials are kept for later runs"),
+    ("credentials", str, "distributed: the edge's credentials folder (empty: ~/.config/edgetune/edge)"),
+    ("identity", str, "distributed: this edge's name when joining (empty: edge-HOST)"),
+    ("token_file", str, "--insecure: the cluster's token file (empty: ~/.config/edgetune/token)"),
     ("max_step_retries", int, "distributed: replays of one step after node failures before giving up"),
     ("route_timeout_s", float, "distributed: seconds to wait for the coordinator to (re)assign blocks"),
     ("reply_timeout_s", float, "distributed: longest silence from the route within a step, in seconds"),
 ]
-_FINETUNE_FLAGS = {"use_rslora": "use rsLoRA scaling alpha / sqrt(r)", "prefix_projection": "prefix tuning through an MLP projection"}
+_FINETUNE_FLAGS = {"use_rslora": "use rsLoRA scaling alpha / sqrt(r)", "prefix_projection": "prefix tuning through an MLP projection",
+                   "insecure": "LOOPBACK DEVELOPMENT ONLY: plaintext gRPC with the shared --token-file instead of "
+                               "mutual TLS (anyone on the path reads activations and the token)",
+                   "special_tokens_in_text": "special tokens spelled in the data's text (<|im_end|> in a message) become "
+                                             "control tokens; off, they are plain text and only the chat template's own "
+                                             "are control tokens"}
 
 
 def _add_finetune(sub) -> None:
@@ -117,6 +126,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", required=True, help="prompt text (required)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the model's chat template (default: off)")
     p.add_argument("--system", default=None, help="with --chat: a system message (default: none)")
+    p.add_argument("--special-tokens-in-text", action="store_true",
+                   help="with --chat: special tokens spelled in --prompt / --system (<|im_end|>) become control tokens "
+                        "(default: off, they are plain text and only the chat template's own are control tokens)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: %(default)s)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (default unless --temperature is given)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (sampling when given; default: greedy)")
@@ -150,7 +162,23 @@ def _add_prepare_model(sub) -> None:
 
 
 def _add_token_file(p) -> None:
-    p.add_argument("--token-file", default=None, help="the cluster's shared token (default: ~/.config/edgetune/token)")
+    p.add_argument("--insecure", action="store_true",
+                   help="LOOPBACK DEVELOPMENT ONLY: plaintext gRPC with a shared token file instead of mutual TLS; "
+                        "anyone on the network path reads activations and the token and can join")
+    p.add_argument("--token-file", default=None, help="--insecure: the cluster's shared token "
+                                                      "(default: ~/.config/edgetune/token)")
+
+
+def _add_state(p) -> None:
+    p.add_argument("--state", default=None, metavar="DIR", help="the coordinator's state folder: its CA, join tokens, "
+                   "issued and revoked certificates (default: ~/.config/edgetune/coordinator)")
+
+
+def _add_credentials(p, role: str) -> None:
+    p.add_argument("--join", default=None, metavar="STRING", help=f"join the cluster as a {role} with a one-time "
+                   f"string from `edgetune token create --role {role}` (once: the credentials are kept)")
+    p.add_argument("--credentials", default=None, metavar="DIR",
+                   help=f"this {role}'s key, certificate and CA (default: ~/.config/edgetune/{role})")
 
 
 def _add_coordinator(sub) -> None:
@@ -166,8 +194,13 @@ def _add_coordinator(sub) -> None:
                    "(default: this host's address as Ray sees it)")
     p.add_argument("--model", default=None, help="pre-load this model (path, .gguf or 'embedded') as soon as nodes join")
     p.add_argument("--temp-dir", default=None, help="Ray's session folder (default: a fresh temporary folder)")
+    p.add_argument("--join-port", type=int, default=None, help="port where nodes and edges join: TLS without a client "
+                   "certificate, serving only Enroll (default: --port + 1; 0: a free one)")
+    p.add_argument("--no-ray-tls", action="store_true", help="run Ray's own channels without TLS (default: Ray's TLS "
+                   "from a Ray-only CA that only nodes get)")
+    _add_state(p)
     _add_token_file(p)
-    p.add_argument("--new-token", action="store_true", help="write a fresh token to --token-file even if one exists")
+    p.add_argument("--new-token", action="store_true", help="--insecure: write a fresh token to --token-file even if one exists")
     add_ray_ports(p)
     p.set_defaults(func=_run_coordinator)
 
@@ -180,7 +213,9 @@ def _add_node(sub) -> None:
 
     p = sub.add_parser("node", help="join a coordinator's cluster as a worker node (foreground; Ctrl-C leaves)",
                        formatter_class=_Defaults)
-    p.add_argument("--coordinator", required=True, help="HOST:PORT of `edgetune coordinator`")
+    p.add_argument("--coordinator", default=None, help="HOST:PORT of `edgetune coordinator` (default: where the "
+                   "credentials say)")
+    _add_credentials(p, "node")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where this node runs its blocks")
     p.add_argument("--memory-limit", default=None, help="memory this node may use for blocks, e.g. 2G or 512M "
                    "(default: what is free on the device)")
@@ -207,11 +242,34 @@ def _add_node(sub) -> None:
 
 
 def _add_status(sub) -> None:
-    p = sub.add_parser("status", help="print the cluster: nodes, hardware, assigned layers, health and load",
-                       formatter_class=_Defaults)
-    p.add_argument("--coordinator", required=True, help="HOST:PORT of `edgetune coordinator`")
+    p = sub.add_parser("status", help="print the cluster: nodes, hardware, assigned layers, health, load and "
+                                      "sessions by edge", formatter_class=_Defaults)
+    p.add_argument("--coordinator", default=None, help="HOST:PORT of `edgetune coordinator` (default: where the state "
+                   "folder or the credentials say)")
+    p.add_argument("--credentials", default=None, metavar="DIR", help="an edge's or a node's credentials folder "
+                   "(default: none: use the coordinator's --state, on its host)")
+    _add_state(p)
     _add_token_file(p)
     p.set_defaults(func=_run_status)
+
+
+def _add_token(sub) -> None:
+    p = sub.add_parser("token", help="create or list one-time join strings (on the coordinator's host)",
+                       formatter_class=_Defaults)
+    p.add_argument("action", choices=["create", "list"], help="create: print a new join string; list: unused ones")
+    p.add_argument("--role", default="node", choices=["node", "edge"], help="what the joiner becomes")
+    p.add_argument("--ttl", default="1h", help="how long the string may be used (s, m, h, d)")
+    p.add_argument("--quiet", action="store_true", help="print only the join string")
+    _add_state(p)
+    p.set_defaults(func=_run_token)
+
+
+def _add_revoke(sub) -> None:
+    p = sub.add_parser("revoke", help="refuse an identity from now on: its calls, open streams and shard "
+                                      "(on the coordinator's host)", formatter_class=_Defaults)
+    p.add_argument("name", help="the node's or edge's name")
+    _add_state(p)
+    p.set_defaults(func=_run_revoke)
 
 
 def _add_report(sub) -> None:
@@ -302,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_coordinator(sub)
     _add_node(sub)
     _add_status(sub)
+    _add_token(sub)
+    _add_revoke(sub)
     _add_report(sub)
     _add_plan(sub)
     _add_demo(sub)
@@ -313,9 +373,9 @@ def _run_finetune(args: argparse.Namespace) -> int:
     from edgetune.runtime.train.options import train_config_from
 
     cfg = train_config_from(args)
-    if args.local == bool(cfg.coordinator):
-        print("edgetune finetune: give either --coordinator HOST:PORT (train on a cluster) or --local "
-              "(train in this process)", file=sys.stderr)
+    if args.local == cfg.distributed:
+        print("edgetune finetune: give either --coordinator HOST:PORT, --join STRING or --credentials DIR (train on "
+              "a cluster), or --local (train in this process)", file=sys.stderr)
         return 2
     from edgetune.runtime.train.loop import finetune
 
@@ -348,6 +408,18 @@ def _run_node(args: argparse.Namespace) -> int:
     from edgetune.commands.node import run_node
 
     return run_node(args)
+
+
+def _run_token(args: argparse.Namespace) -> int:
+    from edgetune.commands.trust import run_token
+
+    return run_token(args)
+
+
+def _run_revoke(args: argparse.Namespace) -> int:
+    from edgetune.commands.trust import run_revoke
+
+    return run_revoke(args)
 
 
 def _run_status(args: argparse.Namespace) -> int:

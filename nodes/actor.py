@@ -33,26 +33,30 @@ class ShardSpec:
     dtype: str = "fp32"  # fp32, bf16 or fp16: the precision the blocks are held and run in
     quantize: str = "none"  # none, int8 or nf4: how the blocks' linear weights are held
     kernels: str = "eager"  # eager, compiled or fused: what the blocks run (compute.kernels)
+    previous: str = ""  # the node before this one on the route ("": the first, which edges call)
+    memory_bytes: int = 0  # usable memory of the node (its profile): admission of sessions; 0: no limit
 
 
 class ShardServer:
     """Loads the blocks of `spec`, verifies them, and serves them until stop()."""
 
-    def __init__(self, spec: ShardSpec, token: str, manifest: list[wire.ManifestEntry], config: dict,
+    def __init__(self, spec: ShardSpec, trust, revoked: list[int], manifest: list[wire.ManifestEntry], config: dict,
                  tensors: dict | None = None) -> None:
         import torch
 
         from edgetune.nodes.service import serve
         from edgetune.nodes.shard import Shard
         from edgetune.runtime.model.manifest import fingerprint
+        from edgetune.runtime.security.access import Revocations
 
         if spec.threads > 0:
             torch.set_num_threads(spec.threads)
         part = self._load(spec, manifest, config, tensors)
         self.spec = spec
         self.shard = Shard(spec.name, spec.model, part, fingerprint(manifest), max_cached=spec.max_cached,
-                           quantize=spec.quantize, kernels=spec.kernels)
-        self.server, port = serve(self.shard, token, port=spec.port)
+                           quantize=spec.quantize, kernels=spec.kernels, memory_bytes=spec.memory_bytes)
+        self.revoked = Revocations(revoked)
+        self.server, port = serve(self.shard, trust, port=spec.port, previous=spec.previous, revoked=self.revoked)
         self._address = f"{_node_ip()}:{port}"
         log.info("node %s serves blocks [%d, %d) of %s in %s (weights %s, kernels %s) at %s", spec.name, spec.start,
                  spec.end, spec.model, spec.dtype, spec.quantize, spec.kernels, self._address)
@@ -88,6 +92,9 @@ class ShardServer:
 
     def ping(self) -> bool:
         return True
+
+    def revoke(self, serials: list[int]) -> None:
+        self.revoked.update(serials)
 
     def stop(self) -> None:
         self.server.stop(grace=1.0)

@@ -33,6 +33,7 @@ from edgetune.runtime.cluster.ray_process import (
     RayPorts,
     RayProcess,
     RayStartError,
+    RayTLS,
     check_temp_dir,
     logger,
     ray_env,
@@ -58,6 +59,7 @@ class RayNodeConfig:
     ray_address: str  # "host:port" of the Ray head's GCS
     name: str  # unique per cluster; a Ray label value (<= 63 chars, [A-Za-z0-9_.-])
     auth: RayAuth  # the cluster's mode and token, from the coordinator's Join reply
+    tls: RayTLS | None = None  # Ray's mutual TLS: a certificate for this host from the cluster's Ray-only CA
     num_cpus: int = 1
     device: str = "cpu"
     num_gpus: int = 0
@@ -153,7 +155,7 @@ class RayNodeProcess:
         self.command = build_command(config)
         self.log_path = log_path or config.temp_dir / "ray_start_node.log"
         self._process = RayProcess(
-            self.command, env=ray_env(config.auth), temp_dir=config.temp_dir,
+            self.command, env=ray_env(config.auth, tls=config.tls), temp_dir=config.temp_dir,
             log_path=self.log_path, label=f"node {config.name}",
         )
 
@@ -172,9 +174,10 @@ class RayNodeProcess:
         `start(wait=False)` then `wait_ready()` lets several nodes start side by side.
         """
         c = self.config
-        logger.info("node %s: joining Ray cluster %s (%d CPU, %s x%d, %d threads, memory limit %s, auth %s)",
+        logger.info("node %s: joining Ray cluster %s (%d CPU, %s x%d, %d threads, memory limit %s, auth %s, TLS %s)",
                     c.name, c.ray_address, c.num_cpus, c.device, c.num_gpus, c.threads,
-                    "none" if c.memory_limit_bytes is None else f"{c.memory_limit_bytes} B", c.auth.mode)
+                    "none" if c.memory_limit_bytes is None else f"{c.memory_limit_bytes} B", c.auth.mode,
+                    "on" if c.tls else "off")
         self._process.launch()
         if wait:
             self.wait_ready()

@@ -22,6 +22,13 @@ yet waits (a few at most) for the push that brings it.
 Errors: a problem with one item (missing activations, stale adapter version)
 goes up as an ItemError and the session stays usable; a malformed frame or a
 broken next hop ends this session with a status; the node keeps serving others.
+
+Trust: with mutual TLS the first node of a route serves only edges and each later
+node only the node before it on the route the coordinator placed (`previous`); a
+session belongs to the edge that opened it (the first node writes the edge's
+identity into Open, later nodes take it from the authenticated previous node), and
+another edge naming it is refused. A revoked caller's open sessions end within the
+time the coordinator takes to hand this node the list (about a second).
 """
 from __future__ import annotations
 
@@ -35,7 +42,8 @@ import grpc
 
 from edgetune.nodes.shard import Shard, ShardSession
 from edgetune.proto.v1 import node_pb2_grpc
-from edgetune.runtime.errors import EdgetuneError, SessionError
+from edgetune.runtime.errors import EdgetuneError, SessionError, TrustError
+from edgetune.runtime.security.access import Gatekeeper, Peer, Revocations, Trust
 from edgetune.runtime.wire import messages as wire
 from edgetune.runtime.wire import node_client, rpc, serde
 
@@ -103,16 +111,56 @@ class _Abort(Exception):
 class NodeServicer(node_pb2_grpc.NodeServicer):
     """Thin: decode -> Shard / relay -> encode."""
 
-    def __init__(self, shard: Shard, token: str, session_deadline_s: float = rpc.SESSION_TIMEOUT_S) -> None:
+    def __init__(self, shard: Shard, trust: Trust, session_deadline_s: float = rpc.SESSION_TIMEOUT_S, *,
+                 previous: str = "", revoked: Revocations | None = None) -> None:
         self.shard = shard
-        self.token = token
+        self.trust = trust
+        self.previous = previous
+        self.gate = Gatekeeper(trust, revoked)
         self.session_deadline_s = session_deadline_s
+        self._relays: dict[_Relay, Peer] = {}
+        self._relays_lock = threading.Lock()
+        self.gate.revoked.on_change(self._end_revoked)
 
     def Info(self, request, context):
+        try:
+            self.gate.admit(context, ("edge", "node", "coordinator"), f"node {self.shard.name}: Info")
+        except TrustError as e:
+            rpc.abort(context, e)
         return serde.node_info_to_pb(self.shard.info())
 
+    def _admit_session(self, context) -> Peer:
+        what = f"node {self.shard.name}: Session"
+        if not self.previous:
+            return self.gate.admit(context, ("edge",), what + " (the first node of a route serves edges)")
+        peer = self.gate.admit(context, ("node",), what)
+        if self.trust.secure and peer.name != self.previous:
+            raise TrustError(f"{what}: node {peer.name!r} is not before this node on the route the coordinator "
+                             f"placed (node {self.previous!r} is)", code="PERMISSION_DENIED")
+        return peer
+
+    def _end_revoked(self, serials: frozenset[int]) -> None:
+        with self._relays_lock:
+            revoked = [(r, p) for r, p in self._relays.items() if p.serial in serials]
+        for relay, peer in revoked:
+            log.warning("node %s: ending a session of revoked %s %r", self.shard.name, peer.role, peer.name)
+            relay.end(_Abort(grpc.StatusCode.PERMISSION_DENIED, f"{peer.role} {peer.name!r} was revoked"))
+
     def Session(self, request_iterator, context) -> Iterator:
-        relay = _Relay(self.shard, self.token, self.session_deadline_s)
+        try:
+            peer = self._admit_session(context)
+        except TrustError as e:
+            rpc.abort(context, e)
+        relay = _Relay(self.shard, self.trust, self.session_deadline_s, owner=peer.name if not self.previous else None)
+        with self._relays_lock:
+            self._relays[relay] = peer
+        try:
+            yield from self._serve(relay, request_iterator, context)
+        finally:
+            with self._relays_lock:
+                self._relays.pop(relay, None)
+
+    def _serve(self, relay: _Relay, request_iterator, context) -> Iterator:
         context.add_callback(relay.cancel)
         reader = threading.Thread(target=relay.read_upstream, args=(request_iterator,), daemon=True,
                                   name="edgetune-session-in")
@@ -132,9 +180,10 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 class _Relay:
     """The state of one session on one node."""
 
-    def __init__(self, shard: Shard, token: str, deadline_s: float) -> None:
+    def __init__(self, shard: Shard, trust: Trust, deadline_s: float, owner: str | None = None) -> None:
         self.shard = shard
-        self.token = token
+        self.trust = trust
+        self.owner = owner  # the edge's identity when this node is the first (None: trust the Open's)
         self.deadline_s = deadline_s
         self.out: queue.Queue = queue.Queue()   # Up frames for the previous hop, or _END / _Abort
         self.work_q: queue.Queue = queue.Queue()  # ("down" | "up", message)
@@ -297,6 +346,8 @@ class _Relay:
     def _open(self, msg: wire.Open) -> None:
         if self.session is not None:
             raise SessionError("Open sent twice in one session", code="FAILED_PRECONDITION")
+        if self.owner is not None:
+            msg.owner = self.owner  # whatever the edge wrote: its certificate says who it is
         self.session = self.shard.open_session(msg)
         self.codec = msg.codec
         self.adapter_codec = msg.adapter_codec
@@ -306,12 +357,12 @@ class _Relay:
             self._up(wire.Opened([self._me()]))
             return
         self.next_hop = msg.route[1]
-        self._channel = rpc.make_channel(self.next_hop.address, self.token)
+        self._channel = rpc.make_channel(self.next_hop.address, self.trust, peer=self.next_hop.name)
         self._down_q = queue.Queue()
         self._call = node_client.open_session(self._channel, self._frames_down(), self.deadline_s)
         threading.Thread(target=self.read_downstream, args=(self._call,), daemon=True, name="edgetune-session-next").start()
         self._down(wire.Open(msg.session_id, msg.model, msg.fingerprint, msg.route[1:], msg.codec, msg.methods_json,
-                             msg.adapter_codec))
+                             msg.adapter_codec, msg.owner, msg.micro_batch_size, msg.seq_len, msg.micro_batches))
 
     # -- plumbing -----------------------------------------------------------------------
     def _me(self) -> wire.Hop:
@@ -362,6 +413,11 @@ class _Relay:
         if self.session is not None:
             self.session.timing.bytes_out += serde.frame_bytes(frame)
 
+    def end(self, abort: _Abort) -> None:
+        """End the session from outside (the caller was revoked): the stream closes with `abort`."""
+        self.out.put(abort)
+        self.cancel()
+
     def cancel(self) -> None:
         """The previous hop went away: stop relaying and free the session."""
         self.work_q.put(("end", None))
@@ -379,11 +435,15 @@ class _Relay:
         if self._channel is not None:
             self._channel.close()
         if self.session is not None:
-            self.shard.close_session(self.session.session_id)
+            self.shard.close_session(self.session.session_id, self.session)
 
 
-def serve(shard: Shard, token: str, host: str = "0.0.0.0", port: int = 0, max_workers: int = 16):
-    """Start a node server for `shard`; returns (server, port). Serves the health service too."""
-    servicer = NodeServicer(shard, token)
-    return rpc.start_server(lambda server: node_pb2_grpc.add_NodeServicer_to_server(servicer, server), token,
-                            host, port, f"node {shard.name}", max_workers)
+def serve(shard: Shard, trust: Trust, host: str = "0.0.0.0", port: int = 0, max_workers: int = 16, *,
+          previous: str = "", revoked: Revocations | None = None):
+    """Start a node server for `shard`; returns (server, port). Serves the health service too.
+
+    `previous`: the node before this one on its route ("" for the first, which edges call)."""
+    servicer = NodeServicer(shard, trust, previous=previous, revoked=revoked)
+    server, bound, _ = rpc.start_server(lambda server: node_pb2_grpc.add_NodeServicer_to_server(servicer, server),
+                                        trust, host, port, f"node {shard.name}", max_workers)
+    return server, bound

@@ -51,7 +51,7 @@ class Shard:
     """Blocks [part.start, part.end) of `model`, verified against `fingerprint`."""
 
     def __init__(self, name: str, model: str, part: CausalLM, fingerprint: str, max_cached: int = 64,
-                 quantize: str = "none", kernels: str = "eager") -> None:
+                 quantize: str = "none", kernels: str = "eager", memory_bytes: int = 0) -> None:
         if max_cached < 1:
             raise ValueError("max_cached must be at least 1")
         self.name = name
@@ -61,6 +61,7 @@ class Shard:
         self.max_cached = max_cached
         self.quantize = quantize  # how part's linear weights are held (compute.quantize.quantize_blocks)
         self.executor = BlockExecutor(kernels)  # the ops its blocks run (compute.kernels)
+        self.memory_bytes = memory_bytes  # what this node may use in all (0: no admission limit)
         self.sessions: dict[str, ShardSession] = {}
         self._lock = threading.Lock()
         self._busy_s = 0.0
@@ -97,14 +98,39 @@ class Shard:
             check_methods(methods, self.quantize, self.name)
         except ConfigError as e:
             raise SessionError(str(e), code="FAILED_PRECONDITION") from None
-        session = ShardSession(self, msg.session_id, methods, msg.methods_json, msg.adapter_codec)
+        session = ShardSession(self, msg.session_id, methods, msg.methods_json, msg.adapter_codec, owner=msg.owner,
+                               reserved_bytes=self.session_bytes(msg))
         with self._lock:
+            held = self.sessions.get(msg.session_id)
+            if held is not None and held.owner != msg.owner:
+                raise SessionError(f"session {msg.session_id!r} on node {self.name} belongs to another edge",
+                                   code="PERMISSION_DENIED")
+            others = sum(s.reserved_bytes for sid, s in self.sessions.items() if sid != msg.session_id)
+            free = self.memory_bytes - self.loaded_bytes() - others
+            if self.memory_bytes and session.reserved_bytes > free:
+                raise SessionError(
+                    f"node {self.name} cannot admit session {msg.session_id!r}: its activations need "
+                    f"{session.reserved_bytes / 2**20:.1f} MiB ({msg.micro_batches} micro-batches of "
+                    f"{msg.micro_batch_size} x {msg.seq_len} tokens over blocks [{self.start}, {self.end})), "
+                    f"{max(0, free) / 2**20:.1f} MiB are free ({self.memory_bytes / 2**20:.1f} MiB usable, "
+                    f"{self.loaded_bytes() / 2**20:.1f} MiB of weights, {others / 2**20:.1f} MiB held by "
+                    f"{len(self.sessions) - (held is not None)} other session(s)); use smaller micro-batches or "
+                    "shorter sequences, or wait", code="RESOURCE_EXHAUSTED")
             self.sessions[msg.session_id] = session
         return session
 
-    def close_session(self, session_id: str) -> None:
+    def session_bytes(self, msg: wire.Open) -> int:
+        """What the cost model says a session of `msg`'s shape holds on this shard."""
+        from edgetune.runtime.plan.cost import session_bytes
+
+        return session_bytes(self.part.config, self.end - self.start, msg.micro_batch_size, msg.seq_len,
+                             msg.micro_batches, self.part.dtype.itemsize)
+
+    def close_session(self, session_id: str, session: ShardSession | None = None) -> None:
+        """Forget `session_id` (only if it is still `session`, when given: a reopened one stays)."""
         with self._lock:
-            self.sessions.pop(session_id, None)
+            if session is None or self.sessions.get(session_id) is session:
+                self.sessions.pop(session_id, None)
 
     def account(self, seconds: float) -> None:
         with self._lock:
@@ -117,17 +143,24 @@ class Shard:
             self._busy_s, self._since = 0.0, time.monotonic()
             cached = sum(len(s.cache) for s in self.sessions.values())
             sessions = len(self.sessions)
+            open_sessions = [wire.SessionInfo(s.session_id, s.owner, s.reserved_bytes) for s in self.sessions.values()]
+            reserved = sum(s.reserved_bytes for s in self.sessions.values())
         return wire.NodeInfo(name=self.name, model=self.model, fingerprint=self.fingerprint, start=self.start,
                              end=self.end, device=device or str(self.part.device), sessions=sessions,
-                             cached_activations=cached, loaded_bytes=self.loaded_bytes(), busy_fraction=busy)
+                             cached_activations=cached, loaded_bytes=self.loaded_bytes(), busy_fraction=busy,
+                             open_sessions=open_sessions,
+                             free_bytes=max(0, self.memory_bytes - self.loaded_bytes() - reserved) if self.memory_bytes else 0)
 
 
 class ShardSession:
     """One edge's use of a shard: the current adapter version, cached activations, step grads."""
 
-    def __init__(self, shard: Shard, session_id: str, methods, methods_key: str = "", adapter_codec: str = "raw") -> None:
+    def __init__(self, shard: Shard, session_id: str, methods, methods_key: str = "", adapter_codec: str = "raw",
+                 owner: str = "", reserved_bytes: int = 0) -> None:
         self.shard = shard
         self.session_id = session_id
+        self.owner = owner  # the edge identity that opened it
+        self.reserved_bytes = reserved_bytes  # set aside at admission
         self.methods = methods
         self.methods_key = methods_key  # what a compiled block function is keyed by (with shapes, dtype)
         self.adapter_codec = adapter_codec  # how deltas arrive and gradients leave (wire.ADAPTER_CODECS)

@@ -70,3 +70,12 @@ class SessionError(EdgetuneError):
 
     def __reduce__(self):  # keep `code` when pickled (Ray ships exceptions between processes)
         return (type(self), (self.args[0], self.code))
+
+
+class TrustError(SessionError):
+    """A peer is not who it must be, or may not do what it asked: no or a wrong certificate, a revoked
+    identity, a role without the right, another edge's session. `code` is UNAUTHENTICATED or
+    PERMISSION_DENIED (default)."""
+
+    def __init__(self, message: str, code: str = "PERMISSION_DENIED"):
+        super().__init__(message, code)

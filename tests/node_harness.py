@@ -21,6 +21,21 @@ class LocalRoute:
     token_file: Path
     servers: list = field(default_factory=list)
     shards: list = field(default_factory=list)
+    authority: object = None  # a test CA when the nodes serve mutual TLS (start_route(tls=True))
+    revoked: object = None  # the nodes' shared Revocations (TLS)
+
+    @property
+    def trust(self):
+        """The edge's Trust: an edge certificate named "edge" (TLS), else the shared token."""
+        return self.edge_trust("edge")
+
+    def edge_trust(self, name: str):
+        from edgetune.runtime.security.access import Trust
+
+        if self.authority is None:
+            return Trust.insecure(self.token)
+        cert, key = self.authority.issue_keypair(name, "edge", valid_s=3600)
+        return Trust.mutual(self.authority.cert_pem, cert, key)
 
     def stop(self) -> None:
         for server in self.servers:
@@ -28,9 +43,13 @@ class LocalRoute:
 
 
 def start_route(folder: Path, splits: list[int], token_dir: Path, max_cached: int = 64, device: str = "cpu",
-                dtype=None, quantize: str = "none") -> LocalRoute:
+                dtype=None, quantize: str = "none", tls: bool = False, memory_bytes: int = 0,
+                authority=None) -> LocalRoute:
     """Nodes serving blocks [0, s1), [s1, s2), ... of `folder`; `dtype`: their blocks' torch dtype (fp32);
-    `quantize`: how their linear weights are held (edgetune node --quantize)."""
+    `quantize`: how their linear weights are held (edgetune node --quantize); `tls`: mutual TLS with
+    certificates from a test CA, each node admitting only the node before it (else --insecure's
+    token), from `authority` (a runtime.security.ca.Authority) when given; `memory_bytes`: each
+    node's admission budget (0: none)."""
     import torch
 
     from edgetune.nodes.service import serve
@@ -39,6 +58,9 @@ def start_route(folder: Path, splits: list[int], token_dir: Path, max_cached: in
     from edgetune.runtime.model.config import ModelConfig
     from edgetune.runtime.model.loader import load_model
     from edgetune.runtime.model.manifest import checkpoint_manifest, fingerprint
+    from edgetune.runtime.security.access import Revocations, Trust
+    from edgetune.runtime.security.authority import peer_host
+    from edgetune.runtime.security.ca import Authority
     from edgetune.runtime.wire import rpc
 
     config = ModelConfig.from_file(Path(folder) / "config.json")
@@ -47,12 +69,21 @@ def start_route(folder: Path, splits: list[int], token_dir: Path, max_cached: in
     manifest = checkpoint_manifest(folder)
     fp = fingerprint(manifest)
     bounds = [0, *splits, config.num_layers]
-    route = LocalRoute(wire.Route(str(folder), fp, [], config.num_layers, manifest), token, token_file)
+    route = LocalRoute(wire.Route(str(folder), fp, [], config.num_layers, manifest), token, token_file,
+                       authority=(authority or Authority.create("test cluster")) if tls else None,
+                       revoked=Revocations())
     for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
         part = load_model(folder, start=start, end=end, edge=False, device=device, dtype=dtype or torch.float32)
         quantize_blocks(part, quantize)
-        shard = Shard(f"node-{i}", str(folder), part, fp, max_cached=max_cached, quantize=quantize)
-        server, port = serve(shard, token, host="127.0.0.1", port=0)
+        name = f"node-{i}"
+        shard = Shard(name, str(folder), part, fp, max_cached=max_cached, quantize=quantize, memory_bytes=memory_bytes)
+        trust = Trust.insecure(token)
+        if tls:
+            cert, key = route.authority.issue_keypair(name, "node", ips=["127.0.0.1"], dns=[peer_host(name)],
+                                                      valid_s=3600)
+            trust = Trust.mutual(route.authority.cert_pem, cert, key)
+        server, port = serve(shard, trust, host="127.0.0.1", port=0, previous=f"node-{i - 1}" if i else "",
+                             revoked=route.revoked)
         route.servers.append(server)
         route.shards.append(shard)
         route.route.hops.append(wire.Hop(f"node-{i}", f"127.0.0.1:{port}", start, end))
@@ -62,6 +93,7 @@ def start_route(folder: Path, splits: list[int], token_dir: Path, max_cached: in
 class _FakeClient:
     def __init__(self, route: wire.Route) -> None:
         self.route = route
+        self.address = "in-process nodes"
         self.calls = 0
         self.block_time_s: dict[str, float] = {}  # node -> profiled seconds of one block (none: unprofiled)
 
@@ -84,7 +116,7 @@ def patch_connect(monkeypatch, local: LocalRoute) -> _FakeClient:
     client = _FakeClient(local.route)
 
     def connect(cfg):
-        return remote.RemoteTrainer(cfg, client, local.token, local.route, Path(cfg.model))
+        return remote.RemoteTrainer(cfg, client, local.edge_trust(cfg.identity or "edge"), local.route, Path(cfg.model))
 
     monkeypatch.setattr(remote.RemoteTrainer, "connect", classmethod(lambda cls, cfg: connect(cfg)))
     return client

@@ -31,7 +31,7 @@ from typing import Any
 
 from edgetune.coordinator.ray_head import RayHead, RayHeadConfig
 from edgetune.nodes.ray_join import RayNodeConfig, RayNodeProcess
-from edgetune.runtime.cluster.ray_process import RayAuth
+from edgetune.runtime.cluster.ray_process import RayAuth, RayTLS
 from edgetune.tests.procs import ProcessTree
 
 # Kill detection ~ period * threshold = 2 s; a hung node ~ (period + timeout) * threshold = 10 s.
@@ -126,16 +126,19 @@ def start_local_cluster(
     auth_mode: str = "token",
     connect: bool = True,
     head_options: Mapping[str, Any] | None = None,
+    tls: RayTLS | None = None,
 ) -> LocalCluster:
     """Start a head and `num_nodes` nodes named node0.. on this host; connect this process unless told not to.
 
     `node_options`: RayNodeConfig fields for every node (a mapping) or per node
     (a sequence of mappings), e.g. `{"threads": 2}` or `[{"name": "a"}, {"name": "b"}]`.
     `ray start` logs go to `tmp_path`; Ray's own temp dirs to a short /tmp/et* dir.
+    `tls`: Ray's mutual TLS for the head, every node and the driver (all on this host: one certificate).
     """
     temp_root = Path(tempfile.mkdtemp(prefix="et", dir="/tmp"))
     head_config = RayHeadConfig(
-        temp_dir=temp_root / "head", auth_mode=auth_mode, object_store_memory_bytes=TEST_OBJECT_STORE_BYTES,
+        temp_dir=temp_root / "head", auth_mode=auth_mode, tls=tls,
+        object_store_memory_bytes=TEST_OBJECT_STORE_BYTES,
         **{**FAST_HEALTH_CHECKS, **(head_options or {})},
     )
     head = RayHead(head_config, log_path=Path(tmp_path) / "ray-head.log")
@@ -145,7 +148,7 @@ def start_local_cluster(
         for i in range(num_nodes):
             options = {"name": f"node{i}", "object_store_memory_bytes": TEST_OBJECT_STORE_BYTES,
                        **_node_options(i, node_options)}
-            config = RayNodeConfig(ray_address=head.address, auth=head.auth,
+            config = RayNodeConfig(ray_address=head.address, auth=head.auth, tls=tls,
                                    temp_dir=temp_root / f"n{i}", **options)
             cluster.nodes.append(RayNodeProcess(config, log_path=Path(tmp_path) / f"ray-{config.name}.log"))
         for node in cluster.nodes:  # side by side: ~3 s in all rather than ~3 s each

@@ -143,18 +143,23 @@ def test_local_and_coordinator_together_are_refused(capsys):
     assert "either" in capsys.readouterr().err
 
 
-def test_unreachable_coordinator_and_missing_token_are_clear_errors(tiny_folder, chat_file, tmp_path, capsys):
+def test_unreachable_coordinator_and_missing_credentials_are_clear_errors(tiny_folder, chat_file, tmp_path, capsys):
     from edgetune.runtime.wire import rpc
     from edgetune.runtime.wire.ports import free_port
 
     base = ["finetune", "--model", str(tiny_folder), "--data", str(chat_file), "--out", str(tmp_path / "o")]
-    assert main([*base, "--coordinator", "127.0.0.1:1", "--token-file", str(tmp_path / "none")]) == 1
+    assert main([*base, "--coordinator", "127.0.0.1:1", "--credentials", str(tmp_path / "nobody")]) == 1
+    err = capsys.readouterr().err
+    assert "nobody" in err and "no edge credentials" in err and "--join" in err
+    assert main([*base, "--coordinator", "127.0.0.1:1", "--insecure", "--token-file", str(tmp_path / "none")]) == 1
     err = capsys.readouterr().err
     assert "none" in err and "token" in err
+    assert main([*base, "--join", "edgetune-join:nonsense"]) == 1
+    assert "not a join string" in capsys.readouterr().err
     token = tmp_path / "token"
     rpc.write_token(token)
     address = f"127.0.0.1:{free_port()}"  # nobody listens there
-    assert main([*base, "--coordinator", address, "--token-file", str(token)]) == 1
+    assert main([*base, "--coordinator", address, "--insecure", "--token-file", str(token)]) == 1
     err = capsys.readouterr().err
     assert address in err and "UNAVAILABLE" in err and "edgetune coordinator" in err
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from edgetune.runtime.security.access import Trust
 from edgetune.runtime.train.loop import TrainConfig, finetune
 from edgetune.runtime.wire import rpc
 from edgetune.runtime.wire.coordinator_client import CoordinatorClient, CoordinatorError
@@ -37,8 +38,8 @@ def coordinator(ray_cluster, tmp_path_factory):
 
     token_file = tmp_path_factory.mktemp("token") / "token"
     token = rpc.write_token(token_file)
-    core = Coordinator(token, ray_cluster.address, ray_cluster.auth.token or "", ray_cluster.auth.mode)
-    server, port = serve(core, "127.0.0.1", 0)
+    core = Coordinator(Trust.insecure(token), ray_cluster.address, ray_cluster.auth.token or "", ray_cluster.auth.mode)
+    server, port, _ = serve(core, "127.0.0.1", 0)
     try:
         yield core, f"127.0.0.1:{port}", token_file
     finally:
@@ -58,7 +59,7 @@ def test_route_spans_both_nodes_and_training_equals_local(coordinator, files, tm
     core, address, token_file = coordinator
     model = str(files / "tiny")
     remote = finetune(TrainConfig(model=model, data=str(files / "data.jsonl"), out=str(tmp_path / "r"),
-                                  coordinator=address, token_file=str(token_file), **OPTIONS))
+                                  coordinator=address, token_file=str(token_file), insecure=True, **OPTIONS))
     local = finetune(TrainConfig(model=model, data=str(files / "data.jsonl"), out=str(tmp_path / "l"), **OPTIONS))
     a, b = _adapter(local.out), _adapter(remote.out)
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
@@ -71,7 +72,7 @@ def test_route_spans_both_nodes_and_training_equals_local(coordinator, files, tm
 def test_status_shows_hardware_layers_and_load(coordinator, files):
     core, address, token_file = coordinator
     core.route(str(files / "tiny"))
-    with_client = CoordinatorClient(address, rpc.load_token(token_file))
+    with_client = CoordinatorClient(address, Trust.insecure(rpc.load_token(token_file)))
     status = with_client.status()
     with_client.close()
     nodes = {n.name: n for n in status.nodes}
@@ -92,7 +93,7 @@ def test_edge_without_the_model_fetches_only_its_part(coordinator, files, tmp_pa
     monkeypatch.setenv("EDGETUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(remote, "local_model_folder", lambda model: None)  # "not on this machine"
     cfg = TrainConfig(model=str(files / "tiny"), data=str(files / "data.jsonl"), out=str(tmp_path / "r"),
-                      coordinator=address, token_file=str(token_file), **OPTIONS)
+                      coordinator=address, token_file=str(token_file), insecure=True, **OPTIONS)
     trainer = remote.RemoteTrainer.connect(cfg)
     assert not trainer.has_local_model and str(tmp_path / "cache") in str(trainer.folder)
     fetched = load_model(trainer.folder, start=0, end=0, edge=True)
@@ -106,7 +107,7 @@ def test_edge_without_the_model_fetches_only_its_part(coordinator, files, tmp_pa
 
 def test_a_model_too_big_for_the_cluster_is_refused_with_the_missing_memory(coordinator, files):
     _, address, token_file = coordinator
-    client = CoordinatorClient(address, rpc.load_token(token_file))
+    client = CoordinatorClient(address, Trust.insecure(rpc.load_token(token_file)))
     with pytest.raises(CoordinatorError) as err:
         client.get_route(str(files / "tiny8"))
     client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 
@@ -64,8 +65,7 @@ def test_cli_finetune_on_a_cluster_equals_local(cluster, model_and_data, tmp_pat
         if k == "progress":
             continue
         flags += [f"--{k.replace('_', '-')}", ",".join(v) if isinstance(v, tuple) else str(v)]
-    run = cluster.edgetune("finetune", "--coordinator", cluster.address, "--token-file", str(cluster.token_file),
-                           "--model", str(model), "--data", str(data), "--out", str(tmp_path / "remote"),
+    run = cluster.edgetune("finetune", *cluster.edge_args("alice"), "--model", str(model), "--data", str(data), "--out", str(tmp_path / "remote"),
                            "--no-progress", *flags)
     assert run.returncode == 0, run.stderr + cluster.log_text()
     assert "adapter saved to" in run.stdout
@@ -73,15 +73,12 @@ def test_cli_finetune_on_a_cluster_equals_local(cluster, model_and_data, tmp_pat
     records = [json.loads(line) for line in (tmp_path / "remote" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["bytes_sent"] > 0 and r["stages"] for r in records if "loss" in r)
 
-    from edgetune.runtime.wire import rpc
-    from edgetune.runtime.wire.coordinator_client import CoordinatorClient
-
-    client = CoordinatorClient(cluster.address, rpc.load_token(cluster.token_file))
+    client = cluster.client(edge="alice")
     hops = client.get_route(str(model)).hops
     client.close()
     assert hops and all(h.address.endswith(f":{SHARD_PORTS[h.name]}") for h in hops)
 
-    shown = cluster.edgetune("status", "--coordinator", cluster.address, "--token-file", str(cluster.token_file))
+    shown = cluster.edgetune("status", "--state", str(cluster.state))  # the operator, on the coordinator's host
     assert shown.returncode == 0, shown.stderr
     assert "node-0" in shown.stdout and "node-1" in shown.stdout and "[0, " in shown.stdout
     # --dtype auto, resolved on each node for its device: fp32 on a CPU
@@ -96,8 +93,8 @@ def test_a_bf16_node_and_an_nf4_node_serve_their_blocks_so(model_and_data, tmp_p
     options = {**OPTIONS, "steps": 2, "dropout": 0.0}
     with CliCluster.start([["--threads", "1", "--dtype", "bf16"], ["--threads", "1", "--quantize", "nf4", "--kernels", "compiled"]]) as c:
         result = finetune(TrainConfig(model=str(model), data=str(data), out=str(tmp_path / "remote"),
-                                      coordinator=c.address, token_file=str(c.token_file), **options))
-        shown = c.edgetune("status", "--coordinator", c.address, "--token-file", str(c.token_file))
+                                      **c.edge_options("edge"), **options))
+        shown = c.edgetune("status", "--state", str(c.state))
     assert result.steps == 2
     assert re.search(r"^node-0\s+alive\s+\S+\s+cpu\s+bf16\s+none\s+eager\s+1\s.*\[\d, \d\)", shown.stdout, re.M), shown.stdout
     assert re.search(r"^node-1\s+alive\s+\S+\s+cpu\s+fp32\s+nf4\s+compiled\s+1\s.*\[\d, \d\)", shown.stdout, re.M), shown.stdout
@@ -108,11 +105,29 @@ def test_a_bf16_node_and_an_nf4_node_serve_their_blocks_so(model_and_data, tmp_p
     assert all((ours[k] - ref[k]).norm() <= 0.5 * ref[k].norm() for k in learnt)
 
 
-def test_wrong_token_is_refused_with_a_clear_message(cluster, tmp_path):
-    bad = tmp_path / "bad-token"
-    bad.write_text("not-the-cluster-token\n")
-    shown = cluster.edgetune("status", "--coordinator", cluster.address, "--token-file", str(bad))
-    assert shown.returncode == 1 and "UNAUTHENTICATED" in shown.stderr
+def test_strangers_are_refused_with_a_clear_message(cluster, tmp_path):
+    """Plaintext with a token, a certificate from another CA, and a spent join string: each refused,
+    saying why."""
+    bad = tmp_path / "token"
+    bad.write_text("a-token-of-some-other-cluster\n")
+    shown = cluster.edgetune("status", "--coordinator", cluster.address, "--insecure", "--token-file", str(bad))
+    assert shown.returncode == 1 and "UNAVAILABLE" in shown.stderr, shown.stderr
+    from edgetune.runtime.security.ca import Authority
+    from edgetune.runtime.security.credentials import Credentials
+
+    other = Authority.create("another cluster")
+    cert, key = other.issue_keypair("alice", "edge", valid_s=600)
+    Credentials(tmp_path / "stranger", cluster.address, other.cert_pem, cert, key).save()
+    shown = cluster.edgetune("status", "--credentials", str(tmp_path / "stranger"))
+    assert shown.returncode == 1 and "UNAVAILABLE" in shown.stderr, shown.stderr
+    join = cluster.join_string("edge")
+    empty = cluster.edgetune("status", "--credentials", str(tmp_path / "none"))  # no credentials there at all
+    assert empty.returncode == 1 and "holds neither" in empty.stderr, empty.stderr
+    from edgetune.runtime.wire.coordinator_client import CoordinatorError, join_cluster
+
+    join_cluster(join, tmp_path / "once", "dave", "edge")
+    with pytest.raises(CoordinatorError, match="UNAUTHENTICATED.*already used"):
+        join_cluster(join, tmp_path / "twice", "erin", "edge")
 
 
 def test_node_killed_mid_step_is_replaced_and_the_adapter_is_unchanged(cluster, model_and_data, tmp_path,
@@ -136,7 +151,7 @@ def test_node_killed_mid_step_is_replaced_and_the_adapter_is_unchanged(cluster, 
     monkeypatch.setattr(remote.RemoteEngine, "_end_step", end_step_with_a_death)
     caplog.set_level("WARNING", logger="edgetune.remote")
     result = finetune(TrainConfig(model=str(model), data=str(data), out=str(tmp_path / "remote"),
-                                  coordinator=cluster.address, token_file=str(cluster.token_file), **OPTIONS))
+                                  **cluster.edge_options("alice"), **OPTIONS))
     assert killed and result.steps == OPTIONS["steps"]
     assert "replaying on a new route" in caplog.text
     _assert_same(_adapter(_local(model, data, tmp_path / "local").out), _adapter(result.out))
@@ -144,3 +159,31 @@ def test_node_killed_mid_step_is_replaced_and_the_adapter_is_unchanged(cluster, 
     cluster.wait_for(lambda s: [n.name for n in s.nodes if n.alive] == [h for h in ("node-0", "node-1")
                                                                         if h != killed[0]],
                      "Ray to declare the killed node dead", timeout_s=30)
+
+
+def test_a_revoked_node_loses_its_shard_and_its_calls(cluster, model_and_data):
+    """`edgetune revoke NAME` on the coordinator's host: within seconds the node's shard is gone from
+    every placement and its certificate is refused (last in this module: it leaves no usable node)."""
+    model, _ = model_and_data
+    client = cluster.client(edge="alice")
+    try:
+        route = client.get_route(str(model))
+    finally:
+        client.close()
+    victim = route.hops[0].name
+    started = time.monotonic()
+    done = cluster.edgetune("revoke", victim, "--state", str(cluster.state))
+    assert done.returncode == 0 and f"revoked {victim!r}" in done.stdout, done.stderr
+    cluster.wait_for(lambda s: all(not n.stages for n in s.nodes if n.name == victim), "the shard's eviction",
+                     timeout_s=10)
+    assert time.monotonic() - started < 10
+    from edgetune.runtime.security.credentials import Credentials
+    from edgetune.runtime.wire.coordinator_client import CoordinatorClient, CoordinatorError
+
+    node = Credentials.load(cluster.root / "nodes" / victim, "node")
+    refused = CoordinatorClient(cluster.address, node.trust())
+    try:
+        with pytest.raises(CoordinatorError, match="PERMISSION_DENIED.*revoked"):
+            refused.status()
+    finally:
+        refused.close()

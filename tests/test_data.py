@@ -81,16 +81,27 @@ class TinyTokenizer:
 
     def __init__(self, backend: Tokenizer, template: str = CHATML, pad: bool = False) -> None:
         self.backend = backend
+        self._literal = Tokenizer.from_str(backend.to_str())  # special tokens in text encoded as plain text
+        self._literal.encode_special_tokens = True
         self._template = jinja2.Environment().from_string(template)
         self.eos_token_ids = (backend.token_to_id("<|im_end|>"), backend.token_to_id("<|endoftext|>"))
         self.bos_token_id = backend.token_to_id("<s>")
         self.pad_token_id = backend.token_to_id("<|endoftext|>") if pad else None
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True, *, split_special_tokens: bool = False) -> list[int]:
+        backend = self._literal if split_special_tokens else self.backend
+        return backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False, *,
+                    split_special_tokens: bool = True) -> list[int]:
+        # Messages that spell no special token: what edgetune's encode_chat promises; the rest is
+        # tested with edgetune's own tokenizer.
+        if split_special_tokens and any(s in m["content"] for m in messages for s in SPECIALS):
+            raise NotImplementedError("the double only encodes messages that spell no special token")
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(ids, skip_special_tokens=False)
@@ -214,9 +225,16 @@ def test_text_record_is_encoded_with_eos_and_supervised_everywhere(tok, backend)
     assert example.labels == [IGNORE_INDEX] + expected[1:]  # the first token is never a target
     assert not example.truncated
 
-    # A text that already ends with an end token gets no second one.
-    ended = tokenize_record(TextRecord("Paris.<|endoftext|>"), tok, 512)
+    # A text that spells an end token gets a real one: what it spells is plain text ...
+    spelled = tokenize_record(TextRecord("Paris.<|endoftext|>"), tok, 512)
+    literal = Tokenizer.from_str(backend.to_str())
+    literal.encode_special_tokens = True
+    assert spelled.input_ids == literal.encode("Paris.<|endoftext|>").ids + [backend.token_to_id("<|im_end|>")]
+    assert backend.token_to_id("<|endoftext|>") not in spelled.input_ids
+    # ... unless the data may spell control tokens: then it already ends with one and gets no second.
+    ended = tokenize_record(TextRecord("Paris.<|endoftext|>"), tok, 512, special_tokens_in_text=True)
     assert ended.input_ids == backend.encode("Paris.<|endoftext|>").ids
+    assert ended.input_ids != spelled.input_ids
 
 
 def test_prompt_completion_supervises_exactly_the_completion_and_eos(tok, backend):
@@ -271,6 +289,68 @@ def test_edgetune_tokenizer_folder_gives_transformers_ids_and_masks(backend, tmp
     assert pc.input_ids == expected
     [span] = _supervised_spans(pc)
     assert reference.decode(span) == " Fine, thank you.<|im_end|>"
+
+
+def assert_special_tokens_in_records_stay_text(tok, reference) -> None:
+    """Records spelling special tokens, tokenized by edgetune's tokenizer, against transformers:
+    plain text by default (`split_special_tokens=True`), control tokens with special_tokens_in_text."""
+    from edgetune.tests.test_tokenizer import INJECTION, reference_chat_ids
+
+    def ref(text: str, split: bool, add_special_tokens: bool = True) -> list[int]:
+        return reference(text, add_special_tokens=add_special_tokens, split_special_tokens=split).input_ids
+
+    eos, im_end = reference.eos_token_id, reference.convert_tokens_to_ids("<|im_end|>")
+    chat = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": INJECTION},
+            {"role": "assistant", "content": "No."}]
+    record = ChatRecord(_messages(chat))
+    safe = tokenize_record(record, tok, 512)
+    unsafe = tokenize_record(record, tok, 512, special_tokens_in_text=True)
+    assert safe.input_ids == reference_chat_ids(reference, chat, INJECTION, add_generation_prompt=False)
+    assert unsafe.input_ids == list(reference.apply_chat_template(chat, return_dict=True)["input_ids"])
+    assert (safe.input_ids.count(im_end), unsafe.input_ids.count(im_end)) == (3, 4)  # one per turn, or a forged one
+    for example in (safe, unsafe):
+        assert [reference.decode(span) for span in _supervised_spans(example)] == ["No.<|im_end|>\n"]
+
+    text = tokenize_record(TextRecord(INJECTION), tok, 512)
+    assert text.input_ids == ref(INJECTION, split=True) + [eos]
+    assert tokenize_record(TextRecord(INJECTION), tok, 512, special_tokens_in_text=True).input_ids == (
+        ref(INJECTION, split=False) + [eos])
+
+    pc = PromptCompletionRecord(INJECTION, " fine<|im_end|>")
+    prompt, completion = ref(INJECTION, split=True), ref(pc.completion, split=True, add_special_tokens=False)
+    assert tokenize_record(pc, tok, 512).input_ids == prompt + completion + [eos]
+    allowed = tokenize_record(pc, tok, 512, special_tokens_in_text=True)  # already ends with eos: none added
+    assert allowed.input_ids == ref(INJECTION, split=False) + ref(pc.completion, split=False, add_special_tokens=False)
+    assert allowed.input_ids[-1] == eos and allowed.input_ids[:-1].count(im_end) == 1
+
+
+def test_special_tokens_in_records_are_text_unless_asked(backend, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tokenizer_module = pytest.importorskip("edgetune.runtime.text.tokenizer")
+    writer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(backend.to_str()),
+                                                  bos_token="<s>", eos_token="<|im_end|>", chat_template=CHATML)
+    writer.save_pretrained(tmp_path)
+    assert_special_tokens_in_records_stay_text(tokenizer_module.load_tokenizer(tmp_path),
+                                               transformers.AutoTokenizer.from_pretrained(tmp_path))
+
+
+try:  # the embedded SmolLM2, converted from its GGUF once per session
+    from edgetune.tests.test_gguf_convert import real_model_dir  # noqa: F401
+except pytest.skip.Exception as missing:
+    _reason = str(missing)
+
+    @pytest.fixture(scope="session")
+    def real_model_dir():
+        pytest.skip(_reason)
+
+
+@pytest.mark.slow
+def test_real_tokenizer_keeps_special_tokens_in_records_as_text(real_model_dir):
+    transformers = pytest.importorskip("transformers")
+    from edgetune.runtime.text.tokenizer import load_tokenizer
+
+    assert_special_tokens_in_records_stay_text(load_tokenizer(real_model_dir),
+                                               transformers.AutoTokenizer.from_pretrained(real_model_dir))
 
 
 def test_chat_boundary_inside_a_token_falls_back_to_the_common_prefix_with_a_warning(backend):

@@ -156,14 +156,14 @@ def test_micro_batches_left_to_the_run_follow_the_round_trip_and_resume_as_recor
     (whatever the link does meanwhile) equals one run with that count given."""
     from edgetune.runtime.train import remote
 
-    measured = remote.round_trip_s(route.route.hops[0].address, route.token)
+    measured = remote.round_trip_s(route.route.hops[0].address, route.trust)
     assert 0 < measured < 1.0  # loopback, through real health checks
     client = patch_connect(monkeypatch, route)
     client.block_time_s = {"node-0": 0.5, "node-1": 0.5}  # a block: 0.5 s fwd+bwd at 128 tokens
     kw = dict(coordinator="fake:1", token_file=str(route.token_file), micro_batches=0, eval_fraction=0.0, steps=4)
     # B=4 x T=32 tokens: a stage's forward of the batch is about 0.5 x 1 block x 128/128 / 3 = 0.17 s
     rtts = iter([0.0])
-    monkeypatch.setattr(remote, "round_trip_s", lambda address, token: next(rtts))
+    monkeypatch.setattr(remote, "round_trip_s", lambda address, trust, peer=None: next(rtts))
     fast = finetune(_cfg(tiny64, data_file, tmp_path / "fast", **kw))
     assert json.loads((fast.out / "config.json").read_text())["micro_batches"] == 2  # one per stage
     rtts = iter([0.05])  # route round trip 0.1 s: half the forward (m = 2) does not cover it, 3/4 (m = 4) do

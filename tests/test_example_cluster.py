@@ -49,12 +49,12 @@ def test_local_cluster_script_serves_finetune_and_stops_cleanly(tmp_path):
     sessions: set[int] = set()
     try:
         out = "".join(_read_until_ready(proc))
-        address, token = re.search(r"ready: --coordinator (\S+) --token-file (\S+)", out).groups()
+        join = re.search(r"ready: --join (\S+)", out).group(1)
         sessions = {os.getsid(c.pid) for c in psutil.Process(proc.pid).children(recursive=True)}
         # the status table the script printed has both nodes alive, each with its blocks assigned later
         assert re.search(r"^node-a\s+alive", out, re.M) and re.search(r"^node-b\s+alive", out, re.M), out
-        run = subprocess.run([sys.executable, "-m", "edgetune.cli", "finetune", "--coordinator", address,
-                              "--token-file", token, "--model", str(model), "--data", str(data), "--steps", "2",
+        run = subprocess.run([sys.executable, "-m", "edgetune.cli", "finetune", "--join", join,
+                              "--credentials", str(tmp_path / "edge"), "--model", str(model), "--data", str(data), "--steps", "2",
                               "--batch-size", "2", "--max-seq-len", "32", "--out", str(tmp_path / "run"),
                               "--no-progress"], capture_output=True, text=True, env=child_env(), timeout=300)
         assert run.returncode == 0, run.stderr

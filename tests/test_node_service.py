@@ -11,6 +11,7 @@ import torch
 from edgetune.proto.v1 import node_pb2, node_pb2_grpc, tensor_pb2
 from edgetune.runtime.peft import LoraConfig
 from edgetune.runtime.peft.adapter import methods_to_json
+from edgetune.runtime.security.access import Trust
 from edgetune.runtime.wire import messages as wire
 from edgetune.runtime.wire import rpc, serde
 from edgetune.tests.node_harness import start_route
@@ -33,7 +34,7 @@ class Session:
 
     def __init__(self, local, token=None) -> None:
         self.q: queue.Queue = queue.Queue()
-        self.channel = rpc.make_channel(local.route.hops[0].address, token or local.token)
+        self.channel = rpc.make_channel(local.route.hops[0].address, Trust.insecure(token or local.token))
         self.call = node_pb2_grpc.NodeStub(self.channel).Session(iter(self.q.get, None), timeout=30)
         self.replies = serde.read_up(self.call)
 
@@ -193,7 +194,7 @@ def test_malformed_methods_are_refused(node):
 def test_info_and_health(node):
     from edgetune.proto.v1 import node_pb2
 
-    with rpc.make_channel(node.route.hops[0].address, node.token) as channel:
+    with rpc.make_channel(node.route.hops[0].address, node.trust) as channel:
         info = serde.node_info_from_pb(node_pb2_grpc.NodeStub(channel).Info(node_pb2.InfoRequest(), timeout=5))
         assert (info.start, info.end, info.fingerprint) == (0, 2, node.route.fingerprint)
         assert info.loaded_bytes == sum(p.numel() * 4 for p in node.shards[0].part.parameters())

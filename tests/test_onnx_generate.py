@@ -318,6 +318,36 @@ def test_cli_refuses_mixed_engines_and_missing_folders(export_dir, tmp_path, cap
     assert "missing: ONNX export folder not found" in capsys.readouterr().err
 
 
+def test_chat_prompt_spells_special_tokens_as_text_unless_asked(gen, hf_folder):
+    transformers = pytest.importorskip("transformers")
+    from edgetune.tests.test_tokenizer import INJECTION, reference_chat_ids
+
+    reference = transformers.AutoTokenizer.from_pretrained(hf_folder)  # the export's tokenizer, from the HF folder
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": INJECTION}]
+    safe = gen.chat_prompt(INJECTION, system="be brief")
+    unsafe = gen.chat_prompt(INJECTION, system="be brief", special_tokens_in_text=True)
+    assert safe == reference_chat_ids(reference, chat, INJECTION)
+    assert unsafe == list(reference.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"])
+    im_end = reference.convert_tokens_to_ids("<|im_end|>")
+    assert (safe.count(im_end), unsafe.count(im_end)) == (2, 3)  # the forged turn's end only with the option
+
+
+def test_cli_chat_encodes_special_tokens_as_text_unless_asked(gen, export_dir, hf_folder, monkeypatch, capsys):
+    """Both engines get the prompt ids chat_prompt gives, with and without --special-tokens-in-text."""
+    from edgetune.runtime.model.transformer import CausalLM
+    from edgetune.tests.test_tokenizer import INJECTION
+
+    seen = []
+    monkeypatch.setattr(OnnxGenerator, "generate", lambda self, prompt, *a, **k: seen.append(list(prompt)) or [])
+    monkeypatch.setattr(CausalLM, "generate", lambda self, ids, **k: seen.append(ids[0].tolist()))
+    for engine in (["--onnx", str(export_dir)], ["--model", str(hf_folder)]):
+        args = ["generate", *engine, "--chat", "--prompt", INJECTION, "--max-new-tokens", "1"]
+        assert main(args) == 0 and main([*args, "--special-tokens-in-text"]) == 0
+    safe, unsafe = gen.chat_prompt(INJECTION), gen.chat_prompt(INJECTION, special_tokens_in_text=True)
+    assert safe != unsafe
+    assert seen == [safe, unsafe, safe, unsafe]
+
+
 # ---------------------------------------------------------------- the real model
 @pytest.mark.slow
 def test_real_model_builder_export_greedy_equals_transformers(tmp_path):

@@ -20,6 +20,7 @@ from edgetune.runtime.errors import (
     UnsupportedModelError,
     WireError,
 )
+from edgetune.runtime.security.access import Trust
 from edgetune.runtime.wire import messages as wire
 from edgetune.runtime.wire import rpc, serde
 
@@ -48,7 +49,7 @@ class FakeNode(node_pb2_grpc.NodeServicer):
 @pytest.fixture(scope="module")
 def server():
     node = FakeNode()
-    srv = rpc.make_server(4, TOKEN)
+    srv = rpc.make_server(4, Trust.insecure(TOKEN))
     node_pb2_grpc.add_NodeServicer_to_server(node, srv)
     rpc.add_health(srv, ["edgetune.v1.Node"])
     port = srv.add_insecure_port("127.0.0.1:0")
@@ -78,7 +79,7 @@ def test_call_without_token_is_unauthenticated(address):
 
 
 def test_call_with_wrong_token_is_unauthenticated(address):
-    with rpc.make_channel(address, "not-" + TOKEN) as channel:
+    with rpc.make_channel(address, Trust.insecure("not-" + TOKEN)) as channel:
         code, details = _code(lambda: node_pb2_grpc.NodeStub(channel).Info(serde.info_request_to_pb(), timeout=T))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "wrong cluster token" in details
     assert TOKEN not in details
@@ -92,13 +93,13 @@ def test_hand_made_wrong_scheme_is_unauthenticated(address):
 
 
 def test_call_with_token_succeeds(address):
-    with rpc.make_channel(address, TOKEN) as channel:
+    with rpc.make_channel(address, Trust.insecure(TOKEN)) as channel:
         reply = node_pb2_grpc.NodeStub(channel).Info(serde.info_request_to_pb(), timeout=rpc.UNARY_TIMEOUT_S)
     assert serde.node_info_from_pb(reply) == wire.NodeInfo("n1", model="m", start=0, end=3)
 
 
 def test_health_needs_the_token_and_reports_serving(address):
-    with rpc.make_channel(address, TOKEN) as channel:
+    with rpc.make_channel(address, Trust.insecure(TOKEN)) as channel:
         assert rpc.check_health(channel) == "SERVING"
         assert rpc.check_health(channel, "edgetune.v1.Node") == "SERVING"
         # Watch is unary -> stream: the token travels on streaming calls too
@@ -118,7 +119,7 @@ def _session_frames(hidden: torch.Tensor):
 
 def test_bidirectional_stream_with_token(address):
     hidden = torch.randn(1, 4, 16)  # 256 bytes: 4 frames each way
-    with rpc.make_channel(address, TOKEN) as channel:
+    with rpc.make_channel(address, Trust.insecure(TOKEN)) as channel:
         replies = node_pb2_grpc.NodeStub(channel).Session(_session_frames(hidden), timeout=T)
         (result,) = serde.read_up(replies)
     assert torch.equal(result.hidden, hidden * 2)
@@ -133,7 +134,7 @@ def test_bidirectional_stream_without_token_is_unauthenticated(address):
 
 # -- errors -> status codes ------------------------------------------------------------------
 def test_servicer_errors_reach_the_client_as_status_codes(address, server):
-    with rpc.make_channel(address, TOKEN) as channel:
+    with rpc.make_channel(address, Trust.insecure(TOKEN)) as channel:
         stub = node_pb2_grpc.NodeStub(channel)
         server[1].fail = SessionError("unknown session 's1'", "NOT_FOUND")
         assert _code(lambda: stub.Info(node_pb2.InfoRequest(), timeout=T)) == (grpc.StatusCode.NOT_FOUND, "unknown session 's1'")
@@ -218,6 +219,6 @@ def test_default_token_path_is_under_home():
 
 def test_empty_token_is_refused_for_servers_and_channels():
     with pytest.raises(ConfigError):
-        rpc.make_server(1, "")
+        rpc.make_server(1, Trust.insecure(""))
     with pytest.raises(ConfigError):
-        rpc.make_channel("127.0.0.1:1", "")
+        rpc.make_channel("127.0.0.1:1", Trust(token=""))

@@ -268,3 +268,19 @@ def test_a_bf16_edge_head_trains_close_to_fp32(tiny_folder, data_file, tmp_path)
     fp32 = finetune(_cfg(tiny_folder, data_file, tmp_path / "fp32", steps=3))
     bf16 = finetune(_cfg(tiny_folder, data_file, tmp_path / "bf16", steps=3, head_dtype="bf16"))
     assert bf16.losses == pytest.approx(fp32.losses, rel=2e-2) and bf16.losses != fp32.losses
+
+
+@pytest.mark.parametrize("spelled", [False, True])
+def test_the_special_tokens_option_reaches_the_data_s_tokenization(tiny_folder, data_file, tmp_path, monkeypatch, spelled):
+    from edgetune.runtime.train import data
+
+    seen = []
+    original = data.tokenize_records
+
+    def spy(records, tokenizer, max_seq_len, **kw):
+        seen.append(kw.get("special_tokens_in_text"))
+        return original(records, tokenizer, max_seq_len, **kw)
+
+    monkeypatch.setattr(data, "tokenize_records", spy)
+    finetune(_cfg(tiny_folder, data_file, tmp_path / "o", steps=1, special_tokens_in_text=spelled))
+    assert seen == [spelled]

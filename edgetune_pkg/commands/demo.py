@@ -113,7 +113,7 @@ def _plan(cluster, model: str) -> str:
     show the cluster with each node's layers."""
     from edgetune.commands.status import format_status
 
-    client = cluster.client()
+    client = cluster.client(edge="edge")
     try:
         route = client.get_route(model)
     finally:
@@ -130,8 +130,8 @@ def finetune_fernhill(cluster, opts: DemoOptions, run_dir: Path):
     cfg = TrainConfig(model=opts.model, data=opts.data, eval_data=opts.eval_data, out=str(run_dir), method="lora",
                       rank=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), lr=opts.lr,
                       warmup_steps=min(5, opts.steps // 4), steps=opts.steps, batch_size=4, micro_batches=2,
-                      max_seq_len=128, seed=0, save_every=0, eval_every=max(1, opts.steps // 3), coordinator=cluster.address,
-                      token_file=str(cluster.token_file), codec="bf16")
+                      max_seq_len=128, seed=0, save_every=0, eval_every=max(1, opts.steps // 3), codec="bf16",
+                      **cluster.edge_options("edge"))
     return finetune(cfg)
 
 

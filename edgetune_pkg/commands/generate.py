@@ -70,12 +70,17 @@ def run_generate(args) -> int:
     return _run_torch(args, greedy)
 
 
+def _prompt_ids(tokenizer, args) -> list[int]:
+    return encode_prompt(tokenizer, args.prompt, chat=args.chat, system=args.system,
+                         special_tokens_in_text=args.special_tokens_in_text)
+
+
 def _run_onnx(args, greedy: bool) -> int:
     from edgetune.runtime.onnx.generate import OnnxGenerator
 
     gen = OnnxGenerator(args.onnx, threads=args.threads)
     streamer = TextStreamer(gen.tokenizer)
-    gen.generate(encode_prompt(gen.tokenizer, args.prompt, chat=args.chat, system=args.system),
+    gen.generate(_prompt_ids(gen.tokenizer, args),
                  args.max_new_tokens, greedy=greedy, temperature=args.temperature or 1.0, top_p=args.top_p,
                  seed=args.seed, on_token=streamer, adapter=args.onnx_adapter)
     streamer.finish()
@@ -95,7 +100,7 @@ def _run_torch(args, greedy: bool) -> int:
     model = load_model(folder, device=resolve_device(args.device))
     if args.adapter:
         load_adapter(model, args.adapter)
-    ids = torch.tensor([encode_prompt(tokenizer, args.prompt, chat=args.chat, system=args.system)], device=model.device)
+    ids = torch.tensor([_prompt_ids(tokenizer, args)], device=model.device)
     streamer = TextStreamer(tokenizer)
     model.generate(ids, max_new_tokens=args.max_new_tokens, greedy=greedy,
                    temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed,

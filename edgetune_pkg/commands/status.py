@@ -23,7 +23,7 @@ def format_status(status: wire.ClusterStatus) -> str:
         health = "alive" if n.alive else "dead"
         if n.alive and n.stages and n.info is None:
             health = "unreachable"
-        sessions = str(n.info.sessions) if n.info else "-"
+        sessions = _sessions(n.info) if n.info else "-"
         busy = f"{100 * n.info.busy_fraction:.0f}%" if n.info else "-"
         rows.append((n.name, health, n.host, hardware, n.dtype or "-", n.quantize or "-", n.kernels or "-",
                      str(n.threads or "-"),
@@ -37,12 +37,22 @@ def format_status(status: wire.ClusterStatus) -> str:
     return "\n".join(lines)
 
 
+def _sessions(info: wire.NodeInfo) -> str:
+    """"2: alice, bob x2" -- how many sessions, by the edge identity that opened them."""
+    if not info.open_sessions:
+        return str(info.sessions)
+    owners: dict[str, int] = {}
+    for s in info.open_sessions:
+        owners[s.owner or "?"] = owners.get(s.owner or "?", 0) + 1
+    return f"{info.sessions}: " + ", ".join(o if c == 1 else f"{o} x{c}" for o, c in sorted(owners.items()))
+
+
 def run_status(args) -> int:
-    from edgetune.runtime.wire import rpc
+    from edgetune.commands.trust import status_trust
     from edgetune.runtime.wire.coordinator_client import CoordinatorClient
 
-    token = rpc.load_token(args.token_file or rpc.default_token_path())
-    client = CoordinatorClient(args.coordinator, token)
+    trust, address = status_trust(args)
+    client = CoordinatorClient(address, trust)
     try:
         print(format_status(client.status()))
     finally:

@@ -8,6 +8,38 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class EnrollRequest(_message.Message):
+    __slots__ = ("token_id", "secret", "name", "csr_pem", "ips")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    IPS_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    secret: str
+    name: str
+    csr_pem: bytes
+    ips: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, token_id: _Optional[str] = ..., secret: _Optional[str] = ..., name: _Optional[str] = ..., csr_pem: _Optional[bytes] = ..., ips: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EnrollReply(_message.Message):
+    __slots__ = ("cert_pem", "ca_pem", "coordinator")
+    CERT_PEM_FIELD_NUMBER: _ClassVar[int]
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    cert_pem: bytes
+    ca_pem: bytes
+    coordinator: str
+    def __init__(self, cert_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., coordinator: _Optional[str] = ...) -> None: ...
+
+class RenewRequest(_message.Message):
+    __slots__ = ("csr_pem", "ips")
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    IPS_FIELD_NUMBER: _ClassVar[int]
+    csr_pem: bytes
+    ips: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, csr_pem: _Optional[bytes] = ..., ips: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class JoinRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -15,14 +47,20 @@ class JoinRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("ray_address", "ray_auth_token", "ray_auth_mode")
+    __slots__ = ("ray_address", "ray_auth_token", "ray_auth_mode", "ray_tls_cert", "ray_tls_key", "ray_tls_ca")
     RAY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RAY_AUTH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     RAY_AUTH_MODE_FIELD_NUMBER: _ClassVar[int]
+    RAY_TLS_CERT_FIELD_NUMBER: _ClassVar[int]
+    RAY_TLS_KEY_FIELD_NUMBER: _ClassVar[int]
+    RAY_TLS_CA_FIELD_NUMBER: _ClassVar[int]
     ray_address: str
     ray_auth_token: str
     ray_auth_mode: str
-    def __init__(self, ray_address: _Optional[str] = ..., ray_auth_token: _Optional[str] = ..., ray_auth_mode: _Optional[str] = ...) -> None: ...
+    ray_tls_cert: bytes
+    ray_tls_key: bytes
+    ray_tls_ca: bytes
+    def __init__(self, ray_address: _Optional[str] = ..., ray_auth_token: _Optional[str] = ..., ray_auth_mode: _Optional[str] = ..., ray_tls_cert: _Optional[bytes] = ..., ray_tls_key: _Optional[bytes] = ..., ray_tls_ca: _Optional[bytes] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
     __slots__ = ("model", "failed")

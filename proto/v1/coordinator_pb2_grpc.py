@@ -54,6 +54,16 @@ class CoordinatorStub:
                 request_serializer=edgetune_dot_proto_dot_v1_dot_coordinator__pb2.EdgePartRequest.SerializeToString,
                 response_deserializer=edgetune_dot_proto_dot_v1_dot_coordinator__pb2.EdgePartFrame.FromString,
                 _registered_method=True)
+        self.Enroll = channel.unary_unary(
+                '/edgetune.v1.Coordinator/Enroll',
+                request_serializer=edgetune_dot_proto_dot_v1_dot_coordinator__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=edgetune_dot_proto_dot_v1_dot_coordinator__pb2.EnrollReply.FromString,
+                _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/edgetune.v1.Coordinator/Renew',
+                request_serializer=edgetune_dot_proto_dot_v1_dot_coordinator__pb2.RenewRequest.SerializeToString,
+                response_deserializer=edgetune_dot_proto_dot_v1_dot_coordinator__pb2.EnrollReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -83,6 +93,20 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Enroll(self, request, context):
+        """Trust: a joiner without a certificate redeems a join token (on the coordinator's join port,
+        TLS without a client certificate); a holder renews its certificate before it expires.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +129,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.FetchEdgePart,
                     request_deserializer=edgetune_dot_proto_dot_v1_dot_coordinator__pb2.EdgePartRequest.FromString,
                     response_serializer=edgetune_dot_proto_dot_v1_dot_coordinator__pb2.EdgePartFrame.SerializeToString,
+            ),
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=edgetune_dot_proto_dot_v1_dot_coordinator__pb2.EnrollRequest.FromString,
+                    response_serializer=edgetune_dot_proto_dot_v1_dot_coordinator__pb2.EnrollReply.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=edgetune_dot_proto_dot_v1_dot_coordinator__pb2.RenewRequest.FromString,
+                    response_serializer=edgetune_dot_proto_dot_v1_dot_coordinator__pb2.EnrollReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +249,60 @@ class Coordinator:
             '/edgetune.v1.Coordinator/FetchEdgePart',
             edgetune_dot_proto_dot_v1_dot_coordinator__pb2.EdgePartRequest.SerializeToString,
             edgetune_dot_proto_dot_v1_dot_coordinator__pb2.EdgePartFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgetune.v1.Coordinator/Enroll',
+            edgetune_dot_proto_dot_v1_dot_coordinator__pb2.EnrollRequest.SerializeToString,
+            edgetune_dot_proto_dot_v1_dot_coordinator__pb2.EnrollReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgetune.v1.Coordinator/Renew',
+            edgetune_dot_proto_dot_v1_dot_coordinator__pb2.RenewRequest.SerializeToString,
+            edgetune_dot_proto_dot_v1_dot_coordinator__pb2.EnrollReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,7 +20,7 @@ class Hop(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("session_id", "model", "fingerprint", "route", "codec", "methods_json", "adapter_codec")
+    __slots__ = ("session_id", "model", "fingerprint", "route", "codec", "methods_json", "adapter_codec", "owner", "micro_batch_size", "seq_len", "micro_batches")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,10 @@ class Open(_message.Message):
     CODEC_FIELD_NUMBER: _ClassVar[int]
     METHODS_JSON_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_CODEC_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     fingerprint: str
@@ -35,7 +39,11 @@ class Open(_message.Message):
     codec: _tensor_pb2.Codec
     methods_json: str
     adapter_codec: _tensor_pb2.Codec
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., methods_json: _Optional[str] = ..., adapter_codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ...) -> None: ...
+    owner: str
+    micro_batch_size: int
+    seq_len: int
+    micro_batches: int
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., methods_json: _Optional[str] = ..., adapter_codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., owner: _Optional[str] = ..., micro_batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., micro_batches: _Optional[int] = ...) -> None: ...
 
 class AdapterPush(_message.Message):
     __slots__ = ("version", "tensors", "delta", "hops_ahead")
@@ -188,7 +196,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "model", "fingerprint", "start", "end", "device", "sessions", "cached_activations", "loaded_bytes", "busy_fraction")
+    __slots__ = ("name", "model", "fingerprint", "start", "end", "device", "sessions", "cached_activations", "loaded_bytes", "busy_fraction", "open_sessions", "free_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +207,8 @@ class NodeInfo(_message.Message):
     CACHED_ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
     BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     fingerprint: str
@@ -209,4 +219,16 @@ class NodeInfo(_message.Message):
     cached_activations: int
     loaded_bytes: int
     busy_fraction: float
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., device: _Optional[str] = ..., sessions: _Optional[int] = ..., cached_activations: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., busy_fraction: _Optional[float] = ...) -> None: ...
+    open_sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    free_bytes: int
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., device: _Optional[str] = ..., sessions: _Optional[int] = ..., cached_activations: _Optional[int] = ..., loaded_bytes: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., open_sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., free_bytes: _Optional[int] = ...) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("session_id", "owner", "reserved_bytes")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    owner: str
+    reserved_bytes: int
+    def __init__(self, session_id: _Optional[str] = ..., owner: _Optional[str] = ..., reserved_bytes: _Optional[int] = ...) -> None: ...

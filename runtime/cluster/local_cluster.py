@@ -3,8 +3,12 @@ process and `edgetune node` processes, each in a session of its own, on free por
 files in a short temporary folder.
 
     with LocalCluster.start(nodes=[["--threads", "1"], ["--threads", "1", "--memory-limit", "600M"]]) as c:
-        c.edgetune("finetune", "--coordinator", c.address, "--token-file", str(c.token_file), ...)
+        c.edgetune("finetune", *c.edge_args("alice"), ...)
         print(format_status(c.status()))
+
+It is secured as a real one is (mutual TLS, a CA in its state folder, nodes joining with
+one-time join strings, Ray's TLS), unless started with `insecure=True` (a shared token).
+`edge_args(name)` joins an edge identity once and gives the flags a `finetune` needs.
 
 `stop()` ends the nodes, then the coordinator, and makes sure no process they started (Ray's
 included) survives -- found by session id, so nothing else on the machine is touched. The
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgetune.runtime.cluster.ray_process import session_pids
-from edgetune.runtime.wire.ports import free_port
+from edgetune.runtime.wire.ports import free_ports
 
 EDGETUNE = [sys.executable, "-m", "edgetune.cli"]
 STARTUP_TIMEOUT_S = 120.0
@@ -44,32 +48,42 @@ class ClusterError(RuntimeError):
 class LocalCluster:
     root: Path
     address: str
-    token_file: Path
+    token_file: Path  # --insecure only
     coordinator: subprocess.Popen
     nodes: list[subprocess.Popen] = field(default_factory=list)
     node_names: list[str] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
+    insecure: bool = False
+    edges: dict[str, Path] = field(default_factory=dict)  # edge name -> its credentials folder
+
+    @property
+    def state(self) -> Path:
+        """The coordinator's state folder (its CA)."""
+        return self.root / "state"
 
     @classmethod
     def start(cls, nodes: list[list[str]], extra: list[str] = (), names: list[str] | None = None,
-              timeout_s: float = STARTUP_TIMEOUT_S) -> LocalCluster:
+              timeout_s: float = STARTUP_TIMEOUT_S, insecure: bool = False) -> LocalCluster:
         """A coordinator (`extra`: more of its flags) and one node per entry of `nodes` (its flags),
         named `names` (default node-0, node-1, ...); returns once every node has joined."""
         names = list(names or [f"node-{i}" for i in range(len(nodes))])
         root = Path(tempfile.mkdtemp(prefix="et-cl-", dir="/tmp"))  # short: Ray's socket paths live below it
-        port = free_port()
+        port, join_port = free_ports(2)
         address = f"127.0.0.1:{port}"
         token = root / "token"
         log = root / "coordinator.log"
-        proc = _spawn(["coordinator", "--host", "127.0.0.1", "--port", str(port), "--token-file", str(token),
+        trust = ["--insecure", "--token-file", str(token)] if insecure else \
+            ["--state", str(root / "state"), "--join-port", str(join_port)]
+        proc = _spawn(["coordinator", "--host", "127.0.0.1", "--port", str(port), *trust,
                        "--temp-dir", str(root / "h"), *extra], log)
-        cluster = cls(root, address, token, proc, node_names=names, logs=[log])
+        cluster = cls(root, address, token, proc, node_names=names, logs=[log], insecure=insecure)
         try:
-            cluster.wait_for(lambda s: True, "the coordinator to answer", timeout_s)
+            cluster.wait_for(lambda s: insecure or (root / "state" / "coordinator.json").exists(),
+                             "the coordinator to answer", timeout_s)
             for i, (name, options) in enumerate(zip(names, nodes)):
                 node_log = root / f"{name}.log"
                 cluster.logs.append(node_log)
-                cluster.nodes.append(_spawn(["node", "--coordinator", address, "--token-file", str(token),
+                cluster.nodes.append(_spawn(["node", "--coordinator", address, *cluster._node_trust(name),
                                              "--name", name, "--temp-dir", str(root / f"n{i}"), *options], node_log))
             cluster.wait_for(lambda s: sum(n.alive for n in s.nodes) == len(nodes), f"{len(nodes)} nodes to join",
                              timeout_s)
@@ -78,16 +92,69 @@ class LocalCluster:
             raise
         return cluster
 
+    # -- trust -----------------------------------------------------------------------
+    def _authority(self):
+        from edgetune.runtime.security.authority import ClusterAuthority
+
+        return ClusterAuthority(self.state)
+
+    def join_string(self, role: str) -> str:
+        """A fresh one-time join string (as `edgetune token create --role ROLE` prints it)."""
+        return str(self._authority().create_token(role, ttl_s=600.0))
+
+    def _node_trust(self, name: str) -> list[str]:
+        if self.insecure:
+            return ["--insecure", "--token-file", str(self.token_file)]
+        return ["--join", self.join_string("node"), "--credentials", str(self.root / "nodes" / name)]
+
+    def edge_credentials(self, name: str = "edge") -> Path:
+        """The credentials folder of edge `name`, joined on first use."""
+        if name not in self.edges:
+            from edgetune.runtime.wire.coordinator_client import join_cluster
+
+            folder = self.root / "edges" / name
+            join_cluster(self.join_string("edge"), folder, name, "edge")
+            self.edges[name] = folder
+        return self.edges[name]
+
+    def edge_args(self, name: str = "edge") -> list[str]:
+        """The flags `edgetune finetune` (or `status`) needs to reach this cluster as edge `name`."""
+        if self.insecure:
+            return ["--coordinator", self.address, "--insecure", "--token-file", str(self.token_file)]
+        return ["--coordinator", self.address, "--credentials", str(self.edge_credentials(name))]
+
+    def edge_options(self, name: str = "edge") -> dict:
+        """The same as TrainConfig fields."""
+        if self.insecure:
+            return {"coordinator": self.address, "insecure": True, "token_file": str(self.token_file)}
+        return {"coordinator": self.address, "credentials": str(self.edge_credentials(name))}
+
+    def operator_trust(self):
+        """What the coordinator's operator connects with (a short-lived coordinator-role certificate)."""
+        from edgetune.runtime.security.access import Trust
+        from edgetune.runtime.wire import rpc
+
+        if self.insecure:
+            return Trust.insecure(rpc.load_token(self.token_file))
+        if not (self.state / "ca.pem").exists():
+            raise ClusterError("the coordinator has not created its CA yet")
+        authority = self._authority()
+        cert, key = authority.ca.issue_keypair("operator", "coordinator", valid_s=600.0)
+        return Trust.mutual(authority.ca.cert_pem, cert, key)
+
     # -- use -------------------------------------------------------------------------
     def edgetune(self, *args: str, timeout_s: float = 600.0) -> subprocess.CompletedProcess:
         """Run an `edgetune` command to completion and capture its output."""
         return subprocess.run([*EDGETUNE, *args], capture_output=True, text=True, env=child_env(), timeout=timeout_s)
 
-    def client(self):
-        from edgetune.runtime.wire import rpc
+    def client(self, edge: str | None = None):
+        """A coordinator client as the operator, or as edge `edge` (which may ask for routes)."""
+        from edgetune.runtime.security.credentials import Credentials
         from edgetune.runtime.wire.coordinator_client import CoordinatorClient
 
-        return CoordinatorClient(self.address, rpc.load_token(self.token_file))
+        if edge is None or self.insecure:
+            return CoordinatorClient(self.address, self.operator_trust())
+        return CoordinatorClient(self.address, Credentials.load(self.edge_credentials(edge), "edge").trust())
 
     def status(self):
         client = self.client()

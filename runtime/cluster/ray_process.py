@@ -29,6 +29,11 @@ What it guarantees (each checked against Ray 2.60, see notes/ray_findings.md):
   process of a cluster must agree. Left unset, `ray start --head` turns auth
   on only if `~/.ray/auth_token` happens to exist and a driver leaves it off,
   so children always get the mode set explicitly.
+- **TLS.** Ray 2.60 puts mutual TLS on all of its own gRPC channels when every
+  process has `RAY_USE_TLS=1` and the PEM files `RAY_TLS_SERVER_CERT`,
+  `RAY_TLS_SERVER_KEY`, `RAY_TLS_CA_CERT` (`RayTLS`): each process serves and
+  calls with that certificate and requires the peer's to be signed by the CA.
+  Like auth, inherited settings are replaced, never merged.
 
 Linux only: fate sharing uses prctl and the session sweep reads /proc.
 """
@@ -40,17 +45,20 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgetune.runtime.atomic import atomic_write
 from edgetune.runtime.errors import ConfigError, EdgetuneError
 
 logger = logging.getLogger("edgetune.ray")
 
 AUTH_MODES = ("token", "disabled")
+TLS_ENV_VARS = ("RAY_USE_TLS", "RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
 # Ray writes "<ip>:<gcs port>" here once `ray start` has finished starting.
 READY_FILE = "ray_current_cluster"
 # A unix socket path holds at most 107 bytes; Ray puts its sockets at
@@ -105,16 +113,94 @@ class RayAuth:
         return env
 
 
-def ray_env(auth: RayAuth, base: Mapping[str, str] | None = None) -> dict[str, str]:
+@dataclass(frozen=True)
+class RayTLS:
+    """Mutual TLS on Ray's own channels (GCS, raylets, workers, agents, drivers): three PEM files.
+
+    Every process of the cluster gets `env()`; each then serves and calls with
+    `cert_file` and accepts a peer only with a certificate `ca_file` signed.
+    Keep `ca_file` a CA for Ray alone, apart from edgetune's own CA: whoever
+    holds a certificate it signed can join Ray and run code on every node.
+    Its certificate must name the node's IP as a SAN: Ray dials every process
+    at its node's IP, and peers check the name (a certificate without it stalls
+    `ray start` with "No match found for server name: <ip>" in its log).
+    `ray_tls_sans()` lists this host's addresses. Example::
+
+        tls = RayTLS(Path("/etc/et/ray.crt"), Path("/etc/et/ray.key"), Path("/etc/et/ray-ca.crt"))
+        head = RayHead(RayHeadConfig(tls=tls))
+    """
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("cert_file", "key_file", "ca_file"):
+            path = Path(getattr(self, name)).absolute()  # Ray's workers need not run in this directory
+            object.__setattr__(self, name, path)
+            problems += _pem_problems(path, name)
+        if problems:
+            raise ConfigError("invalid Ray TLS files: " + "; ".join(problems))
+
+    @classmethod
+    def write(cls, directory: Path, cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> RayTLS:
+        """Save a Ray certificate, its key and the Ray CA's certificate (PEM) in `directory` as
+        ray.crt, ray.key and ray-ca.crt -- atomically, readable by the owner only; their RayTLS."""
+        directory = Path(directory)
+        for name, pem in (("ray.crt", cert_pem), ("ray.key", key_pem), ("ray-ca.crt", ca_pem)):
+            atomic_write(directory / name, lambda tmp, pem=pem: tmp.write_bytes(pem))  # mkstemp: mode 0600
+        return cls(directory / "ray.crt", directory / "ray.key", directory / "ray-ca.crt")
+
+    def env(self) -> dict[str, str]:
+        """The environment variables that put a Ray process on this TLS setting."""
+        return {"RAY_USE_TLS": "1", "RAY_TLS_SERVER_CERT": str(self.cert_file),
+                "RAY_TLS_SERVER_KEY": str(self.key_file), "RAY_TLS_CA_CERT": str(self.ca_file)}
+
+
+def _pem_problems(path: Path, what: str) -> list[str]:
+    """Why `path` cannot be one of Ray's TLS files (empty when fine): Ray itself fails late and obscurely."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except FileNotFoundError:
+        return [f"{what} {str(path)!r} does not exist"]
+    except OSError as exc:
+        return [f"{what} {str(path)!r} is not readable ({exc.strerror}); check its permissions"]
+    if b"-----BEGIN " not in head:
+        return [f"{what} {str(path)!r} is not PEM (no '-----BEGIN' line)"]
+    return []
+
+
+def ray_tls_sans() -> tuple[list[str], list[str]]:
+    """(IPs, DNS names) for a Ray certificate of this host: each address of this host (Ray dials a
+    node at the IP it advertises, whichever that is), 127.0.0.1 and ::1, localhost and the host name."""
+    from edgetune.runtime.security.credentials import local_addresses
+
+    ips = ["127.0.0.1", "::1", *local_addresses()]
+    return list(dict.fromkeys(ips)), list(dict.fromkeys(["localhost", socket.gethostname()]))
+
+
+def _is_security_var(key: str) -> bool:
+    """Whether `key` decides whom a Ray process trusts (auth or TLS): never inherited."""
+    return key.startswith("RAY_AUTH_") or key in TLS_ENV_VARS
+
+
+def security_env(auth: RayAuth, tls: RayTLS | None = None) -> dict[str, str]:
+    """The auth and TLS variables of one cluster (no TLS variable at all when `tls` is None)."""
+    return {**auth.env(), **(tls.env() if tls is not None else {})}
+
+
+def ray_env(auth: RayAuth, base: Mapping[str, str] | None = None, tls: RayTLS | None = None) -> dict[str, str]:
     """`base` (default: this process's environment) made fit for a Ray child process.
 
-    Inherited auth settings and RAY_ADDRESS are replaced, never merged: a stray
-    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token must not decide which cluster a
-    process can talk to.
+    Inherited auth and TLS settings and RAY_ADDRESS are replaced, never merged:
+    a stray RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token or RAY_USE_TLS must not
+    decide which cluster a process can talk to.
     """
     base = os.environ if base is None else base
-    env = {k: v for k, v in base.items() if not k.startswith("RAY_AUTH_") and k != "RAY_ADDRESS"}
-    env.update(auth.env())
+    env = {k: v for k, v in base.items() if not _is_security_var(k) and k != "RAY_ADDRESS"}
+    env.update(security_env(auth, tls))
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     return env
@@ -386,30 +472,41 @@ def _wait_gone(sid: int, timeout_s: float) -> None:
         time.sleep(0.05)
 
 
-def connect_driver(address: str, auth: RayAuth, namespace: str = "edgetune") -> None:
-    """`ray.init(address=...)` for this process, with the cluster's auth settings.
+def set_driver_env(auth: RayAuth, tls: RayTLS | None = None) -> None:
+    """Put this process's Ray auth and TLS settings (its os.environ) on `auth` and `tls`.
 
-    Ray reads RAY_AUTH_MODE / RAY_AUTH_TOKEN from this process's environment
-    and caches them when `ray` is imported, so they are set here and the cache
-    is refreshed (private Ray API; an import that fails means a Ray upgrade
-    moved it). The driver must run on a host that has a Ray node: Ray connects
-    it through the local raylet (the head's, when several share the host).
+    A driver's Ray reads them from this process's environment, and caches them
+    when `ray` is imported, so inherited ones are replaced and the caches are
+    refreshed (private Ray API; an import that fails means a Ray upgrade moved it).
+    """
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    for key in [k for k in os.environ if _is_security_var(k)]:
+        del os.environ[key]
+    os.environ.update(security_env(auth, tls), RAY_USAGE_STATS_ENABLED="0")
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def connect_driver(address: str, auth: RayAuth, namespace: str = "edgetune", tls: RayTLS | None = None) -> None:
+    """`ray.init(address=...)` for this process, with the cluster's auth and TLS settings.
+
+    They are set in this process's environment first (`set_driver_env`). The
+    driver must run on a host that has a Ray node: Ray connects it through the
+    local raylet (the head's, when several share the host).
     """
     import ray
-    from ray._raylet import AuthenticationTokenLoader, Config
 
     if ray.is_initialized():
         raise RayStartError("this process is already connected to a Ray cluster; call ray.shutdown() first")
-    for key in [k for k in os.environ if k.startswith("RAY_AUTH_")]:
-        del os.environ[key]
-    os.environ.update(auth.env(), RAY_USAGE_STATS_ENABLED="0")
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
+    set_driver_env(auth, tls)
     try:
         ray.init(address=address, namespace=namespace, log_to_driver=False)
     except ConnectionError as exc:
         raise RayStartError(
             f"could not connect to the Ray cluster at {address} ({exc}); check the address, and that its "
             f"auth mode is {auth.mode!r}" + (" with the same token" if auth.token else "")
+            + (" and its TLS certificates come from the CA in " + str(tls.ca_file) if tls else " and TLS is off")
         ) from exc
-    logger.info("driver connected to Ray cluster %s (namespace %s, auth %s)", address, namespace, auth.mode)
+    logger.info("driver connected to Ray cluster %s (namespace %s, auth %s, TLS %s)",
+                address, namespace, auth.mode, "on" if tls else "off")

@@ -137,14 +137,19 @@ def _io_names(decoder: dict, key: str, defaults: dict[str, str], problems: list[
 
 
 # ---------------------------------------------------------------- prompts and sampling
-def encode_prompt(tokenizer: Tokenizer, text: str, *, chat: bool = False, system: str | None = None) -> list[int]:
+def encode_prompt(
+    tokenizer: Tokenizer, text: str, *, chat: bool = False, system: str | None = None, special_tokens_in_text: bool = False
+) -> list[int]:
     """Token ids of a prompt: `text` as is, or (chat) a user turn rendered with the chat template,
-    ending with the header of the assistant's reply."""
+    ending with the header of the assistant's reply.
+
+    In a chat, special tokens spelled in `text` or `system` (`<|im_end|>`) are plain text, so
+    they cannot end the user's turn, unless `special_tokens_in_text`.
+    """
     if not chat:
         return tokenizer.encode(text)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    # the template writes its own special tokens
-    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+    return tokenizer.encode_chat(messages, add_generation_prompt=True, split_special_tokens=not special_tokens_in_text)
 
 
 def pick_token(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator | None) -> int:
@@ -326,10 +331,11 @@ class OnnxGenerator:
         """Text of token ids, special tokens dropped."""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def chat_prompt(self, text: str, system: str | None = None) -> list[int]:
+    def chat_prompt(self, text: str, system: str | None = None, special_tokens_in_text: bool = False) -> list[int]:
         """Token ids of `text` as a user turn (after an optional system message), rendered with the
-        model's chat template and ending with the assistant header (add_generation_prompt)."""
-        return encode_prompt(self.tokenizer, text, chat=True, system=system)
+        model's chat template and ending with the assistant header (add_generation_prompt).
+        Special tokens spelled in the text are plain text unless `special_tokens_in_text`."""
+        return encode_prompt(self.tokenizer, text, chat=True, system=system, special_tokens_in_text=special_tokens_in_text)
 
     # ------------------------------------------------------------ generation
     def generate(

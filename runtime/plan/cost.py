@@ -85,3 +85,15 @@ def edge_bytes(config: BlockShapes, dtype_bytes: int = FP32_BYTES, head_copy_byt
     table = config.vocab_size * config.hidden_size
     head = 0 if config.tie_word_embeddings else table
     return dtype_bytes * (table + head + config.hidden_size) + head_copy_bytes * table
+
+
+def session_bytes(config: BlockShapes, blocks: int, batch: int, tokens: int, micro_batches: int,
+                  dtype_bytes: int = FP32_BYTES) -> int:
+    """What one training session holds on a node serving `blocks` blocks: the activations every
+    block saves for backward, for each of the step's `micro_batches` micro-batches of
+    `batch` x `tokens` tokens (the adapter replica and its gradients are small beside them).
+
+    A node admits a session only while these add up to less than its free memory.
+    """
+    saved = model_cost(config, tokens=max(1, batch) * max(1, tokens), dtype_bytes=dtype_bytes).block_activation_bytes
+    return blocks * saved * max(1, micro_batches)

@@ -16,13 +16,22 @@ chat template renders exactly like `apply_chat_template(..., tokenize=False)`:
 the same sandboxed jinja2 environment (trim_blocks, lstrip_blocks,
 `raise_exception`, `strftime_now`, non-escaping `tojson`) and the same variables.
 
+Text a caller passes can spell a special token (a user typing `<|im_end|>`).
+`encode(text, split_special_tokens=True)` encodes such text as plain characters
+(transformers' `split_special_tokens=True`), and `encode_chat` -- what chat prompts
+and chat training data use -- keeps the template's own control tokens while the
+messages' text is encoded that way, so a message cannot close its turn and forge
+another one.
+
     >>> tok = load_tokenizer("path/to/hf_folder")
-    >>> ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True))
+    >>> ids = tok.encode_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -49,6 +58,12 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 
 # Older messages name the model's reasoning differently; templates read the first name.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+# While `encode_chat` renders, message text that spells a special token is swapped for
+# "\ufdd0<n>\ufdd1". U+FDD0 is a Unicode noncharacter (reserved for internal use); a message's
+# own U+FDD0 is swapped too, so every one in the rendering is a placeholder of ours.
+_MARK, _MARK_END = "\ufdd0", "\ufdd1"
+_PLACEHOLDER = re.compile(f"{_MARK}([0-9]+){_MARK_END}")
 
 
 class Tokenizer:
@@ -88,6 +103,11 @@ class Tokenizer:
         self._register_special_tokens()
         if add_bos_token is not None or add_eos_token is not None:
             self._set_post_processor(bool(add_bos_token), bool(add_eos_token))
+        self._specials = {i: t for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        # A normalizer may turn other text into a normalized special token: then only the backend can find them.
+        self._normalized_specials = self.backend.normalizer is not None and any(t.normalized for t in self._specials.values())
+        self._literal_backend: Any = None  # a copy of `backend` that splits special tokens; made on first use
+        self._literal_lock = threading.Lock()
 
     # ------------------------------------------------------------ setup
     def _register_special_tokens(self) -> None:
@@ -108,9 +128,50 @@ class Tokenizer:
         self.backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
     # ------------------------------------------------------------ encode / decode
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; with `add_special_tokens`, the BOS/EOS tokenizer.json's post-processor adds."""
-        return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+    def encode(self, text: str, add_special_tokens: bool = True, *, split_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; with `add_special_tokens`, the BOS/EOS tokenizer.json's post-processor adds.
+
+        Special tokens spelled in `text` (`<|im_end|>`) become their control ids, unless
+        `split_special_tokens`: then they are encoded as the plain characters they are made of,
+        like transformers' `split_special_tokens=True`. Use that for text from users or data.
+        """
+        backend = self._literal() if split_special_tokens else self.backend
+        return list(backend.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = False, *, split_special_tokens: bool = True
+    ) -> list[int]:
+        """Token ids of `messages` rendered with the chat template (no BOS/EOS added: the template writes its own).
+
+        With `split_special_tokens` (the default), only the template's own special tokens are
+        control ids: text in the messages that spells one (a user writing `<|im_end|>`) is
+        encoded as plain characters, so it cannot end a turn. Messages without such text get
+        exactly the ids of `encode(apply_chat_template(messages), add_special_tokens=False)`,
+        which is also what `split_special_tokens=False` returns for any messages.
+
+            >>> tok.encode_chat([{"role": "user", "content": "hi<|im_end|>"}])  # no <|im_end|> id inside the content
+        """
+        chat = _template_messages(messages, self._template_source)
+        if not split_special_tokens:
+            return self.encode(self._render(chat, add_generation_prompt), add_special_tokens=False)
+        originals: list[str] = []
+        masked = _map_strings(chat, lambda text: self._mask_specials(text, originals))
+        rendered = self._render(masked, add_generation_prompt)
+        if not originals:
+            return self.encode(rendered, add_special_tokens=False)
+
+        def restore(part: str) -> list[int]:
+            text = _PLACEHOLDER.sub(lambda m: originals[int(m.group(1))], part)
+            return self.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+        # Every special token left in the rendering is the template's. The text between two of
+        # them is encoded on its own, as the backend does after splitting at added tokens.
+        ids: list[int] = []
+        start = 0
+        for token_id, begin, end in self._special_matches(rendered):
+            ids += restore(rendered[start:begin]) + [token_id]
+            start = end
+        return ids + restore(rendered[start:])
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; special tokens (BOS, <|im_end|>, ...) are dropped unless asked for."""
@@ -123,6 +184,49 @@ class Tokenizer:
         return self.backend.id_to_token(int(token_id))
 
     # ------------------------------------------------------------ special tokens
+    def _literal(self) -> Any:
+        """The backend copy that encodes special tokens as plain text; `backend` itself is never
+        switched, so encodings running at the same time on other threads are unaffected."""
+        with self._literal_lock:
+            if self._literal_backend is None:
+                copy = Backend.from_str(self.backend.to_str())
+                copy.encode_special_tokens = True
+                self._literal_backend = copy
+            return self._literal_backend
+
+    def _mask_specials(self, text: str, originals: list[str]) -> str:
+        """`text` with each special token it spells (and each U+FDD0) swapped for a placeholder;
+        `originals` gets the swapped-out strings, indexed by the placeholders' numbers."""
+        if not self._normalized_specials and _MARK not in text and not any(t.content in text for t in self._specials.values()):
+            return text
+        spans = [(begin, end) for _, begin, end in self._special_matches(text)]
+        spans += [(i, i + 1) for i, char in enumerate(text) if char == _MARK]
+        parts, start = [], 0
+        for begin, end in sorted(spans):
+            if begin < start:  # a U+FDD0 inside a special token a normalizer spelled: already swapped
+                continue
+            parts += [text[start:begin], f"{_MARK}{len(originals)}{_MARK_END}"]
+            originals.append(text[begin:end])
+            start = end
+        return "".join(parts) + text[start:]
+
+    def _special_matches(self, text: str) -> list[tuple[int, int, int]]:
+        """(id, start, end) of each special token the backend matches in `text` (the span holds
+        the whitespace an lstrip/rstrip token takes). An unknown character encodes to the special
+        unk id too, but spells no special token, so it is not one of them."""
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        matches = []
+        for token_id, (begin, end) in zip(encoding.ids, encoding.offsets):
+            token = self._specials.get(token_id)
+            if token is None:
+                continue
+            spelled = text[begin:end]
+            if token.normalized and self.backend.normalizer is not None:
+                spelled = self.backend.normalizer.normalize_str(spelled)
+            if token.content in spelled:
+                matches.append((token_id, begin, end))
+        return matches
+
     def _special_id(self, name: str) -> int | None:
         token = self.special_tokens.get(name)
         return None if token is None else self.backend.token_to_id(token)
@@ -159,15 +263,19 @@ class Tokenizer:
 
         With `add_generation_prompt`, the text ends with the header that opens the
         assistant's reply. Encode the result with `add_special_tokens=False` (the
-        template writes its own special tokens).
+        template writes its own special tokens) -- or call `encode_chat`, which also
+        keeps special tokens spelled in the messages from becoming control tokens.
         """
+        return self._render(_template_messages(messages, self._template_source), add_generation_prompt)
+
+    def _render(self, chat: list[dict], add_generation_prompt: bool) -> str:
+        """Render messages already made plain by `_template_messages`."""
         template = self.chat_template
         if template is None:
             raise TokenizerError(
                 f"{self.source}: the tokenizer has no chat template (no 'chat_template' in {CONFIG_FILE} and no "
                 f"{TEMPLATE_FILE}); add one, or format prompts yourself and call encode()"
             )
-        chat = _template_messages(messages, self._template_source)
         compiled = _compile_template(template, self._template_source)
         variables = dict(self.special_tokens)
         try:
@@ -295,6 +403,18 @@ def _template_messages(messages: Any, source: str) -> list[dict]:
             plain = {"thinking": reasoning, **plain, "reasoning_content": reasoning}
         chat.append(plain)
     return chat
+
+
+def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    """`value` (plain JSON data) with `fn` applied to every string in it, mapping keys included
+    (a template may print them: `tool_calls | tojson`)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {_map_strings(k, fn): _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_strings(v, fn) for v in value)
+    return value
 
 
 def _plain(value: Any) -> Any:

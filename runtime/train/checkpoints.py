@@ -33,7 +33,8 @@ log = logging.getLogger("edgetune.checkpoint")
 
 # Options that may change between an interrupted run and its resumption
 # without changing the result.
-_RESUMABLE_CHANGES = {"resume", "progress", "threads", "device", "save_every", "eval_every", "keep_checkpoints", "out"}
+_RESUMABLE_CHANGES = {"resume", "progress", "threads", "device", "save_every", "eval_every", "keep_checkpoints", "out",
+                      "credentials", "identity", "insecure", "token_file", "coordinator"}  # how to reach it, not what
 
 
 class ConfigMismatch(CheckpointError):

@@ -7,6 +7,11 @@ Three record formats are accepted, one JSON object per line (see `FORMATS`):
 - ``{"messages": [{"role": str, "content": str}, ...]}``: rendered with the tokenizer's chat
   template; loss on the assistant turns only (their content and end-of-turn tokens).
 
+Text in a record that spells a special token (``<|im_end|>``) is encoded as the plain
+characters it is made of, so data cannot forge control tokens (a chat message cannot end its
+turn); only the chat template's own special tokens are control tokens. Pass
+``special_tokens_in_text=True`` (``--special-tokens-in-text``) for data that writes them on purpose.
+
 Labels are *not* shifted here: ``labels[t]`` is the target for ``input_ids[t]``, and the loss
 shifts (``logits[:, :-1]`` predict ``labels[:, 1:]``), as transformers' causal-LM loss does.
 Because no position predicts the first token, ``labels[0]`` is always -100, so
@@ -52,9 +57,13 @@ class TokenizerLike(Protocol):
     bos_token_id: int | None
     pad_token_id: int | None
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True, *, split_special_tokens: bool = False) -> list[int]: ...
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str: ...
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = False, *, split_special_tokens: bool = True
+    ) -> list[int]: ...
 
 
 # ---------------------------------------------------------------- records
@@ -231,24 +240,29 @@ class Example:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
-def tokenize_record(record: Record, tokenizer: TokenizerLike, max_seq_len: int) -> Example:
+def tokenize_record(
+    record: Record, tokenizer: TokenizerLike, max_seq_len: int, *, special_tokens_in_text: bool = False
+) -> Example:
     """Token ids and loss labels of one record, truncated to ``max_seq_len`` (keeping the start).
 
-    The result may have no supervised token left after truncation; `tokenize_records`
-    drops such examples.
+    The record's text is encoded as plain text: special tokens spelled in it are not control
+    tokens unless ``special_tokens_in_text``. The result may have no supervised token left
+    after truncation; `tokenize_records` drops such examples.
     """
     _check_max_seq_len(max_seq_len)
+    split = not special_tokens_in_text
     if isinstance(record, TextRecord):
-        ids = _with_eos(tokenizer.encode(record.text, add_special_tokens=True), tokenizer)
+        ids = _with_eos(tokenizer.encode(record.text, add_special_tokens=True, split_special_tokens=split), tokenizer)
         labels = list(ids)
     elif isinstance(record, PromptCompletionRecord):
         # Encoded separately, as at inference: the prompt is tokenized alone, then the model writes.
-        prompt = tokenizer.encode(record.prompt, add_special_tokens=True)
-        completion = _with_eos(tokenizer.encode(record.completion, add_special_tokens=False), tokenizer)
+        prompt = tokenizer.encode(record.prompt, add_special_tokens=True, split_special_tokens=split)
+        completion = tokenizer.encode(record.completion, add_special_tokens=False, split_special_tokens=split)
+        completion = _with_eos(completion, tokenizer)
         ids = prompt + completion
         labels = [IGNORE_INDEX] * len(prompt) + completion
     elif isinstance(record, ChatRecord):
-        ids, labels = _tokenize_chat(record, tokenizer)
+        ids, labels = _tokenize_chat(record, tokenizer, split)
     else:
         raise TypeError(f"not a training record: {type(record).__name__}")
     if labels:
@@ -257,10 +271,13 @@ def tokenize_record(record: Record, tokenizer: TokenizerLike, max_seq_len: int) 
     return Example(ids[:max_seq_len], labels[:max_seq_len], record.source, truncated)
 
 
-def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, max_seq_len: int) -> list[Example]:
-    """Tokenize every record; drop (with one warning giving the count) those left with no
-    supervised token after truncation, and raise `DataError` if that drops all of them."""
-    examples = [tokenize_record(record, tokenizer, max_seq_len) for record in records]
+def tokenize_records(
+    records: Sequence[Record], tokenizer: TokenizerLike, max_seq_len: int, *, special_tokens_in_text: bool = False
+) -> list[Example]:
+    """Tokenize every record (see `tokenize_record`); drop (with one warning giving the count) those
+    left with no supervised token after truncation, and raise `DataError` if that drops all of them."""
+    examples = [tokenize_record(record, tokenizer, max_seq_len, special_tokens_in_text=special_tokens_in_text)
+                for record in records]
     kept = [example for example in examples if example.num_supervised > 0]
     dropped = [example for example in examples if example.num_supervised == 0]
     if dropped and not kept:
@@ -298,11 +315,12 @@ def _with_eos(ids: list[int], tokenizer: TokenizerLike) -> list[int]:
     return ids if ids and ids[-1] in tokenizer.eos_token_ids else ids + [eos]
 
 
-def _tokenize_chat(record: ChatRecord, tokenizer: TokenizerLike) -> tuple[list[int], list[int]]:
+def _tokenize_chat(record: ChatRecord, tokenizer: TokenizerLike, split: bool) -> tuple[list[int], list[int]]:
     """ids and labels of a conversation; loss on each assistant turn's content and end-of-turn.
 
     The whole conversation is rendered and tokenized once (without added special tokens: the
-    template writes its own, as transformers does). An assistant turn spans, in characters,
+    template writes its own, as transformers does; with ``split``, special tokens spelled in the
+    messages are plain text, see `encode_chat`). An assistant turn spans, in characters,
     from the end of ``render(messages[:i], add_generation_prompt=True)`` to the end of
     ``render(messages[:i+1])``; both must be prefixes of the full rendering. The tokenizer
     interface gives no character offsets, so each prefix is tokenized too and its token count
@@ -311,12 +329,13 @@ def _tokenize_chat(record: ChatRecord, tokenizer: TokenizerLike) -> tuple[list[i
     """
     messages = [{"role": m.role, "content": m.content} for m in record.messages]
     full_text = _render(tokenizer, messages, False, record.source)
-    ids = tokenizer.encode(full_text, add_special_tokens=False)
+    ids = _encode_chat(tokenizer, messages, False, split, record.source)
     labels = [IGNORE_INDEX] * len(ids)
 
     def boundary(n_messages: int, add_generation_prompt: bool) -> int:
         prefix = _render(tokenizer, messages[:n_messages], add_generation_prompt, record.source)
-        return _token_boundary(tokenizer, prefix, full_text, ids, record.source)
+        prefix_ids = _encode_chat(tokenizer, messages[:n_messages], add_generation_prompt, split, record.source)
+        return _token_boundary(prefix, prefix_ids, full_text, ids, record.source)
 
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
@@ -333,10 +352,21 @@ def _render(tokenizer: TokenizerLike, messages: list[dict], add_generation_promp
                         f"(first {len(messages)} messages): {e}") from e
 
 
+def _encode_chat(
+    tokenizer: TokenizerLike, messages: list[dict], add_generation_prompt: bool, split: bool, source: Source | None
+) -> list[int]:
+    try:
+        return tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt, split_special_tokens=split)
+    except TokenizerError as e:
+        raise DataError(f"{_where(source)}: the chat template could not render this conversation "
+                        f"(first {len(messages)} messages): {e}") from e
+
+
 def _token_boundary(
-    tokenizer: TokenizerLike, prefix: str, full_text: str, full_ids: list[int], source: Source | None
+    prefix: str, prefix_ids: list[int], full_text: str, full_ids: list[int], source: Source | None
 ) -> int:
-    """Number of leading tokens of ``full_ids`` that encode the character prefix ``prefix``.
+    """Number of leading tokens of ``full_ids`` that encode the character prefix ``prefix``
+    (whose own ids are ``prefix_ids``).
 
     If the prefix's own ids are not a prefix of ``full_ids`` (a token merges across the
     boundary, e.g. a generation prompt ending in a space), the boundary falls back to the
@@ -347,7 +377,6 @@ def _token_boundary(
         raise DataError(f"{_where(source)}: the chat template renders a part of the conversation differently from the "
                         "whole, so the assistant turns cannot be located; use a template that renders "
                         "earlier turns the same way whatever follows them")
-    prefix_ids = tokenizer.encode(prefix, add_special_tokens=False)
     common = 0
     for a, b in zip(prefix_ids, full_ids):
         if a != b:

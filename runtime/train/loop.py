@@ -157,14 +157,14 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
 
     # -- setup --------------------------------------------------------------
     methods = cfg.methods()  # validates the method options before any long work starts
-    if cfg.threads > 0 or cfg.coordinator:
+    if cfg.threads > 0 or cfg.distributed:
         from edgetune.runtime.threads import set_threads
 
         set_threads(cfg.threads)  # distributed default: the cores shared among edgetune processes here
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     remote = None
-    if cfg.coordinator:
+    if cfg.distributed:
         from edgetune.runtime.train.remote import RemoteTrainer
 
         remote = RemoteTrainer.connect(cfg)  # the route, and the edge's part of the model
@@ -172,10 +172,12 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     else:
         folder = resolve_model_folder(cfg.model)
     tokenizer = load_tokenizer(folder)
-    examples = tokenize_records(load_records(cfg.data), tokenizer, cfg.max_seq_len)
+    examples = tokenize_records(load_records(cfg.data), tokenizer, cfg.max_seq_len,
+                                special_tokens_in_text=cfg.special_tokens_in_text)
     if cfg.eval_data:
         train_examples = examples
-        eval_examples = tokenize_records(load_records(cfg.eval_data), tokenizer, cfg.max_seq_len)
+        eval_examples = tokenize_records(load_records(cfg.eval_data), tokenizer, cfg.max_seq_len,
+                                         special_tokens_in_text=cfg.special_tokens_in_text)
     else:
         train_examples, eval_examples = split_train_eval(examples, cfg.eval_fraction, cfg.seed)
     pad_id = resolve_pad_id(tokenizer)
@@ -205,7 +207,7 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     metrics = _open_metrics(out / "metrics.jsonl")
     log.info("training %s (%d trainable parameters) on %d examples (%d eval), %d steps%s",
              cfg.method, adapter.num_parameters(), len(train_examples), len(eval_examples), cfg.steps,
-             f" through {cfg.coordinator}" if remote is not None else "")
+             f" through {remote.client.address}" if remote is not None else "")
 
     # -- train ----------------------------------------------------------------
     eval_loss = eval_before = None

@@ -13,7 +13,7 @@ same option names as the flags (underscores or dashes); flags override them.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class TrainConfig:
     micro_batches: int = 0  # each batch is split in this many (pipelined when distributed); 0: auto (see loop)
     max_grad_norm: float = 1.0
     max_seq_len: int = 512
+    special_tokens_in_text: bool = False  # the data's text may spell control tokens (<|im_end|>); off: plain text
     seed: int = 0
     # evaluation / checkpoints
     eval_fraction: float = 0.1
@@ -71,7 +72,11 @@ class TrainConfig:
     coordinator: str = ""
     codec: str = "fp32"  # activations and their gradients on the wire: fp32, fp16, bf16, int8
     adapter_codec: str = "raw"  # adapter deltas and gradients on the wire: raw (exact), bf16, int8 (error feedback)
-    token_file: str = ""  # default: ~/.config/edgetune/token
+    token_file: str = ""  # --insecure only; default: ~/.config/edgetune/token
+    insecure: bool = False  # plaintext with the shared token (loopback development), instead of mutual TLS
+    credentials: str = ""  # the edge's credentials folder (default: ~/.config/edgetune/edge)
+    join: str = field(default="", repr=False)  # a join string to redeem first (a secret: never recorded)
+    identity: str = ""  # the edge's name when joining (default: edge-<host>)
     max_step_retries: int = 5  # replays of one step after node failures before giving up
     route_timeout_s: float = 300.0  # how long to wait for the coordinator to reassign blocks
     reply_timeout_s: float = 600.0  # longest silence from the route within one step
@@ -103,6 +108,8 @@ class TrainConfig:
             problems.append(f"codec {self.codec!r} not in fp32, fp16, bf16, int8")
         if self.adapter_codec not in ("raw", "bf16", "int8"):
             problems.append(f"adapter_codec {self.adapter_codec!r} not in raw, bf16, int8")
+        if self.insecure and self.join:
+            problems.append("join: --insecure uses the shared token file; a join string is for mutual TLS")
         if self.coordinator and ":" not in self.coordinator:
             problems.append(f"coordinator {self.coordinator!r} must be HOST:PORT")
         if self.head_dtype not in ("auto", "fp32", "bf16"):
@@ -122,8 +129,14 @@ class TrainConfig:
             raise ConfigError(f"{source}: unknown option(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
 
+    @property
+    def distributed(self) -> bool:
+        """Train on a cluster: a coordinator is named, or a join string / credentials say which."""
+        return bool(self.coordinator or self.join or self.credentials)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The options as recorded in the run folder: everything but the join string's secret."""
+        return {k: v for k, v in asdict(self).items() if k != "join"}
 
     def methods(self) -> list:
         """The PEFT method configs this run trains."""

@@ -37,11 +37,12 @@ import grpc
 import torch
 
 from edgetune.runtime.errors import ConfigError, EdgetuneError
+from edgetune.runtime.security.access import Trust
 from edgetune.runtime.train.loss import head_loss_sum
 from edgetune.runtime.train.options import TrainConfig
 from edgetune.runtime.wire import messages as wire
 from edgetune.runtime.wire import node_client, rpc, serde
-from edgetune.runtime.wire.coordinator_client import CoordinatorClient, save_edge_part
+from edgetune.runtime.wire.coordinator_client import CoordinatorClient, credentials_for, save_edge_part
 
 log = logging.getLogger("edgetune.remote")
 
@@ -105,7 +106,7 @@ class _StageGradients:
 class RouteStream:
     """The one bidirectional stream from the edge to the first node of a route."""
 
-    def __init__(self, route: wire.Route, token: str, open_msg: wire.Open, reply_timeout_s: float) -> None:
+    def __init__(self, route: wire.Route, trust: Trust, open_msg: wire.Open, reply_timeout_s: float) -> None:
         self.route = route
         self.codec = open_msg.codec
         self.adapter_codec = None if open_msg.adapter_codec == "raw" else open_msg.adapter_codec
@@ -115,7 +116,7 @@ class RouteStream:
         self._addresses = [h.address for h in route.hops]
         self._out: queue.Queue = queue.Queue()
         self._inbox: queue.Queue = queue.Queue()
-        self._channel = rpc.make_channel(route.hops[0].address, token)
+        self._channel = rpc.make_channel(route.hops[0].address, trust, peer=route.hops[0].name)
         self._call = node_client.open_session(self._channel, self._frames(), rpc.SESSION_TIMEOUT_S)
         threading.Thread(target=self._read, daemon=True, name="edgetune-edge-in").start()
         self.send(open_msg)
@@ -181,9 +182,9 @@ def local_model_folder(model: str) -> Path | None:
     return None
 
 
-def round_trip_s(address: str, token: str, samples: int = 5) -> float:
+def round_trip_s(address: str, trust: Trust, samples: int = 5, peer: str | None = None) -> float:
     """The shortest of `samples` health-check round trips to `address` on one open channel (seconds)."""
-    with rpc.make_channel(address, token) as channel:
+    with rpc.make_channel(address, trust, peer=peer) as channel:
         best = float("inf")
         try:
             for i in range(samples + 1):  # the first call also connects: not counted
@@ -196,14 +197,35 @@ def round_trip_s(address: str, token: str, samples: int = 5) -> float:
     return best
 
 
-class RemoteTrainer:
-    """The connection to a cluster, before training starts: token, coordinator, route, edge folder."""
+def edge_trust(cfg: TrainConfig) -> tuple[Trust, str]:
+    """(how this edge speaks gRPC, the coordinator's HOST:PORT): mutual TLS with the edge's
+    credentials (joining first with --join), or --insecure's shared token."""
+    if cfg.insecure:
+        if not cfg.coordinator:
+            raise ConfigError("--insecure needs --coordinator HOST:PORT")
+        log.warning("--insecure: plaintext gRPC with a shared token; anyone on the network path can read this "
+                    "run's activations and the token. Use it on loopback only.")
+        return Trust.insecure(rpc.load_token(Path(cfg.token_file) if cfg.token_file else rpc.default_token_path())), \
+            cfg.coordinator
+    creds = credentials_for("edge", cfg.credentials or None, cfg.join, cfg.identity or default_edge_name())
+    return creds.trust(), cfg.coordinator or creds.coordinator
 
-    def __init__(self, cfg: TrainConfig, client: CoordinatorClient, token: str, route: wire.Route, folder: Path,
+
+def default_edge_name() -> str:
+    import socket
+
+    host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:50].strip("-_.")
+    return f"edge-{host or 'host'}"
+
+
+class RemoteTrainer:
+    """The connection to a cluster, before training starts: trust, coordinator, route, edge folder."""
+
+    def __init__(self, cfg: TrainConfig, client: CoordinatorClient, trust: Trust, route: wire.Route, folder: Path,
                  has_local_model: bool = True) -> None:
         self.cfg = cfg
         self.client = client
-        self.token = token
+        self.trust = trust
         self.route = route
         self.folder = folder
         self.has_local_model = has_local_model  # False: only the edge part was fetched from the cluster
@@ -212,15 +234,15 @@ class RemoteTrainer:
     def connect(cls, cfg: TrainConfig) -> RemoteTrainer:
         from edgetune.runtime.model.manifest import checkpoint_manifest, verify
 
-        token = rpc.load_token(cfg.token_file or rpc.default_token_path())
-        client = CoordinatorClient(cfg.coordinator, token)
-        log.info("asking %s for a route for %s (the first request places the shards)", cfg.coordinator, cfg.model)
+        trust, address = edge_trust(cfg)
+        client = CoordinatorClient(address, trust)
+        log.info("asking %s for a route for %s (the first request places the shards)", address, cfg.model)
         route = client.get_route(cfg.model, timeout_s=cfg.route_timeout_s)
         folder, local = cls._edge_folder(cfg.model, route, client)
         # The edge checks its own tensors against the cluster's manifest.
         edge_names = [e.name for e in route.manifest if not e.name.startswith("model.layers.")]
         verify(checkpoint_manifest(folder, edge_names), route.manifest, who=f"the edge's model {folder}")
-        return cls(cfg, client, token, route, folder, has_local_model=local)
+        return cls(cfg, client, trust, route, folder, has_local_model=local)
 
     @staticmethod
     def _edge_folder(model: str, route: wire.Route, client: CoordinatorClient) -> tuple[Path, bool]:
@@ -276,7 +298,7 @@ class RemoteTrainer:
         from edgetune.runtime.plan.planner import choose_micro_batches
 
         hops = self.route.hops
-        rtt = round_trip_s(hops[0].address, self.token)
+        rtt = round_trip_s(hops[0].address, self.trust, peer=hops[0].name)
         route_rtt = rtt * len(hops)  # every hop taken to be as far as the edge's: the cautious guess
         try:
             block_s = {n.name: n.block_time_s for n in self.client.status().nodes}
@@ -396,14 +418,17 @@ class RemoteEngine:
     def _open(self) -> RouteStream:
         route = self.trainer.route
         hops = list(route.hops)
-        open_msg = wire.Open(session_id=uuid.uuid4().hex, model=self.cfg.model, fingerprint=route.fingerprint,
-                             route=hops, codec=self.cfg.codec, methods_json=self.methods_json,
-                             adapter_codec=self.cfg.adapter_codec)
+        cfg = self.trainer.cfg  # with the micro-batch count resolved
+        micro = max(1, cfg.micro_batches)
+        open_msg = wire.Open(session_id=uuid.uuid4().hex, model=cfg.model, fingerprint=route.fingerprint,
+                             route=hops, codec=cfg.codec, methods_json=self.methods_json,
+                             adapter_codec=cfg.adapter_codec, micro_batch_size=-(-cfg.batch_size // micro),
+                             seq_len=cfg.max_seq_len, micro_batches=micro)
         self._mirror = None  # a new session: its nodes hold no replica yet
         self._pushed = None
         self._later_pushes = []
         try:
-            return RouteStream(route, self.trainer.token, open_msg, self.cfg.reply_timeout_s)
+            return RouteStream(route, self.trainer.trust, open_msg, self.cfg.reply_timeout_s)
         except RouteFailure:
             raise
         except grpc.RpcError as e:

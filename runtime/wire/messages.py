@@ -37,6 +37,10 @@ class Open:
     codec: str = "fp32"
     methods_json: str = "[]"
     adapter_codec: str = "raw"  # how adapter deltas and gradients travel (ADAPTER_CODECS)
+    owner: str = ""  # the edge identity (set by the first node from the edge's certificate)
+    micro_batch_size: int = 0  # sequences per micro-batch, at most (admission by memory; 0: unknown)
+    seq_len: int = 0  # tokens per sequence, at most
+    micro_batches: int = 0  # micro-batches whose activations a step keeps
 
 
 @dataclass
@@ -139,6 +143,15 @@ class NodeInfo:
     cached_activations: int = 0
     loaded_bytes: int = 0
     busy_fraction: float = 0.0
+    open_sessions: list[SessionInfo] = field(default_factory=list)
+    free_bytes: int = 0  # memory left for new sessions (admission)
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    owner: str  # the edge identity that opened it ("" under --insecure)
+    reserved_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -190,6 +203,18 @@ class JoinReply:
     ray_address: str
     ray_auth_token: str = ""
     ray_auth_mode: str = ""
+    ray_tls_cert: bytes = b""  # Ray's own TLS (a Ray-only CA); empty when Ray runs without it
+    ray_tls_key: bytes = field(default=b"", repr=False)
+    ray_tls_ca: bytes = b""
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    """A joiner's certificate, the CA, and the coordinator's mutual-TLS address."""
+
+    cert_pem: bytes
+    ca_pem: bytes
+    coordinator: str
 
 
 @dataclass

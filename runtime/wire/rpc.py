@@ -1,10 +1,10 @@
 """gRPC plumbing shared by the edge, the worker nodes and the coordinator.
 
-- The cluster's shared secret: `write_token` / `load_token` (a 0600 file, by default
-  ~/.config/edgetune/token; callers pass the path, nothing here reads the environment).
-- Authentication: every call to a server from `make_server` must carry the metadata
-  `authorization: Bearer <token>`; a channel from `make_channel` adds it to every call
-  (unary and streaming alike). Health checks are no exception.
+- Transport security follows a `Trust` (runtime/security/access.py): mutual TLS with the
+  process's certificate (the default), or, under `--insecure` on loopback, plaintext where every
+  call must carry the metadata `authorization: Bearer <token>` (`write_token` / `load_token`: a
+  0600 file, by default ~/.config/edgetune/token). Health checks are no exception. Who may call
+  what is the servicers' business (`Gatekeeper.admit`): they see the verified peer certificate.
 - Errors: `status_code_for(exc)` maps edgetune's exceptions to gRPC status codes and
   `abort(context, exc)` ends a call with one.
 - Deadlines: every RPC the edge or a node makes passes `timeout=` one of the *_TIMEOUT_S
@@ -39,6 +39,8 @@ from edgetune.runtime.errors import (
     UnsupportedModelError,
     WireError,
 )
+from edgetune.runtime.security.access import Trust
+from edgetune.runtime.security.authority import peer_host
 from edgetune.runtime.wire.serde import channel_options
 
 UNARY_TIMEOUT_S = 30.0  # Info, Join, GetRoute, Status: small answers, a slow one is a dead peer
@@ -229,31 +231,54 @@ KEEPALIVE_OPTIONS = [
 ]
 
 
-def make_server(max_workers: int, token: str, *, max_message_bytes: int | None = None) -> grpc.Server:
-    """A gRPC server that requires the token on every call and accepts frames up to the serde limit.
+def make_server(max_workers: int, trust: Trust, *, max_message_bytes: int | None = None) -> grpc.Server:
+    """A gRPC server that accepts frames up to the serde limit; under `--insecure` it requires the
+    token on every call (with TLS the handshake authenticates: add ports with `add_port`).
 
     Each open Node.Session stream holds one worker thread for its lifetime: size
     `max_workers` for the sessions plus the unary calls served beside them. Add the
     servicers and a port, then `start()` it.
     """
-    if not token:
-        raise ConfigError("a gRPC server needs a non-empty cluster token")
     options = channel_options() if max_message_bytes is None else channel_options(max_message_bytes)
     options = options + KEEPALIVE_OPTIONS
+    interceptors = [] if trust.secure else [TokenAuthInterceptor(trust.token)]
     return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="edgetune-grpc"),
-                       interceptors=[TokenAuthInterceptor(token)], options=options)
+                       interceptors=interceptors, options=options)
 
 
-def make_channel(address: str, token: str, *, max_message_bytes: int | None = None) -> grpc.Channel:
-    """An insecure channel to `address` ("host:port") that sends the token with every call.
+def add_port(server: grpc.Server, trust: Trust, address: str, *, client_certificates: bool = True) -> int:
+    """Listen on `address` ("host:port"); the bound port, 0 when it could not bind.
+
+    With TLS the server shows its certificate followed by the CA's (so a joiner can check the CA
+    against its pin); `client_certificates=False` is for the coordinator's join port only, where
+    callers have none yet.
+    """
+    if not trust.secure:
+        return server.add_insecure_port(address)
+    if not trust.cert_pem:
+        raise ConfigError("a TLS server needs a certificate and its key")
+    chain = trust.cert_pem + trust.ca_pem
+    creds = grpc.ssl_server_credentials([(trust.key_pem, chain)], root_certificates=trust.ca_pem if client_certificates else None,
+                                        require_client_auth=client_certificates)
+    return server.add_secure_port(address, creds)
+
+
+def make_channel(address: str, trust: Trust, *, peer: str | None = None,
+                 max_message_bytes: int | None = None) -> grpc.Channel:
+    """A channel to `address` ("host:port"): mutual TLS checking that the server's certificate names
+    the identity `peer` (default: the address's host among its IP names), or `--insecure`
+    plaintext sending the token with every call.
 
     Close it with `channel.close()` (or use it as a context manager).
     """
-    if not token:
-        raise ConfigError("a gRPC channel needs a non-empty cluster token")
     options = channel_options() if max_message_bytes is None else channel_options(max_message_bytes)
     options = options + KEEPALIVE_OPTIONS
-    return grpc.intercept_channel(grpc.insecure_channel(address, options=options), TokenClientInterceptor(token))
+    if not trust.secure:
+        return grpc.intercept_channel(grpc.insecure_channel(address, options=options), TokenClientInterceptor(trust.token))
+    if peer:
+        options = options + [("grpc.ssl_target_name_override", peer_host(peer))]
+    creds = grpc.ssl_channel_credentials(trust.ca_pem, trust.key_pem or None, trust.cert_pem or None)
+    return grpc.secure_channel(address, creds, options=options)
 
 
 def add_health(server: grpc.Server, services: Iterable[str] = ()) -> health.HealthServicer:
@@ -269,20 +294,31 @@ def add_health(server: grpc.Server, services: Iterable[str] = ()) -> health.Heal
     return servicer
 
 
-def start_server(add_servicer: Callable[[grpc.Server], None], token: str, host: str, port: int, what: str,
-                 max_workers: int = 16) -> tuple[grpc.Server, int]:
-    """A started server with the token check, `add_servicer`'s service and the health service.
+def start_server(add_servicer: Callable[[grpc.Server], None], trust: Trust, host: str, port: int, what: str,
+                 max_workers: int = 16, join_port: int | None = None) -> tuple[grpc.Server, int, int | None]:
+    """A started server with `add_servicer`'s service and the health service, secured as `trust` says.
 
-    Returns (server, bound port); port 0 picks a free one. ConfigError when it cannot listen.
+    Returns (server, bound port, bound join port or None); port 0 picks a free one. With
+    `join_port` (TLS only) it also listens there without asking for client certificates, for
+    joiners. ConfigError when it cannot listen.
     """
-    server = make_server(max_workers=max_workers, token=token)
+    server = make_server(max_workers=max_workers, trust=trust)
     add_servicer(server)
     add_health(server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, trust, _hostport(host, port))
     if bound == 0:
         raise ConfigError(f"{what}: cannot listen on {host}:{port} (port in use, or not an address of this host?)")
+    join_bound = None
+    if join_port is not None and trust.secure:
+        join_bound = add_port(server, trust, _hostport(host, join_port), client_certificates=False)
+        if join_bound == 0:
+            raise ConfigError(f"{what}: cannot listen for joiners on {host}:{join_port} (port in use?)")
     server.start()
-    return server, bound
+    return server, bound, join_bound
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def check_health(channel: grpc.Channel, service: str = "", timeout_s: float = HEALTH_TIMEOUT_S) -> str:

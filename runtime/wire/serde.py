@@ -337,7 +337,9 @@ def _open_to_pb(m: wire.Open, enc: _Encoding, payloads: list[bytes]) -> node_pb2
     return node_pb2.Open(session_id=m.session_id, model=m.model, fingerprint=m.fingerprint,
                          route=[hop_to_pb(h) for h in m.route],
                          codec=_CODEC_ENUMS[_check_codec(m.codec, wire.CODECS)], methods_json=m.methods_json,
-                         adapter_codec=_CODEC_ENUMS[_check_codec(m.adapter_codec, wire.ADAPTER_CODECS)])
+                         adapter_codec=_CODEC_ENUMS[_check_codec(m.adapter_codec, wire.ADAPTER_CODECS)],
+                         owner=m.owner, micro_batch_size=m.micro_batch_size, seq_len=m.seq_len,
+                         micro_batches=m.micro_batches)
 
 
 def _adapter_to_pb(m: wire.AdapterPush, enc: _Encoding, payloads: list[bytes]) -> node_pb2.AdapterPush:
@@ -478,7 +480,8 @@ def _open_from_pb(pb: node_pb2.Open, tensors: wire.Tensors) -> wire.Open:
         raise WireError("Open has an empty session_id")
     return wire.Open(session_id=pb.session_id, model=pb.model, fingerprint=pb.fingerprint,
                      route=[hop_from_pb(h) for h in pb.route], codec=_open_codec(pb.codec), methods_json=pb.methods_json,
-                     adapter_codec=_open_adapter_codec(pb.adapter_codec))
+                     adapter_codec=_open_adapter_codec(pb.adapter_codec), owner=pb.owner,
+                     micro_batch_size=pb.micro_batch_size, seq_len=pb.seq_len, micro_batches=pb.micro_batches)
 
 
 def _open_adapter_codec(enum: int) -> str:
@@ -741,13 +744,17 @@ _NODE_INFO_FIELDS = ("name", "model", "fingerprint", "start", "end", "device", "
 
 
 def node_info_to_pb(info: wire.NodeInfo) -> node_pb2.NodeInfo:
-    return node_pb2.NodeInfo(**{f: getattr(info, f) for f in _NODE_INFO_FIELDS})
+    return node_pb2.NodeInfo(**{f: getattr(info, f) for f in _NODE_INFO_FIELDS}, free_bytes=info.free_bytes,
+                             open_sessions=[node_pb2.SessionInfo(session_id=s.session_id, owner=s.owner,
+                                                                 reserved_bytes=s.reserved_bytes)
+                                            for s in info.open_sessions])
 
 
 def node_info_from_pb(pb: node_pb2.NodeInfo) -> wire.NodeInfo:
     if pb.start > pb.end:
         raise WireError(f"NodeInfo {pb.name!r} serves blocks [{pb.start}, {pb.end}): start after end")
-    return wire.NodeInfo(**{f: getattr(pb, f) for f in _NODE_INFO_FIELDS})
+    return wire.NodeInfo(**{f: getattr(pb, f) for f in _NODE_INFO_FIELDS}, free_bytes=pb.free_bytes,
+                         open_sessions=[wire.SessionInfo(s.session_id, s.owner, s.reserved_bytes) for s in pb.open_sessions])
 
 
 def info_request_to_pb() -> node_pb2.InfoRequest:
@@ -831,13 +838,59 @@ def join_request_from_pb(pb: coordinator_pb2.JoinRequest) -> str:
 
 def join_reply_to_pb(reply: wire.JoinReply) -> coordinator_pb2.JoinReply:
     return coordinator_pb2.JoinReply(ray_address=reply.ray_address, ray_auth_token=reply.ray_auth_token,
-                                     ray_auth_mode=reply.ray_auth_mode)
+                                     ray_auth_mode=reply.ray_auth_mode, ray_tls_cert=reply.ray_tls_cert,
+                                     ray_tls_key=reply.ray_tls_key, ray_tls_ca=reply.ray_tls_ca)
 
 
 def join_reply_from_pb(pb: coordinator_pb2.JoinReply) -> wire.JoinReply:
     if not pb.ray_address:
         raise WireError("JoinReply has an empty ray_address")
-    return wire.JoinReply(ray_address=pb.ray_address, ray_auth_token=pb.ray_auth_token, ray_auth_mode=pb.ray_auth_mode)
+    return wire.JoinReply(ray_address=pb.ray_address, ray_auth_token=pb.ray_auth_token, ray_auth_mode=pb.ray_auth_mode,
+                          ray_tls_cert=pb.ray_tls_cert, ray_tls_key=pb.ray_tls_key, ray_tls_ca=pb.ray_tls_ca)
+
+
+MAX_PEM_BYTES = 16 << 10  # a certificate or request is ~1 KB; anything near this is not one
+
+
+def enroll_request_to_pb(token_id: str, secret: str, name: str, csr_pem: bytes,
+                         ips: Iterable[str]) -> coordinator_pb2.EnrollRequest:
+    return coordinator_pb2.EnrollRequest(token_id=token_id, secret=secret, name=name, csr_pem=csr_pem, ips=list(ips))
+
+
+def enroll_request_from_pb(pb: coordinator_pb2.EnrollRequest) -> tuple[str, str, str, bytes, list[str]]:
+    """(token id, secret, name, CSR, IPs)."""
+    if not (pb.token_id and pb.secret and pb.name and pb.csr_pem):
+        raise WireError("EnrollRequest needs a token id, its secret, a name and a certificate request")
+    return pb.token_id, pb.secret, pb.name, _pem(pb.csr_pem, "csr_pem"), _ips(pb.ips)
+
+
+def renew_request_to_pb(csr_pem: bytes, ips: Iterable[str]) -> coordinator_pb2.RenewRequest:
+    return coordinator_pb2.RenewRequest(csr_pem=csr_pem, ips=list(ips))
+
+
+def renew_request_from_pb(pb: coordinator_pb2.RenewRequest) -> tuple[bytes, list[str]]:
+    return _pem(pb.csr_pem, "csr_pem"), _ips(pb.ips)
+
+
+def enrolled_to_pb(m: wire.Enrolled) -> coordinator_pb2.EnrollReply:
+    return coordinator_pb2.EnrollReply(cert_pem=m.cert_pem, ca_pem=m.ca_pem, coordinator=m.coordinator)
+
+
+def enrolled_from_pb(pb: coordinator_pb2.EnrollReply) -> wire.Enrolled:
+    return wire.Enrolled(_pem(pb.cert_pem, "cert_pem"), _pem(pb.ca_pem, "ca_pem"), pb.coordinator)
+
+
+def _pem(data: bytes, what: str) -> bytes:
+    if not data or len(data) > MAX_PEM_BYTES or not data.lstrip().startswith(b"-----BEGIN "):
+        raise WireError(f"{what}: expected a PEM block of at most {MAX_PEM_BYTES} bytes")
+    return bytes(data)
+
+
+def _ips(ips: Iterable[str]) -> list[str]:
+    out = list(ips)
+    if len(out) > 64 or any(len(ip) > 64 for ip in out):
+        raise WireError("at most 64 IP addresses, each of at most 64 characters")
+    return out
 
 
 def edge_part_request_to_pb(model: str) -> coordinator_pb2.EdgePartRequest:
