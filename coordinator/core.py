@@ -134,12 +134,13 @@ class Coordinator:
         names = set(self.authority.revoked_names())
         if serials == self.revoked.serials:
             return False
-        self.revoked.update(serials)
+        self.revoked.update(serials)  # this coordinator's own calls: from now on
         log.warning("revoked identities now: %s", ", ".join(sorted(names)) or "none")
+        for p in list(self.state.placements.values()):  # no lock: a placement may take minutes
+            for _, _, actor in p.stages:
+                actor.revoke(sorted(serials))
         with self._plan_lock:
             for model, p in list(self.state.placements.items()):
-                for _, _, actor in p.stages:
-                    actor.revoke(sorted(serials))
                 if any(node.options.name in names for node, _, _ in p.stages):
                     log.warning("evicting the placement of %s: it uses a revoked node", model)
                     self._drop(model)

@@ -36,6 +36,28 @@ def tiny_dir(tmp_path_factory) -> Callable[[str], Path]:
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny64(tmp_path_factory) -> Path:
+    """A tiny random Llama of width 64 (2 blocks), shared by the distributed and node tests."""
+    from edgetune.tests.tiny import make_tiny_folder
+
+    folder = tmp_path_factory.mktemp("tiny64")
+    make_tiny_folder("llama", folder, hidden_size=64, intermediate_size=128)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory) -> Path:
+    """SAMPLE_TEXTS as a JSONL file of text records (a module may define its own `data_file`)."""
+    import json
+
+    from edgetune.tests.tiny import SAMPLE_TEXTS
+
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in SAMPLE_TEXTS))
+    return path
+
+
 # The integration cluster's model: 4 blocks of width 64. Each node may hold 2 of them
 # (--memory-limit), so every route crosses both nodes.
 CLUSTER_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4)

@@ -161,6 +161,37 @@ def test_node_killed_mid_step_is_replaced_and_the_adapter_is_unchanged(cluster, 
                      "Ray to declare the killed node dead", timeout_s=30)
 
 
+def test_revoking_an_edge_ends_its_training_within_seconds(cluster, model_and_data, tmp_path):
+    """`edgetune revoke` of an edge that is training: the coordinator hands the nodes the list, the
+    first node ends the edge's stream, and the run stops with PERMISSION_DENIED within 5 s."""
+    import threading
+
+    model, data = model_and_data
+    metrics = tmp_path / "remote" / "metrics.jsonl"
+    outcome: dict = {}
+
+    def train():
+        try:
+            finetune(TrainConfig(model=str(model), data=str(data), out=str(tmp_path / "remote"),
+                                 **cluster.edge_options("mallory"), **{**OPTIONS, "steps": 100_000}))
+        except Exception as e:  # what the run ends with
+            outcome["error"], outcome["at"] = e, time.monotonic()
+
+    runner = threading.Thread(target=train, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and '"loss"' in metrics.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert '"loss"' in metrics.read_text(), "training never got going"
+    done = cluster.edgetune("revoke", "mallory", "--state", str(cluster.state))
+    revoked_at = time.monotonic()
+    assert done.returncode == 0, done.stderr
+    runner.join(60)
+    assert "error" in outcome, "the revoked edge kept training"
+    assert "PERMISSION_DENIED" in str(outcome["error"]) and "revoked" in str(outcome["error"]), outcome["error"]
+    assert outcome["at"] - revoked_at < 5.0
+
+
 def test_a_revoked_node_loses_its_shard_and_its_calls(cluster, model_and_data):
     """`edgetune revoke NAME` on the coordinator's host: within seconds the node's shard is gone from
     every placement and its certificate is refused (last in this module: it leaves no usable node)."""

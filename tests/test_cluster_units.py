@@ -322,6 +322,17 @@ def test_format_status_shows_names_health_layers_sessions_and_load():
     assert row_a[col:].startswith("alive") and row_b[col:].startswith("dead")
 
 
+def test_format_status_shows_each_node_s_sessions_by_edge_identity():
+    from edgetune.commands.status import format_status
+
+    opened = [wire.SessionInfo("s1", "alice", 2**20), wire.SessionInfo("s2", "bob"), wire.SessionInfo("s3", "alice")]
+    node = wire.NodeStatus(name="gpu-a", alive=True, stages=[wire.Hop("m", "", 0, 4)],
+                           info=wire.NodeInfo(name="gpu-a", sessions=3, open_sessions=opened, busy_fraction=0.1))
+    row = next(line for line in format_status(wire.ClusterStatus("h:1", [node], ["m"])).splitlines()
+               if line.startswith("gpu-a"))
+    assert "3: alice x2, bob" in row
+
+
 def test_format_status_flags_a_placed_node_that_does_not_answer_and_an_empty_cluster():
     from edgetune.commands.status import format_status
 

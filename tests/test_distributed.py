@@ -13,23 +13,6 @@ import torch
 
 from edgetune.runtime.train.loop import TrainConfig, finetune
 from edgetune.tests.node_harness import patch_connect, start_route
-from edgetune.tests.tiny import SAMPLE_TEXTS, make_tiny_folder
-
-TEXTS = SAMPLE_TEXTS
-
-
-@pytest.fixture(scope="module")
-def tiny64(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny64")
-    make_tiny_folder("llama", folder, hidden_size=64, intermediate_size=128)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    return path
 
 
 @pytest.fixture()

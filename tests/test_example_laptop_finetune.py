@@ -75,8 +75,7 @@ def tiny(tmp_path_factory):
 def _finetune_args(cluster, tiny, out: Path) -> list[str]:
     """The README's command, with the tiny model, data and a short run given as flags."""
     model, data = tiny
-    return ["finetune", "--config", str(CONFIG), "--coordinator", cluster.address,
-            "--token-file", str(cluster.token_file), "--model", str(model), "--data", str(data), "--out", str(out),
+    return ["finetune", "--config", str(CONFIG), *cluster.edge_args("laptop"), "--model", str(model), "--data", str(data), "--out", str(out),
             "--steps", str(STEPS), "--warmup-steps", "1", "--save-every", "1", "--no-progress"]
 
 

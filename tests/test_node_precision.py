@@ -14,14 +14,7 @@ from edgetune.runtime.peft import LoraConfig, attach_adapter
 from edgetune.runtime.peft.adapter import methods_to_json
 from edgetune.runtime.plan.partition import ModelCost, StageNode, partition
 from edgetune.tests.node_harness import shard_step
-from edgetune.tests.tiny import SAMPLE_TEXTS, make_tiny_folder, randomize
-
-
-@pytest.fixture(scope="module")
-def tiny64(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny64")
-    make_tiny_folder("llama", folder, hidden_size=64, intermediate_size=128)
-    return folder
+from edgetune.tests.tiny import SAMPLE_TEXTS, randomize
 
 
 def test_dtype_names_resolve_per_device(monkeypatch):

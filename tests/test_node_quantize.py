@@ -22,16 +22,9 @@ from edgetune.runtime.peft import LoraConfig, attach_adapter
 from edgetune.runtime.peft.adapter import methods_to_json
 from edgetune.runtime.wire import messages as wire
 from edgetune.tests.node_harness import shard_step
-from edgetune.tests.tiny import SAMPLE_TEXTS, make_tiny_folder, randomize
+from edgetune.tests.tiny import SAMPLE_TEXTS, randomize
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@pytest.fixture(scope="module")
-def tiny64(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny64")
-    make_tiny_folder("llama", folder, hidden_size=64, intermediate_size=128)
-    return folder
 
 
 def test_schemes_sizes_and_nf4_blocks():

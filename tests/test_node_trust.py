@@ -23,24 +23,8 @@ from edgetune.runtime.train.loop import TrainConfig, finetune
 from edgetune.runtime.wire import messages as wire
 from edgetune.runtime.wire import rpc, serde
 from edgetune.tests.node_harness import patch_connect, start_route
-from edgetune.tests.tiny import SAMPLE_TEXTS as TEXTS
-from edgetune.tests.tiny import make_tiny_folder
 
 D = 64
-
-
-@pytest.fixture(scope="module")
-def tiny64(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny64")
-    make_tiny_folder("llama", folder, hidden_size=D, intermediate_size=128)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,8 @@ ADAPTER = {
 
 # -- round trips: every message kind ------------------------------------------------------
 def test_open_round_trip():
-    msg = wire.Open("s1", "smollm2", "ab" * 32, HOPS, codec="int8", methods_json='[{"method": "lora"}]')
+    msg = wire.Open("s1", "smollm2", "ab" * 32, HOPS, codec="int8", methods_json='[{"method": "lora"}]',
+                    owner="alice", micro_batch_size=4, seq_len=256, micro_batches=2)
     out, frames = _down(msg)
     assert out == msg and len(frames) == 1
 
@@ -266,7 +267,8 @@ def _pb_round_trip(pb):
 
 
 def test_unary_round_trips():
-    info = wire.NodeInfo("a", "smollm2", "f" * 64, 0, 3, "cuda:0", 2, 17, 123456789, 0.25)
+    info = wire.NodeInfo("a", "smollm2", "f" * 64, 0, 3, "cuda:0", 2, 17, 123456789, 0.25,
+                         [wire.SessionInfo("s1", "alice", 1 << 20), wire.SessionInfo("s2", "bob")], 5 << 30)
     assert serde.node_info_from_pb(_pb_round_trip(serde.node_info_to_pb(info))) == info
     route = wire.Route("smollm2", "f" * 64, HOPS, 6, [wire.ManifestEntry("layers.0.w", "bfloat16", (8, 16), "0" * 64)])
     assert serde.route_from_pb(_pb_round_trip(serde.route_to_pb(route))) == route
@@ -275,8 +277,14 @@ def test_unary_round_trips():
         wire.NodeStatus("b", alive=False),
     ], ["smollm2"])
     assert serde.cluster_status_from_pb(_pb_round_trip(serde.cluster_status_to_pb(status))) == status
-    reply = wire.JoinReply("10.0.0.1:6379", "tok", "token")
+    reply = wire.JoinReply("10.0.0.1:6379", "tok", "token", b"-----BEGIN CERT", b"-----BEGIN KEY", b"-----BEGIN CA")
     assert serde.join_reply_from_pb(_pb_round_trip(serde.join_reply_to_pb(reply))) == reply
+    pem = b"-----BEGIN CERTIFICATE REQUEST-----\nMII...\n"
+    enroll = serde.enroll_request_to_pb("abcd1234", "s3cret", "gpu-1", pem, ["198.18.0.2"])
+    assert serde.enroll_request_from_pb(_pb_round_trip(enroll)) == ("abcd1234", "s3cret", "gpu-1", pem, ["198.18.0.2"])
+    assert serde.renew_request_from_pb(_pb_round_trip(serde.renew_request_to_pb(pem, []))) == (pem, [])
+    enrolled = wire.Enrolled(pem, pem, "10.0.0.1:7700")
+    assert serde.enrolled_from_pb(_pb_round_trip(serde.enrolled_to_pb(enrolled))) == enrolled
     assert serde.join_request_from_pb(_pb_round_trip(serde.join_request_to_pb("node-7"))) == "node-7"
     got = serde.route_request_from_pb(_pb_round_trip(serde.route_request_to_pb("smollm2", ["10.0.0.2:7000"])))
     assert got == ("smollm2", ["10.0.0.2:7000"])
@@ -422,6 +430,14 @@ def test_hostile_unary_messages_raise_wire_error():
         serde.route_request_from_pb(coordinator_pb2.RouteRequest())
     with pytest.raises(WireError, match="start after end"):
         serde.node_info_from_pb(node_pb2.NodeInfo(start=3, end=1))
+    with pytest.raises(WireError, match="needs a token id"):
+        serde.enroll_request_from_pb(coordinator_pb2.EnrollRequest(name="x", csr_pem=b"-----BEGIN X"))
+    with pytest.raises(WireError, match="PEM block"):
+        serde.renew_request_from_pb(coordinator_pb2.RenewRequest(csr_pem=b"-----BEGIN " + b"x" * serde.MAX_PEM_BYTES))
+    with pytest.raises(WireError, match="PEM block"):
+        serde.renew_request_from_pb(coordinator_pb2.RenewRequest(csr_pem=b"not pem"))
+    with pytest.raises(WireError, match="64 IP addresses"):
+        serde.renew_request_from_pb(coordinator_pb2.RenewRequest(csr_pem=b"-----BEGIN X", ips=["1.2.3.4"] * 65))
 
 
 def test_bad_outgoing_messages_raise_wire_error():

@@ -88,7 +88,8 @@ class CoordinatorClient:
         code = e.code()
         hint = ""
         if code == grpc.StatusCode.UNAVAILABLE:
-            hint = " (is `edgetune coordinator` running there, and the port open?)"
+            hint = (" (is `edgetune coordinator` running there, and the port open? With TLS: does it run the CA your "
+                    "credentials were issued by? A coordinator with a new state folder needs a new --join)")
         elif code == grpc.StatusCode.UNAUTHENTICATED:
             hint = " (join with --join STRING from `edgetune token create`; under --insecure, pass its --token-file)"
         return CoordinatorError(f"coordinator {self.address}: {what} failed: {code.name}: {e.details()}{hint}", code.name)
