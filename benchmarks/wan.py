@@ -19,6 +19,9 @@ role: at most 15 characters, the host is shared).
   2 ms is invalid.
 - **Self-check** before each measurement: the RTT through the proxy (TCP ping-pong, within 1 ms
   of the setting) and the throughput of one stream (>= 95% of the rate).
+- **Cuts**: `Lab.cut(hop)` makes a hop silent both ways (the `blackhole` qdisc in place of tbf: no
+  reset, no ICMP, the veths stay up) until `Lab.mend(hop)`; `train_through(..., cut=LinkCut(...))`
+  cuts one for a while once the edge has recorded a chosen step.
 - **Cleanup**: every namespace (its veths go with it) and process is removed on exit, also on
   Ctrl-C, SIGTERM or failure; `leftovers()` lists anything of ours that survived (`.ci/run`
   fails on it).
@@ -42,6 +45,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 PREFIX = "etw"  # every namespace and veth this harness creates starts with it
 BASE = (198, 18)  # 198.18.0.0/15: hop i uses 198.18.<run>.<4i + 1 | 4i + 2>/30
@@ -143,9 +147,6 @@ class Lab:
             _ip("netns", "add", ns)
             self.namespaces.append(ns)
             _ip("-n", ns, "link", "set", "lo", "up")
-        bdp = self.rate_bits / 8 * max(self.rtt_s, 0.001)
-        queue = int(max(2 * bdp, 64 * 1500))  # tbf's queue: at least the bandwidth-delay product
-        burst = int(max(self.rate_bits / 8 / 250, 3 * 1500))  # ~4 ms of tokens, at least a few packets
         for i, (a, b) in enumerate(zip(chain, chain[1:])):
             va, vb = f"{PREFIX}{self.run}{i}a", f"{PREFIX}{self.run}{i}b"
             _ip("link", "add", va, "netns", a, "type", "veth", "peer", "name", vb, "netns", b)
@@ -153,9 +154,28 @@ class Lab:
             for ns, dev, addr in ((a, va, a_addr), (b, vb, b_addr)):
                 _ip("-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
                 _ip("-n", ns, "link", "set", dev, "up")
-                _tc(ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{int(self.rate_bits)}bit",
-                    "burst", str(burst), "limit", str(queue))
+                _tc(ns, "qdisc", "add", "dev", dev, "root", *self._shaper())
             self.hops.append(Hop(a, b, a_addr, b_addr, va, vb))
+
+    def _shaper(self) -> list[str]:
+        """The tbf qdisc (and its arguments) on each end of every hop."""
+        bdp = self.rate_bits / 8 * max(self.rtt_s, 0.001)
+        queue = int(max(2 * bdp, 64 * 1500))  # tbf's queue: at least the bandwidth-delay product
+        burst = int(max(self.rate_bits / 8 / 250, 3 * 1500))  # ~4 ms of tokens, at least a few packets
+        return ["tbf", "rate", f"{int(self.rate_bits)}bit", "burst", str(burst), "limit", str(queue)]
+
+    def cut(self, hop: Hop) -> None:
+        """Cut `hop` both ways: the `blackhole` qdisc replaces tbf on both ends and drops every packet as
+        it leaves, while telling the sender it went out. The veths stay up with their routes, no reset
+        or ICMP comes back: to TCP on both ends the path just went silent (retransmissions back off),
+        as when a link in the middle of a WAN fails. `mend` undoes it."""
+        for ns, dev in ((hop.a, hop.a_dev), (hop.b, hop.b_dev)):
+            _tc(ns, "qdisc", "replace", "dev", dev, "root", "blackhole")
+
+    def mend(self, hop: Hop) -> None:
+        """Undo `cut`: the hop's shaping as it was built (packets dropped meanwhile stay lost)."""
+        for ns, dev in ((hop.a, hop.a_dev), (hop.b, hop.b_dev)):
+            _tc(ns, "qdisc", "replace", "dev", dev, "root", *self._shaper())
 
     def spawn(self, ns: str, argv: list[str], **kwargs) -> subprocess.Popen:
         """A process in namespace `ns`, in its own process group (stopped by close())."""
@@ -546,7 +566,6 @@ class _RouteClient:
 def run_edge(spec_file: str, out_file: str) -> None:
     """Fine-tune through the lab's route (runs inside the edge namespace); writes the metrics as JSON."""
     import json
-    from pathlib import Path
 
     from edgetune.runtime.model.manifest import checkpoint_manifest, fingerprint
     from edgetune.runtime.security.access import Trust
@@ -571,14 +590,48 @@ def run_edge(spec_file: str, out_file: str) -> None:
                                          "steps": [r for r in records if "loss" in r]}))
 
 
-def train_through(lab: Lab, folder: str, splits: list[int], train: dict, workdir: str, num_layers: int) -> dict:
+@dataclass(frozen=True)
+class LinkCut:
+    """Cut `lab.hops[hop]` (0: the edge's link; i: node i-1 to node i) for `seconds` (Lab.cut) as soon as
+    the edge has recorded step `after_step` in its metrics.jsonl: the cut meets step after_step + 1's
+    adapter push and forwards on their way."""
+
+    hop: int
+    after_step: int
+    seconds: float
+
+
+def _cut_after_step(lab: Lab, cut: LinkCut, metrics: Path, done: threading.Event, timeline: dict) -> None:
+    """Wait for `cut.after_step`'s record, cut for `cut.seconds` (shorter if the edge ends meanwhile), mend;
+    `timeline` gets the wall-clock times (time.time()) of the cut and of the mend."""
+    import json
+
+    while not done.wait(0.005):
+        lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []  # whole lines: the edge appends
+        if any("loss" in r and r["step"] >= cut.after_step for r in map(json.loads, lines)):
+            break
+    else:
+        return
+    hop = lab.hops[cut.hop]
+    lab.cut(hop)
+    timeline["cut_at"] = time.time()
+    try:
+        done.wait(cut.seconds)
+    finally:
+        lab.mend(hop)
+        timeline["mended_at"] = time.time()
+
+
+def train_through(lab: Lab, folder: str, splits: list[int], train: dict, workdir: str, num_layers: int,
+                  cut: LinkCut | None = None) -> dict:
     """Shards for [0, s1), [s1, s2), ... in the lab's node namespaces, a delay proxy in front of each, and
-    finetune in the edge namespace through them; returns run_edge's figures plus each proxy's p99 lateness.
+    finetune in the edge namespace through them; returns run_edge's figures plus each proxy's p99 lateness
+    and, with `cut`, when the link was cut and mended (`cut_at`, `mended_at`: time.time()). The edge's and
+    nodes' logs (INFO, timestamped) are `edge.log` and `node-<i>.log` in `workdir`.
 
     Each process plays a machine of its own, so the host's cores are shared out among them (at least
     one thread each): more torch threads than cores make every process's compute erratic."""
     import json
-    from pathlib import Path
 
     from edgetune.runtime.wire import rpc
 
@@ -590,15 +643,20 @@ def train_through(lab: Lab, folder: str, splits: list[int], train: dict, workdir
     threads = max(1, (os.cpu_count() or 1) // (len(bounds) - 1 + 1))  # the nodes and the edge
     train = {"threads": threads, **train}
     py = sys.executable
+    nodes = []
+    for i, (start, end) in enumerate(zip(bounds, bounds[1:])):  # all at once: each loads on a machine of its own
+        with (work / f"node-{i}.log").open("w") as log_file:
+            nodes.append(lab.spawn(lab.node(i), [py, "-m", "edgetune.benchmarks.wan", "node", "--folder", folder,
+                                                 "--start", str(start), "--end", str(end), "--port", str(SHARD_PORT),
+                                                 "--token-file", str(token_file), "--name", f"node-{i}",
+                                                 "--threads", str(threads)],
+                                   stdout=subprocess.PIPE, stderr=log_file, text=True))
     hops, proxies = [], []
-    for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
-        ns, hop = lab.node(i), lab.hops[i]
-        node = lab.spawn(ns, [py, "-m", "edgetune.benchmarks.wan", "node", "--folder", folder, "--start", str(start),
-                              "--end", str(end), "--port", str(SHARD_PORT), "--token-file", str(token_file),
-                              "--name", f"node-{i}", "--threads", str(threads)],
-                         stdout=subprocess.PIPE, text=True)
+    for i, (node, start, end) in enumerate(zip(nodes, bounds, bounds[1:])):
+        hop = lab.hops[i]
         if node.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"node {i} in {ns} did not start (exit code {node.poll()})")
+            raise RuntimeError(f"node {i} in {lab.node(i)} did not start (exit code {node.poll()}): "
+                               f"{(work / f'node-{i}.log').read_text()[-2000:]}")
         report = work / f"proxy{i}.txt"
         proxies.append((lab.start_proxy(hop, SHARD_PORT + 1, SHARD_PORT, str(report)), report))
         _wait_port(lab, hop.a, hop.b_addr, SHARD_PORT + 1)
@@ -607,12 +665,26 @@ def train_through(lab: Lab, folder: str, splits: list[int], train: dict, workdir
     spec.write_text(json.dumps({"folder": folder, "hops": hops,
                                 "train": {**train, "coordinator": "lab:1", "token_file": str(token_file)}}))
     out = work / "edge.json"
-    edge = lab.spawn(lab.edge, [py, "-m", "edgetune.benchmarks.wan", "edge", "--spec", str(spec), "--out", str(out)])
-    code = edge.wait()
+    edge_log = work / "edge.log"
+    with edge_log.open("w") as log_file:
+        edge = lab.spawn(lab.edge, [py, "-m", "edgetune.benchmarks.wan", "edge", "--spec", str(spec), "--out",
+                                    str(out)], stderr=log_file)
+    done, timeline = threading.Event(), {}
+    cutter = threading.Thread(target=_cut_after_step, daemon=True,
+                              args=(lab, cut, Path(train["out"]) / "metrics.jsonl", done, timeline))
+    if cut is not None:
+        cutter.start()
+    try:
+        code = edge.wait()
+    finally:
+        done.set()
+        if cutter.is_alive():
+            cutter.join()
     lab.stop(edge)
     if code:
-        raise RuntimeError(f"the edge's fine-tuning failed with exit code {code}")
-    result = json.loads(out.read_text())
+        raise RuntimeError(f"the edge's fine-tuning failed with exit code {code}: "
+                           f"{edge_log.read_text()[-2000:]}")
+    result = {**json.loads(out.read_text()), **timeline}
     lab.stop(*(proc for proc, _ in proxies))
     result["proxy_p99_lateness_s"] = [float(report.read_text().split()[0]) for _, report in proxies]
     return result
@@ -648,6 +720,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "proxy":
         run_proxy(args.listen, args.to, args.delay_ms, args.report)
         return 0
+    if args.cmd in ("node", "edge"):  # timestamped INFO records on stderr: train_through keeps them in files
+        from edgetune.commands.logs import setup_logging
+
+        setup_logging("INFO")
     if args.cmd == "node":
         serve_node(args.folder, args.start, args.end, args.port, args.token_file, args.name, args.threads)
         return 0

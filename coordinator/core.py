@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,13 +30,14 @@ from edgetune.runtime.compute.precision import value_bytes
 from edgetune.runtime.compute.quantize import bytes_per_value
 from edgetune.runtime.errors import ConfigError, EdgetuneError, PartitionError, SessionError, TrustError
 from edgetune.runtime.plan.cost import model_cost
-from edgetune.runtime.plan.partition import StageNode, partition
+from edgetune.runtime.plan.partition import Stage, StageNode, format_bytes, node_bytes_per_block, partition
 from edgetune.runtime.security.access import Peer, Revocations, Trust
 from edgetune.runtime.security.authority import ClusterAuthority
 from edgetune.runtime.wire import messages as wire
 
 log = logging.getLogger("edgetune.coordinator")
 
+BAN_S = 60.0  # a node whose shard stopped answering (hung, cut off) gets no blocks for this long
 EDGE_FILES_SKIP = (".safetensors", ".safetensors.index.json", ".lock", ".gguf")
 
 
@@ -62,6 +64,7 @@ class Placement:
     model: ModelInfo
     stages: list[tuple[RayNode, object, placement.ShardActor]]  # (node, partition.Stage, actor)
     summary: str = ""
+    verifiers: list[tuple[RayNode, object, placement.ShardActor]] = field(default_factory=list)  # --verify: per stage
 
 
 @dataclass
@@ -69,14 +72,15 @@ class CoordinatorState:
     profiles: dict[tuple[str, str], object] = field(default_factory=dict)  # (node_id, model) -> NodeProfile
     placements: dict[str, Placement] = field(default_factory=dict)
     models: dict[str, ModelInfo] = field(default_factory=dict)
-    suspects: set[str] = field(default_factory=set)  # node ids whose shard stopped answering
+    bans: dict[str, float] = field(default_factory=dict)  # node id -> until when (monotonic s): its shard stopped answering
 
 
 class Coordinator:
     """Plain Python over Ray; coordinator/service.py maps gRPC calls onto these methods."""
 
     def __init__(self, trust: Trust, ray_address: str, ray_auth_token: str = "", ray_auth_mode: str = "",
-                 authority: ClusterAuthority | None = None, ray_tls: bool = False, address: str = "") -> None:
+                 authority: ClusterAuthority | None = None, ray_tls: bool = False, address: str = "",
+                 ban_s: float = BAN_S) -> None:
         self.trust = trust  # the coordinator's own server identity (or --insecure's token)
         self.authority = authority  # None under --insecure
         self.ray_address = ray_address
@@ -84,6 +88,7 @@ class Coordinator:
         self.ray_auth_mode = ray_auth_mode
         self.ray_tls = ray_tls  # Ray runs with TLS: joining nodes get a Ray-only certificate
         self.address = address  # HOST:PORT of the mutual-TLS port, as nodes and edges reach it
+        self.ban_s = ban_s  # how long a node whose shard stopped answering gets no blocks
         self.revoked = Revocations(authority.revoked_serials() if authority else ())
         self.state = CoordinatorState()
         self._lock = threading.RLock()  # model infos
@@ -137,7 +142,7 @@ class Coordinator:
         self.revoked.update(serials)  # this coordinator's own calls: from now on
         log.warning("revoked identities now: %s", ", ".join(sorted(names)) or "none")
         for p in list(self.state.placements.values()):  # no lock: a placement may take minutes
-            for _, _, actor in p.stages:
+            for _, _, actor in p.stages + p.verifiers:
                 actor.revoke(sorted(serials))
         with self._plan_lock:
             for model, p in list(self.state.placements.items()):
@@ -211,15 +216,16 @@ class Coordinator:
         ok = True
         for node, stage, actor in p.stages:
             if node.node_id not in alive or not actor.ping():
-                log.warning("node %s (blocks [%d, %d)) is gone; reassigning its blocks", node.options.name, stage.start, stage.end)
-                self.state.suspects.add(node.node_id)
+                log.warning("node %s (blocks [%d, %d)) does not answer; reassigning its blocks and banning it for "
+                            "%.0f s", node.options.name, stage.start, stage.end, self.ban_s)
+                self.state.bans[node.node_id] = time.monotonic() + self.ban_s
                 ok = False
         return ok
 
     def _drop(self, model: str) -> None:
         p = self.state.placements.pop(model, None)
         if p is not None:
-            for _, _, actor in p.stages:
+            for _, _, actor in p.stages + p.verifiers:
                 actor.shutdown()
 
     def _route_of(self, p: Placement) -> wire.Route:
@@ -229,9 +235,16 @@ class Coordinator:
     def _candidates(self) -> list[RayNode]:
         nodes = self.nodes()
         alive_ids = {n.node_id for n in nodes if n.alive}
-        self.state.suspects &= alive_ids  # Ray declared them dead: no longer our concern
+        now = time.monotonic()
+        # a ban ends when it runs out (the node may have come back: a hung process resumed) or when
+        # Ray declares the node dead (no longer our concern)
+        self.state.bans = {nid: until for nid, until in self.state.bans.items() if nid in alive_ids and until > now}
         revoked = set(self.authority.revoked_names()) if self.authority else set()
-        return [n for n in nodes if n.alive and n.node_id not in self.state.suspects and n.options.name not in revoked]
+        return [n for n in nodes if n.alive and n.node_id not in self.state.bans and n.options.name not in revoked]
+
+    def banned_s(self, node_id: str) -> float:
+        """Seconds left of `node_id`'s ban (0: not banned)."""
+        return max(0.0, self.state.bans.get(node_id, 0.0) - time.monotonic())
 
     def _place(self, model: str) -> Placement:
         info = self.model_info(model)
@@ -272,7 +285,8 @@ class Coordinator:
                      min(p.bandwidth_bytes_per_s, 1e12) / 1e6)
         return self.state.profiles[key]
 
-    def _start_shard(self, node: RayNode, stage, info: ModelInfo, previous: str) -> placement.ShardActor:
+    def _start_shard(self, node: RayNode, stage, info: ModelInfo, previous: str,
+                     port: int | None = None) -> placement.ShardActor:
         o = node.options
         prof = self._profile(node, info)  # --dtype as the node resolved it for its device
         fetch = o.fetch_weights or not placement.has_model(node.node_id, info.name)
@@ -286,7 +300,8 @@ class Coordinator:
             tensors_ref = ray.put({n: ckpt.read_raw(n) for n in names})
             log.info("node %s reads no model file: sending its %d tensors through the object store", o.name, len(names))
         spec = placement.shard_spec(name=o.name, model=info.name, start=stage.start, end=stage.end, device=o.device,
-                                    threads=o.threads, fetch_weights=fetch, port=o.shard_port, dtype=prof.dtype,
+                                    threads=o.threads, fetch_weights=fetch, port=o.shard_port if port is None else port,
+                                    dtype=prof.dtype,
                                     quantize=prof.quantize, kernels=prof.kernels, previous=previous,
                                     memory_bytes=int(prof.memory_bytes))
         return placement.ShardActor.place(node.node_id, spec, self._shard_trust(node), sorted(self.revoked.serials),
@@ -299,6 +314,100 @@ class Coordinator:
             return self.trust
         cert, key = self.authority.shard_keypair(node.options.name, [node.host] if node.host else [])
         return Trust.mutual(self.trust.ca_pem, cert, key)
+
+    # -- verifier replicas (finetune --verify) ------------------------------------------------
+    def serve_route(self, model: str, failed: list[str] | None = None, verify: bool = False,
+                    exclude: tuple[str, ...] | list[str] = ()) -> wire.Route:
+        """GetRoute: `route`, without the nodes the edge banned (`exclude`: its verifier caught them
+        computing wrong hidden states), and with a verifier replica of every stage when `verify`.
+
+        Placements are shared by every edge training the model, so an exclusion bans the node for
+        everyone, like a node that stopped answering (`ban_s`; the edge asks again while it holds
+        its ban), and a placement using it is dropped: other edges replay a step once."""
+        with self._plan_lock:
+            if exclude:
+                self._exclude(model, set(exclude))
+            route = self.route(model, failed)
+            if verify:
+                route.verifiers = self._verifier_hops(model, failed or [])
+            return route
+
+    def _exclude(self, model: str, names: set[str]) -> None:
+        until = time.monotonic() + self.ban_s
+        for node in self.nodes():
+            if node.options.name in names:
+                if not self.banned_s(node.node_id):
+                    log.warning("an edge's verifier caught node %s computing wrong hidden states: banned for %.0f s",
+                                node.options.name, self.ban_s)
+                self.state.bans[node.node_id] = max(self.state.bans.get(node.node_id, 0.0), until)
+        p = self.state.placements.get(model)
+        if p is not None and names & {node.options.name for node, _, _ in p.stages}:
+            self._drop(model)  # the next route re-partitions without it
+        elif p is not None and names & {node.options.name for node, _, _ in p.verifiers}:
+            self._drop_verifiers(p)
+
+    def _verifier_hops(self, model: str, failed: list[str]) -> list[wire.Hop]:
+        """A replica of each stage of `model`'s placement, on another node than the stage's, placed
+        once and kept with the placement (re-placed when a verifier's node is gone or banned)."""
+        p = self.state.placements[model]
+        usable = {n.node_id for n in self._candidates()}
+        if any(node.node_id not in usable or (actor.address() in failed and not actor.ping())
+               for node, _, actor in p.verifiers):
+            self._drop_verifiers(p)
+        if not p.verifiers:
+            try:
+                p.verifiers = self._place_verifiers(p)
+            except ConfigError as e:
+                raise SessionError(str(e), code="FAILED_PRECONDITION") from None
+            except placement.PlacementError as e:
+                raise PlacementUnavailable(str(e)) from None
+        return [wire.Hop(node.options.name, actor.address(), stage.start, stage.end) for node, stage, actor in p.verifiers]
+
+    def _drop_verifiers(self, p: Placement) -> None:
+        for _, _, actor in p.verifiers:
+            actor.shutdown()
+        p.verifiers = []
+
+    def _place_verifiers(self, p: Placement) -> list[tuple[RayNode, Stage, placement.ShardActor]]:
+        """Per stage, the node other than the stage's with room for a replica of its blocks (with one
+        micro-batch in flight, as partitions count), preferring one that holds and runs blocks as the
+        stage's node does (then their tolerance is tightest), then the most free memory. Replicas
+        serve edges directly (previous ""), on a free port (the node's shard port is its stage's)."""
+        info = p.model
+        cost = model_cost(info.config)
+        nodes = self._candidates()
+        profiles = {n.node_id: self._profile(n, info) for n in nodes}
+        shapes = {n.node_id: _stage_node(n.options.name, profiles[n.node_id]) for n in nodes}
+        free = {}
+        for n in nodes:
+            held = sum((st.end - st.start) * node_bytes_per_block(shapes[n.node_id], cost, 1)
+                       for node, st, _ in p.stages if node.node_id == n.node_id)
+            free[n.node_id] = shapes[n.node_id].memory_bytes - shapes[n.node_id].fixed_bytes - held
+        picks = []
+        for node, stage, _ in p.stages:
+            mine = self._profile(node, info)
+            need = {n.node_id: (stage.end - stage.start) * node_bytes_per_block(shapes[n.node_id], cost, 1) for n in nodes}
+            others = [n for n in nodes if n.node_id != node.node_id]
+            fits = [n for n in others if free[n.node_id] >= need[n.node_id]]
+            if not fits:
+                raise ConfigError(_no_verifier(node, stage, others, free, need))
+            best = min(fits, key=lambda n: ((profiles[n.node_id].dtype, profiles[n.node_id].quantize)
+                                            != (mine.dtype, mine.quantize), -free[n.node_id], n.options.name))
+            free[best.node_id] -= need[best.node_id]
+            picks.append((best, Stage(best.options.name, stage.start, stage.end, stage.time_s, need[best.node_id])))
+        placed = []
+        try:
+            for node, stage in picks:
+                placed.append((node, stage, self._start_shard(node, stage, info, "", port=0)))
+            for _, _, actor in placed:  # wait until every replica loaded and listens
+                actor.address()
+        except EdgetuneError:
+            for _, _, actor in placed:
+                actor.shutdown()
+            raise
+        log.info("verifier replicas of %s: %s", info.name,
+                 ", ".join(f"[{st.start}, {st.end}) on {n.options.name}" for n, st, _ in placed))
+        return placed
 
     # -- status ---------------------------------------------------------------------------
     def status(self) -> wire.ClusterStatus:
@@ -320,7 +429,7 @@ class Coordinator:
                 threads=getattr(prof, "threads", node.options.threads), block_time_s=getattr(prof, "block_time_s", 0.0),
                 bandwidth_bytes_per_s=min(getattr(prof, "bandwidth_bytes_per_s", 0.0), 1e15),
                 dtype=getattr(prof, "dtype", ""), quantize=getattr(prof, "quantize", ""),
-                kernels=getattr(prof, "kernels", ""),
+                kernels=getattr(prof, "kernels", ""), banned_s=self.banned_s(node.node_id),
                 stages=[wire.Hop(model, "", s.start, s.end) for model, s, _ in mine], info=info))
         return wire.ClusterStatus(self.ray_address, out, sorted(p.model.name for p in placements))
 
@@ -344,6 +453,19 @@ def _stage_node(name: str, profile) -> StageNode:
     return StageNode(name, profile.memory_bytes, profile.block_time_s, profile.bandwidth_bytes_per_s,
                      profile.fixed_bytes, weight_scale=bytes_per_value(profile.quantize, profile.dtype) / fp32,
                      activation_scale=value_bytes(profile.dtype) / fp32)
+
+
+def _no_verifier(node: RayNode, stage, others: list[RayNode], free: dict[str, int], need: dict[str, int]) -> str:
+    """Why no node can hold a verifier replica of `stage` (run by `node`), with the numbers."""
+    blocks = f"blocks [{stage.start}, {stage.end})"
+    if not others:
+        return (f"--verify needs a replica of every stage's blocks on another node than the stage's, and the cluster "
+                f"has only node {node.options.name} (serving {blocks}); add a node, or train without --verify")
+    room = "; ".join(f"{n.options.name} has {format_bytes(max(0, free[n.node_id]))} free, needs "
+                     f"{format_bytes(need[n.node_id])}" for n in others)
+    return (f"--verify: no node other than {node.options.name} has room for a replica of its {blocks} ({room}, "
+            "beside its own blocks and other replicas); add a node or raise a node's --memory-limit, or train "
+            "without --verify")
 
 
 def _block_of(name: str) -> int | None:

@@ -64,8 +64,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def GetRoute(self, request, context):
         def route():
             self.gate.admit(context, ("edge",), "GetRoute (only edges train)")
-            model, failed = serde.route_request_from_pb(request)
-            return serde.route_to_pb(self.coordinator.route(model, failed))
+            ask = serde.route_request_from_pb(request)
+            return serde.route_to_pb(self.coordinator.serve_route(ask.model, list(ask.failed), ask.verify, ask.exclude))
         return self._run(context, route)
 
     def Status(self, request, context):

@@ -69,6 +69,9 @@ _FINETUNE_OPTIONS: list[tuple[str, type, str]] = [
     ("max_step_retries", int, "distributed: replays of one step after node failures before giving up"),
     ("route_timeout_s", float, "distributed: seconds to wait for the coordinator to (re)assign blocks"),
     ("reply_timeout_s", float, "distributed: longest silence from the route within a step, in seconds"),
+    ("verify", float, "distributed: recompute this fraction of micro-batches (a seeded choice) on verifier replicas "
+                      "of every stage's blocks on other nodes and compare the hidden states; a node that disagrees "
+                      "beyond its precision's tolerance is banned and the step replayed (0: no verification)"),
 ]
 _FINETUNE_FLAGS = {"use_rslora": "use rsLoRA scaling alpha / sqrt(r)", "prefix_projection": "prefix tuning through an MLP projection",
                    "insecure": "LOOPBACK DEVELOPMENT ONLY: plaintext gRPC with the shared --token-file instead of "
@@ -196,6 +199,8 @@ def _add_coordinator(sub) -> None:
     p.add_argument("--temp-dir", default=None, help="Ray's session folder (default: a fresh temporary folder)")
     p.add_argument("--join-port", type=int, default=None, help="port where nodes and edges join: TLS without a client "
                    "certificate, serving only Enroll (default: --port + 1; 0: a free one)")
+    p.add_argument("--ban-s", type=float, default=60.0, help="seconds a node whose shard stopped answering (hung, "
+                   "cut off) gets no blocks; it is used again afterwards")
     p.add_argument("--no-ray-tls", action="store_true", help="run Ray's own channels without TLS (default: Ray's TLS "
                    "from a Ray-only CA that only nodes get)")
     _add_state(p)

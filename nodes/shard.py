@@ -75,6 +75,12 @@ class Shard:
     def end(self) -> int:
         return self.part.end
 
+    def precision(self) -> tuple[str, str]:
+        """(dtype, quantization) of the blocks as served: ("bf16", "int8"), ("fp32", "none"), ..."""
+        from edgetune.runtime.compute.precision import dtype_name
+
+        return dtype_name(self.part.dtype), self.quantize
+
     def loaded_bytes(self) -> int:
         return sum(tensor_bytes(p) for p in self.part.parameters())
 
@@ -98,8 +104,13 @@ class Shard:
             check_methods(methods, self.quantize, self.name)
         except ConfigError as e:
             raise SessionError(str(e), code="FAILED_PRECONDITION") from None
+        try:
+            shapes = adapter_shapes(methods, self.part)
+        except Exception as e:  # a config from the wire that parses but makes no tensors (e.g. a bad regex)
+            raise SessionError(f"PEFT methods that make no adapter tensors for blocks [{self.start}, {self.end}) of "
+                               f"{self.model}: {type(e).__name__}: {e}", code="INVALID_ARGUMENT") from None
         session = ShardSession(self, msg.session_id, methods, msg.methods_json, msg.adapter_codec, owner=msg.owner,
-                               reserved_bytes=self.session_bytes(msg))
+                               reserved_bytes=self.session_bytes(msg), shapes=shapes)
         with self._lock:
             held = self.sessions.get(msg.session_id)
             if held is not None and held.owner != msg.owner:
@@ -152,16 +163,36 @@ class Shard:
                              free_bytes=max(0, self.memory_bytes - self.loaded_bytes() - reserved) if self.memory_bytes else 0)
 
 
+def adapter_shapes(methods, part: CausalLM) -> dict[tuple[int, int], dict[str, tuple[int, ...]]]:
+    """(method index, layer) -> name -> shape of every adapter tensor the methods make for `part`'s
+    blocks: what the edge's Adapter.create made (init_block, or derive_blocks for a projected prefix).
+    Shapes only: tensors that need no base weight are made on the meta device."""
+    gen = torch.Generator().manual_seed(0)
+    layers = [block.layer_idx for block in part.layers]
+    out = {}
+    with torch.device("meta"):
+        for k, method in enumerate(methods):
+            derived = None
+            if type(method).overrides("derive_blocks"):
+                derived = method.derive_blocks(method.init_edge(part.config, part, gen), layers)
+            for block in part.layers:
+                made = method.init_block(part.config, block, gen) if derived is None else derived.get(block.layer_idx, {})
+                if made:
+                    out[(k, block.layer_idx)] = {name: tuple(t.shape) for name, t in made.items()}
+    return out
+
+
 class ShardSession:
     """One edge's use of a shard: the current adapter version, cached activations, step grads."""
 
     def __init__(self, shard: Shard, session_id: str, methods, methods_key: str = "", adapter_codec: str = "raw",
-                 owner: str = "", reserved_bytes: int = 0) -> None:
+                 owner: str = "", reserved_bytes: int = 0, shapes: dict | None = None) -> None:
         self.shard = shard
         self.session_id = session_id
         self.owner = owner  # the edge identity that opened it
         self.reserved_bytes = reserved_bytes  # set aside at admission
         self.methods = methods
+        self.shapes = adapter_shapes(methods, shard.part) if shapes is None else shapes  # what a whole push holds
         self.methods_key = methods_key  # what a compiled block function is keyed by (with shapes, dtype)
         self.adapter_codec = adapter_codec  # how deltas arrive and gradients leave (wire.ADAPTER_CODECS)
         self.residuals: dict[str, torch.Tensor] = {}  # gradient error feedback: what encoding lost so far
@@ -196,6 +227,8 @@ class ShardSession:
                 if old is None or old.shape != t.shape:
                     raise SessionError(f"adapter delta for {key!r} but node {self.shard.name} holds no replica of "
                                        "that shape; send the whole adapter", code="FAILED_PRECONDITION")
+        if not msg.delta:
+            self._check_whole(msg.tensors)
         mine = dict(self.tensors) if msg.delta else {}
         for key, t in msg.tensors.items():
             # the leaf stays fp32 (the edge's master precision): each forward casts it to the
@@ -208,6 +241,25 @@ class ShardSession:
         self.version = msg.version
         self.tensors = mine
         self.cache.clear()  # activations of an older version are useless for its gradients
+
+    def _check_whole(self, tensors: dict[str, torch.Tensor]) -> None:
+        """A whole push holds tensors the session's methods make for this shard's blocks, in the shapes
+        they make them; a method that adds virtual tokens needs all of its tensors (every block's
+        attention expects its keys). A method that needs a tensor left out says so in forward."""
+        wrong = []
+        for key, t in tensors.items():
+            k, layer, name = split_block_key(key)
+            want = self.shapes.get((k, layer), {}).get(name)
+            if key != f"{k}.{layer}.{name}" or want != tuple(t.shape):
+                wrong.append(f"{key!r} of shape {tuple(t.shape)}" + (f" (expected {want})" if want else ""))
+        pushed = {split_block_key(key) for key in tensors}
+        for (k, layer), names in self.shapes.items():
+            if self.methods[k].num_prefix_tokens():
+                wrong += [f"'{k}.{layer}.{n}' missing" for n in names if (k, layer, n) not in pushed]
+        if wrong:
+            raise SessionError(f"adapter push for node {self.shard.name} does not fit the session's PEFT methods "
+                               f"on blocks [{self.shard.start}, {self.shard.end}): " + ", ".join(wrong[:4])
+                               + (f" and {len(wrong) - 4} more" if len(wrong) > 4 else ""), code="INVALID_ARGUMENT")
 
     def _into_buffer(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """The session's persistent leaf for `key`, holding `t`: a new version is copied into the
@@ -237,7 +289,9 @@ class ShardSession:
 
     # -- forward / backward -----------------------------------------------------
     def forward(self, msg: wire.Forward) -> torch.Tensor:
-        """Run the blocks; keeps what backward needs when msg.train. Returns (B, T, D)."""
+        """Run the blocks; keeps what backward needs when msg.train (unless msg.recompute: a verifier
+        replica's recomputation runs the training path, dropout masks included, and keeps nothing,
+        so a verifier session holds no more than one forward's memory). Returns (B, T, D)."""
         if self.version is None or msg.version != self.version:
             raise SessionError(f"stale adapter version {msg.version} on node {self.shard.name} "
                                f"(it holds version {self.version}); push the adapter before its forwards", code="FAILED_PRECONDITION")
@@ -258,13 +312,25 @@ class ShardSession:
         if msg.train:
             h_in.requires_grad_(True)
             with torch.enable_grad():
-                h_out = self.shard.executor.forward_blocks(part, h_in, ctx, self._views(key), self.methods_key)
-            self._remember(msg.step, msg.micro, _Saved(h_in, h_out))
+                h_out = self._run_blocks(h_in, ctx, key)
+            if not msg.recompute:
+                self._remember(msg.step, msg.micro, _Saved(h_in, h_out))
         else:
             with torch.no_grad():
-                h_out = self.shard.executor.forward_blocks(part, h_in, ctx, self._views(key), self.methods_key)
+                h_out = self._run_blocks(h_in, ctx, key)
         self._spent("forward_s", started)
         return h_out.detach().float()  # the wire's codec, not the blocks' dtype, decides what travels
+
+    def _run_blocks(self, h_in: torch.Tensor, ctx, dropout_key) -> torch.Tensor:
+        try:
+            return self.shard.executor.forward_blocks(self.shard.part, h_in, ctx, self._views(dropout_key), self.methods_key)
+        except KeyError as e:  # a method's rule looked up a tensor of its block that the push left out
+            names = {name for block in self.shapes.values() for name in block}
+            if e.args and e.args[0] in names:
+                raise SessionError(f"adapter version {self.version} on node {self.shard.name} lacks {e.args[0]!r}, "
+                                   "which its method needs beside the tensors pushed with it: push the whole "
+                                   "adapter", code="INVALID_ARGUMENT") from None
+            raise
 
     def _views(self, dropout_key):
         """Per-block adapter views over this version's tensors, cast to the blocks' dtype."""

@@ -113,3 +113,15 @@ def test_a_model_too_big_for_the_cluster_is_refused_with_the_missing_memory(coor
     client.close()
     assert err.value.code == "FAILED_PRECONDITION"
     assert "can hold 4 of 8 blocks" in str(err.value) and "missing" in str(err.value)
+
+
+def test_verify_is_refused_where_no_other_node_has_room_for_a_replica(coordinator, files, tmp_path):
+    """Each node holds 2 of the 4 blocks and has room for half a block more: no replica of a stage fits
+    on the other node, so `finetune --verify` stops before training, with the numbers."""
+    _, address, token_file = coordinator
+    with pytest.raises(CoordinatorError) as err:
+        finetune(TrainConfig(model=str(files / "tiny"), data=str(files / "data.jsonl"), out=str(tmp_path / "v"),
+                             coordinator=address, token_file=str(token_file), insecure=True, verify=0.5, **OPTIONS))
+    assert err.value.code == "FAILED_PRECONDITION"
+    assert "--verify: no node other than node-0 has room for a replica of its blocks [0, 2)" in str(err.value)
+    assert "node-1 has" in str(err.value) and "free, needs" in str(err.value)

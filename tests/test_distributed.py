@@ -75,6 +75,26 @@ def test_distributed_equals_local(name, tiny64, data_file, route, tmp_path, monk
     assert local.losses[-1] < local.losses[0]
 
 
+def test_a_route_of_three_nodes_trains_as_local_without_a_replay(data_file, tmp_path, monkeypatch, caplog):
+    """Each middle node relays every later node's Gradients before its own: with three stages the
+    first node must wait for two of them (once a node sent its own after the first, the edge saw a
+    stray Gradients and replayed every step)."""
+    from edgetune.tests.tiny import make_tiny_folder
+
+    folder = tmp_path / "tiny3"
+    make_tiny_folder("llama", folder, hidden_size=64, intermediate_size=128, num_hidden_layers=3)
+    three = start_route(folder, [1, 2], tmp_path / "tok")
+    try:
+        local = finetune(_cfg(folder, data_file, tmp_path / "local"))
+        patch_connect(monkeypatch, three)
+        caplog.set_level("WARNING", logger="edgetune.remote")
+        remote = finetune(_cfg(folder, data_file, tmp_path / "remote", coordinator="fake:1"))
+    finally:
+        three.stop()
+    assert "replaying" not in caplog.text, caplog.text
+    _assert_same(_adapter(local.out), _adapter(remote.out), 1e-5)
+
+
 def test_evicted_activations_are_recomputed_and_the_adapter_is_unchanged(tiny64, data_file, tmp_path, monkeypatch):
     """Each node keeps one micro-batch's activations: backward finds the other evicted, the node
     answers FAILED_PRECONDITION, the edge re-sends that forward -- and the result is still exact."""

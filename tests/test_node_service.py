@@ -3,12 +3,17 @@ and the node keeps serving other sessions. Real gRPC on loopback, no Ray."""
 from __future__ import annotations
 
 import queue
+import threading
+import time
 
 import grpc
 import pytest
 import torch
 
+from edgetune.nodes.service import NodeLimits
+from edgetune.nodes.shard import ShardSession
 from edgetune.proto.v1 import node_pb2, node_pb2_grpc, tensor_pb2
+from edgetune.runtime.errors import SessionError
 from edgetune.runtime.peft import LoraConfig
 from edgetune.runtime.peft.adapter import methods_to_json
 from edgetune.runtime.security.access import Trust
@@ -306,3 +311,143 @@ def test_an_end_step_for_another_version_is_not_taken_for_lost_activations(node)
     s.send(_fwd())  # the session still serves
     assert isinstance(s.recv(), wire.ForwardResult)
     s.close()
+
+
+# -- overload: more sessions or frames than a node accepts -------------------------------------
+LIMITS = NodeLimits(max_sessions=2, max_pending=8, max_pending_bytes=128 << 10)
+
+
+@pytest.fixture
+def capped(tiny_dir, tmp_path):
+    """A fresh node (both blocks) that accepts 2 sessions, each with 8 messages or 128 KiB queued."""
+    local = start_route(tiny_dir("llama"), [], tmp_path, limits=LIMITS)
+    yield local
+    local.stop()
+
+
+def _opened(local, session_id: str) -> Session:
+    s = Session(local)
+    s.send(_open(local, session_id=session_id))
+    assert isinstance(s.recv(), wire.Opened)
+    return s
+
+
+def _opened_when_free(local, session_id: str, deadline_s: float = 5.0) -> Session:
+    """A session opened once the node has room (the server forgets a closed session a moment after it ends)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return _opened(local, session_id)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _serves(s: Session) -> None:
+    s.send(wire.AdapterPush(1, {}))
+    s.send(_fwd())
+    out = s.recv()
+    assert isinstance(out, wire.ForwardResult) and out.hidden.shape == (1, 4, D)
+
+
+def test_a_session_beyond_the_cap_is_refused_while_unary_calls_still_answer(capped):
+    held = [_opened(capped, f"held-{i}") for i in range(LIMITS.max_sessions)]
+    extra = Session(capped)
+    extra.send(_open(capped, session_id="extra"))
+    e = _status(extra)
+    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "holds 2 sessions" in e.details() and "max_sessions=2" in e.details() and "retry" in e.details()
+    extra.close()
+    with rpc.make_channel(capped.route.hops[0].address, capped.trust) as channel:  # a thread is left for these
+        assert rpc.check_health(channel) == "SERVING"
+        info = serde.node_info_from_pb(node_pb2_grpc.NodeStub(channel).Info(node_pb2.InfoRequest(), timeout=5))
+        assert info.sessions == LIMITS.max_sessions
+    held[0].close()  # ends its stream
+    held[1].call.cancel()  # goes away mid-session
+    held[1].channel.close()
+    fresh = [_opened_when_free(capped, f"fresh-{i}") for i in range(LIMITS.max_sessions)]  # both places came back
+    _serves(fresh[0])
+    for s in fresh:
+        s.close()
+
+
+@pytest.mark.parametrize("tokens, over", [(4, "messages wait for its compute (at most 8)"),
+                                          (256, "MiB wait in its queues")])
+def test_a_session_sending_faster_than_the_node_computes_ends_and_others_go_on(capped, monkeypatch, tokens, over):
+    """The node's compute for session "flood" is held: its forwards pile up until a limit ends it
+    (8 small messages, or 128 KiB of 32 KiB forwards); session "other" keeps being served meanwhile."""
+    release = threading.Event()
+    forward = ShardSession.forward
+
+    def held_for_flood(self, msg):
+        if self.session_id == "flood":  # then fails: no torch left running when the test's node stops
+            release.wait(10)
+            raise SessionError("held by the test", code="ABORTED")
+        return forward(self, msg)
+
+    monkeypatch.setattr(ShardSession, "forward", held_for_flood)
+    try:
+        other = _opened(capped, "other")
+        flood = _opened(capped, "flood")
+        flood.send(wire.AdapterPush(1, {}))
+        for micro in range(LIMITS.max_pending + 2):
+            flood.send(wire.Forward(0, micro, 1, True, (0, 0, micro), torch.randn(1, tokens, D)))
+        e = _status(flood)
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and over in e.details()
+        assert "sends faster than the node computes" in e.details()
+        _serves(other)  # while the flood's compute is still held
+    finally:
+        release.set()
+    flood.close()
+    other.close()
+    after = _opened_when_free(capped, "after")  # the ended session gave its place back
+    _serves(after)
+    after.close()
+
+
+# -- found by fuzzing (tests/fuzz, issue 14) ----------------------------------------------------
+def _fitting(methods: str):
+    """A push per case of test_an_adapter_that_does_not_fit_its_methods_is_refused."""
+    from edgetune.runtime.peft import PrefixTuningConfig, SerialAdapterConfig
+
+    return {
+        "lora": [LoraConfig(r=2)], "prefix": [PrefixTuningConfig(num_virtual_tokens=2)],
+        "serial": [SerialAdapterConfig(bottleneck_size=4)],
+    }[methods]
+
+
+@pytest.mark.parametrize("methods, push, refused_by, message", [
+    # the fuzzer's input renamed q_proj.lora_B: the forward raised KeyError (INTERNAL)
+    ("lora", {"0.0.self_attn.q_proj.lora_A": torch.zeros(2, D)}, "forward", "lacks 'self_attn.q_proj.lora_B'"),
+    ("lora", {"0.0.self_attn.q_9roj.lora_B": torch.zeros(D, 2)}, "push", "'0.0.self_attn.q_9roj.lora_B' of shape"),
+    # a rank the config does not have: torch's shape mismatch in forward (INTERNAL)
+    ("lora", {"0.0.self_attn.q_proj.lora_A": torch.zeros(3, D), "0.0.self_attn.q_proj.lora_B": torch.zeros(D, 3)},
+     "push", "of shape (3, 32) (expected (2, 32))"),
+    # the fuzzer's input pushed LoRA tensors to a prefix-tuning session: KeyError 'prefix_key' (INTERNAL)
+    ("prefix", {}, "push", "'0.0.prefix_key' missing"),
+    # ... and half a serial adapter: KeyError 'attn_adapter.up.bias' (INTERNAL)
+    ("serial", {"0.0.attn_adapter.down.weight": torch.zeros(4, D), "0.0.attn_adapter.down.bias": torch.zeros(4)},
+     "forward", "lacks 'attn_adapter.up.weight'"),
+])
+def test_an_adapter_that_does_not_fit_its_methods_is_refused(node, methods, push, refused_by, message):
+    s = Session(node)
+    s.send(_open(node, methods_json=methods_to_json(_fitting(methods))))
+    assert isinstance(s.recv(), wire.Opened)
+    s.send(wire.AdapterPush(1, push))
+    if refused_by == "forward":
+        s.send(_fwd())
+    err = s.recv()
+    assert isinstance(err, wire.ItemError) and err.code == "INVALID_ARGUMENT" and message in err.message, err
+    s.close()
+    _assert_healthy(node)
+
+
+def test_a_relayed_push_before_open_is_refused(node):
+    """Found by fuzzing: the reader waited for the worker to handle an Open, the worker for a first
+    message -- a session that never ended."""
+    frames = list(serde.down_frames(wire.AdapterPush(1, {}, hops_ahead=1)))
+    with rpc.make_channel(node.route.hops[0].address, Trust.insecure(node.token)) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            list(node_pb2_grpc.NodeStub(channel).Session(iter(frames), timeout=2))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "before the session's Open" in err.value.details()

@@ -287,7 +287,9 @@ def test_unary_round_trips():
     assert serde.enrolled_from_pb(_pb_round_trip(serde.enrolled_to_pb(enrolled))) == enrolled
     assert serde.join_request_from_pb(_pb_round_trip(serde.join_request_to_pb("node-7"))) == "node-7"
     got = serde.route_request_from_pb(_pb_round_trip(serde.route_request_to_pb("smollm2", ["10.0.0.2:7000"])))
-    assert got == ("smollm2", ["10.0.0.2:7000"])
+    assert got == wire.RouteRequest("smollm2", ("10.0.0.2:7000",))
+    request = serde.route_request_to_pb("smollm2", [], verify=True, exclude=["node-1"])
+    assert serde.route_request_from_pb(_pb_round_trip(request)) == wire.RouteRequest("smollm2", (), True, ("node-1",))
     assert serde.edge_part_request_from_pb(_pb_round_trip(serde.edge_part_request_to_pb("smollm2"))) == "smollm2"
 
 
@@ -451,3 +453,17 @@ def test_bad_outgoing_messages_raise_wire_error():
         serde.down_frames(wire.AdapterPush(0, {"ids": torch.arange(3)}), adapter_codec="int8")
     with pytest.raises(WireError, match="dtype torch.complex64"):
         serde.down_frames(wire.AdapterPush(0, {"c": torch.zeros(2, dtype=torch.complex64)}))
+
+
+def test_empty_tensors_with_huge_dimensions_raise_wire_error():
+    """Found by fuzzing (tests/fuzz, issue 14): a dimension of 0 made the others free of payload, and
+    torch's reshape of the empty tensor raised RuntimeError (numel or stride overflow) instead."""
+    gradients = node_pb2.Up(gradients=node_pb2.Gradients(
+        tensors=[_tensor(name="10.ia3_l", dtype="int8", shape=(0, 32, (1 << 63) - 1), itemsize=1)]))
+    with pytest.raises(WireError, match=r"shape \[0, 32, 9223372036854775807\] of int8 spans .* over the limit"):
+        _feed([gradients], kind="up")
+    part = coordinator_pb2.EdgePartFrame(tensor=_tensor(name="\x00", shape=(4, 1 << 62, 0), codec=tensor_pb2.CODEC_FP32))
+    with pytest.raises(WireError, match="over the limit"):
+        serde.read_edge_part(_over_wire([part]))
+    (msg,) = _feed([_forward(_tensor(shape=(0, 3, 4)))])  # an empty tensor of a sane shape still decodes
+    assert msg.hidden.shape == (0, 3, 4)

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from edgetune.benchmarks import wan
 from edgetune.runtime.train.loop import TrainConfig, finetune
@@ -134,3 +135,63 @@ def test_training_through_a_shaped_hop_equals_local_training(no_leftovers, tmp_p
     for step in result["steps"]:
         assert step["time_s"] >= 3 * 0.04  # forward, backward and end of step: one round trip each at least
     assert os.path.exists(tmp_path / "wan" / "adapter")
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention `text` (this test's folder: every lab process does)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # ended meanwhile
+        if text in argv and int(pid) != os.getpid():
+            found.append(f"{pid}: {argv}")
+    return found
+
+
+@pytest.mark.slow
+@needs_netns
+@pytest.mark.parametrize("hop", [0, 1], ids=["edge-link", "node-link"])
+def test_a_link_cut_mid_step_replays_the_step_and_ends_with_the_undisturbed_adapter(no_leftovers, tmp_path, tiny64,
+                                                                                   data_file, hop):
+    """Edge -- node-0 -- node-1, 8 steps; as step 4 starts, one link goes silent both ways (Lab.cut: no reset,
+    no ICMP) and comes back. The cut outlasts the connection's TCP_USER_TIMEOUT, which gRPC sets to
+    rpc.KEEPALIVE_TIMEOUT_MS: the socket with unacknowledged data then fails (the edge's own, or node-0's
+    towards node-1, which ends the edge's session), and the edge replays step 4 on a new session. A cut
+    shorter than that is ridden out by TCP's retransmissions, with no replay.
+
+    The lab runs no Ray: its route client always answers with the same route, as a coordinator does
+    while Ray has not declared a node dead, so the replay goes through the same nodes (a cut of the
+    edge's own link never reaches Ray's health checks, whatever its length)."""
+    from safetensors.torch import load_file
+
+    from edgetune.runtime.wire import rpc
+
+    train = dict(model=str(tiny64), data=str(data_file), rank=4, target_modules="all-linear", steps=8, batch_size=4,
+                 micro_batches=2, max_seq_len=24, eval_fraction=0.0, save_every=0, progress=False, seed=1,
+                 codec="fp32", adapter_codec="raw", lr=1e-2)
+    from edgetune.coordinator.ray_head import RayHeadConfig
+
+    cut = wan.LinkCut(hop=hop, after_step=3, seconds=rpc.KEEPALIVE_TIMEOUT_MS / 1e3 + 0.5)
+    ray = RayHeadConfig()
+    assert cut.seconds < ray.health_check_period_ms * ray.health_check_failure_threshold / 1e3  # Ray: still alive
+    with wan.Lab(nodes=2, rate_bits=20e6, rtt_s=0.02) as lab:
+        result = wan.train_through(lab, str(tiny64), [1], {**train, "out": str(tmp_path / "wan")},
+                                   str(tmp_path / "lab"), 2, cut=cut)
+    assert not _processes_mentioning(str(tmp_path))
+    undisturbed = finetune(TrainConfig(**train, out=str(tmp_path / "local")))
+
+    log = (tmp_path / "lab" / "edge.log").read_text()
+    assert "replaying on a new route" in log, log  # the replay path ran: the cut was noticed, not ridden out
+    assert result["mended_at"] - result["cut_at"] >= cut.seconds - 0.1
+    # every step once, in order: a replayed step is recorded (and stepped) once
+    assert [r["step"] for r in result["steps"]] == list(range(1, 9))
+    assert result["losses"] == pytest.approx(undisturbed.losses, abs=1e-5)
+    trainer = torch.load(tmp_path / "wan" / "checkpoints" / "step-000008" / "trainer.pt", weights_only=True)
+    assert {int(s["step"]) for s in trainer["optimizer"]["state"].values()} == {8}  # AdamW counts its own steps
+    ours = load_file(tmp_path / "wan" / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(undisturbed.adapter_dir / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-5

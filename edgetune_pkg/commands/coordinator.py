@@ -97,7 +97,8 @@ def run_coordinator(args) -> int:
         ray_address = head.start()
         head.connect()
         ray_token, ray_mode = head.auth_token or "", head.auth.mode
-    coordinator = Coordinator(trust, ray_address, ray_token, ray_mode, authority=authority, ray_tls=ray_tls is not None)
+    coordinator = Coordinator(trust, ray_address, ray_token, ray_mode, authority=authority, ray_tls=ray_tls is not None,
+                              ban_s=args.ban_s)
     join_port = None if authority is None else (args.join_port if args.join_port is not None
                                                 else (args.port + 1 if args.port else 0))
     server, port, joined_port = serve(coordinator, args.host, args.port, join_port=join_port)

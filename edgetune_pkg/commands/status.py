@@ -23,6 +23,8 @@ def format_status(status: wire.ClusterStatus) -> str:
         health = "alive" if n.alive else "dead"
         if n.alive and n.stages and n.info is None:
             health = "unreachable"
+        if n.alive and n.banned_s > 0:
+            health = f"banned {n.banned_s:.0f}s"
         sessions = _sessions(n.info) if n.info else "-"
         busy = f"{100 * n.info.busy_fraction:.0f}%" if n.info else "-"
         rows.append((n.name, health, n.host, hardware, n.dtype or "-", n.quantize or "-", n.kernels or "-",

@@ -26,7 +26,7 @@ from edgetune.proto.v1 import node_pb2 as edgetune_dot_proto_dot_v1_dot_node__pb
 from edgetune.proto.v1 import tensor_pb2 as edgetune_dot_proto_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#edgetune/proto/v1/coordinator.proto\x12\x0b\x65\x64getune.v1\x1a\x1c\x65\x64getune/proto/v1/node.proto\x1a\x1e\x65\x64getune/proto/v1/tensor.proto\"]\n\rEnrollRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x04 \x01(\x0c\x12\x0b\n\x03ips\x18\x05 \x03(\t\"D\n\x0b\x45nrollReply\x12\x10\n\x08\x63\x65rt_pem\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63oordinator\x18\x03 \x01(\t\",\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\x12\x0b\n\x03ips\x18\x02 \x03(\t\"\x1b\n\x0bJoinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x8e\x01\n\tJoinReply\x12\x13\n\x0bray_address\x18\x01 \x01(\t\x12\x16\n\x0eray_auth_token\x18\x02 \x01(\t\x12\x15\n\rray_auth_mode\x18\x03 \x01(\t\x12\x14\n\x0cray_tls_cert\x18\x04 \x01(\x0c\x12\x13\n\x0bray_tls_key\x18\x05 \x01(\x0c\x12\x12\n\nray_tls_ca\x18\x06 \x01(\x0c\"-\n\x0cRouteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61iled\x18\x02 \x03(\t\"K\n\rManifestEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\x8d\x01\n\x05Route\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x1e\n\x04hops\x18\x03 \x03(\x0b\x32\x10.edgetune.v1.Hop\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12,\n\x08manifest\x18\x05 \x03(\x0b\x32\x1a.edgetune.v1.ManifestEntry\"\x0f\n\rStatusRequest\"\xd1\x02\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bray_node_id\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\r\n\x05\x61live\x18\x04 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x10\n\x08gpu_name\x18\x06 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x04\x12\x0c\n\x04\x63pus\x18\x08 \x01(\r\x12\x0f\n\x07threads\x18\t \x01(\r\x12\x14\n\x0c\x62lock_time_s\x18\n \x01(\x01\x12\x1d\n\x15\x62\x61ndwidth_bytes_per_s\x18\x0b \x01(\x01\x12 \n\x06stages\x18\x0c \x03(\x0b\x32\x10.edgetune.v1.Hop\x12#\n\x04info\x18\r \x01(\x0b\x32\x15.edgetune.v1.NodeInfo\x12\r\n\x05\x64type\x18\x0e \x01(\t\x12\x10\n\x08quantize\x18\x0f \x01(\t\x12\x0f\n\x07kernels\x18\x10 \x01(\t\"\\\n\rClusterStatus\x12\x13\n\x0bray_address\x18\x01 \x01(\t\x12&\n\x05nodes\x18\x02 \x03(\x0b\x32\x17.edgetune.v1.NodeStatus\x12\x0e\n\x06models\x18\x03 \x03(\t\" \n\x0f\x45\x64gePartRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x8c\x01\n\rEdgePartFrame\x12!\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x11.edgetune.v1.FileH\x00\x12%\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.edgetune.v1.TensorH\x00\x12)\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x18.edgetune.v1.TensorChunkH\x00\x42\x06\n\x04kind\"%\n\x04\x46ile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\x32\x8f\x03\n\x0b\x43oordinator\x12\x38\n\x04Join\x12\x18.edgetune.v1.JoinRequest\x1a\x16.edgetune.v1.JoinReply\x12\x39\n\x08GetRoute\x12\x19.edgetune.v1.RouteRequest\x1a\x12.edgetune.v1.Route\x12@\n\x06Status\x12\x1a.edgetune.v1.StatusRequest\x1a\x1a.edgetune.v1.ClusterStatus\x12K\n\rFetchEdgePart\x12\x1c.edgetune.v1.EdgePartRequest\x1a\x1a.edgetune.v1.EdgePartFrame0\x01\x12>\n\x06\x45nroll\x12\x1a.edgetune.v1.EnrollRequest\x1a\x18.edgetune.v1.EnrollReply\x12<\n\x05Renew\x12\x19.edgetune.v1.RenewRequest\x1a\x18.edgetune.v1.EnrollReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#edgetune/proto/v1/coordinator.proto\x12\x0b\x65\x64getune.v1\x1a\x1c\x65\x64getune/proto/v1/node.proto\x1a\x1e\x65\x64getune/proto/v1/tensor.proto\"]\n\rEnrollRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x04 \x01(\x0c\x12\x0b\n\x03ips\x18\x05 \x03(\t\"D\n\x0b\x45nrollReply\x12\x10\n\x08\x63\x65rt_pem\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63oordinator\x18\x03 \x01(\t\",\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\x12\x0b\n\x03ips\x18\x02 \x03(\t\"\x1b\n\x0bJoinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x8e\x01\n\tJoinReply\x12\x13\n\x0bray_address\x18\x01 \x01(\t\x12\x16\n\x0eray_auth_token\x18\x02 \x01(\t\x12\x15\n\rray_auth_mode\x18\x03 \x01(\t\x12\x14\n\x0cray_tls_cert\x18\x04 \x01(\x0c\x12\x13\n\x0bray_tls_key\x18\x05 \x01(\x0c\x12\x12\n\nray_tls_ca\x18\x06 \x01(\x0c\"N\n\x0cRouteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61iled\x18\x02 \x03(\t\x12\x0e\n\x06verify\x18\x03 \x01(\x08\x12\x0f\n\x07\x65xclude\x18\x04 \x03(\t\"K\n\rManifestEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xb2\x01\n\x05Route\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x1e\n\x04hops\x18\x03 \x03(\x0b\x32\x10.edgetune.v1.Hop\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12,\n\x08manifest\x18\x05 \x03(\x0b\x32\x1a.edgetune.v1.ManifestEntry\x12#\n\tverifiers\x18\x06 \x03(\x0b\x32\x10.edgetune.v1.Hop\"\x0f\n\rStatusRequest\"\xe3\x02\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bray_node_id\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\r\n\x05\x61live\x18\x04 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x10\n\x08gpu_name\x18\x06 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x04\x12\x0c\n\x04\x63pus\x18\x08 \x01(\r\x12\x0f\n\x07threads\x18\t \x01(\r\x12\x14\n\x0c\x62lock_time_s\x18\n \x01(\x01\x12\x1d\n\x15\x62\x61ndwidth_bytes_per_s\x18\x0b \x01(\x01\x12 \n\x06stages\x18\x0c \x03(\x0b\x32\x10.edgetune.v1.Hop\x12#\n\x04info\x18\r \x01(\x0b\x32\x15.edgetune.v1.NodeInfo\x12\r\n\x05\x64type\x18\x0e \x01(\t\x12\x10\n\x08quantize\x18\x0f \x01(\t\x12\x0f\n\x07kernels\x18\x10 \x01(\t\x12\x10\n\x08\x62\x61nned_s\x18\x11 \x01(\x01\"\\\n\rClusterStatus\x12\x13\n\x0bray_address\x18\x01 \x01(\t\x12&\n\x05nodes\x18\x02 \x03(\x0b\x32\x17.edgetune.v1.NodeStatus\x12\x0e\n\x06models\x18\x03 \x03(\t\" \n\x0f\x45\x64gePartRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x8c\x01\n\rEdgePartFrame\x12!\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x11.edgetune.v1.FileH\x00\x12%\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.edgetune.v1.TensorH\x00\x12)\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x18.edgetune.v1.TensorChunkH\x00\x42\x06\n\x04kind\"%\n\x04\x46ile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\x32\x8f\x03\n\x0b\x43oordinator\x12\x38\n\x04Join\x12\x18.edgetune.v1.JoinRequest\x1a\x16.edgetune.v1.JoinReply\x12\x39\n\x08GetRoute\x12\x19.edgetune.v1.RouteRequest\x1a\x12.edgetune.v1.Route\x12@\n\x06Status\x12\x1a.edgetune.v1.StatusRequest\x1a\x1a.edgetune.v1.ClusterStatus\x12K\n\rFetchEdgePart\x12\x1c.edgetune.v1.EdgePartRequest\x1a\x1a.edgetune.v1.EdgePartFrame0\x01\x12>\n\x06\x45nroll\x12\x1a.edgetune.v1.EnrollRequest\x1a\x18.edgetune.v1.EnrollReply\x12<\n\x05Renew\x12\x19.edgetune.v1.RenewRequest\x1a\x18.edgetune.v1.EnrollReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,23 +44,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREPLY']._serialized_start=355
   _globals['_JOINREPLY']._serialized_end=497
   _globals['_ROUTEREQUEST']._serialized_start=499
-  _globals['_ROUTEREQUEST']._serialized_end=544
-  _globals['_MANIFESTENTRY']._serialized_start=546
-  _globals['_MANIFESTENTRY']._serialized_end=621
-  _globals['_ROUTE']._serialized_start=624
-  _globals['_ROUTE']._serialized_end=765
-  _globals['_STATUSREQUEST']._serialized_start=767
-  _globals['_STATUSREQUEST']._serialized_end=782
-  _globals['_NODESTATUS']._serialized_start=785
-  _globals['_NODESTATUS']._serialized_end=1122
-  _globals['_CLUSTERSTATUS']._serialized_start=1124
-  _globals['_CLUSTERSTATUS']._serialized_end=1216
-  _globals['_EDGEPARTREQUEST']._serialized_start=1218
-  _globals['_EDGEPARTREQUEST']._serialized_end=1250
-  _globals['_EDGEPARTFRAME']._serialized_start=1253
-  _globals['_EDGEPARTFRAME']._serialized_end=1393
-  _globals['_FILE']._serialized_start=1395
-  _globals['_FILE']._serialized_end=1432
-  _globals['_COORDINATOR']._serialized_start=1435
-  _globals['_COORDINATOR']._serialized_end=1834
+  _globals['_ROUTEREQUEST']._serialized_end=577
+  _globals['_MANIFESTENTRY']._serialized_start=579
+  _globals['_MANIFESTENTRY']._serialized_end=654
+  _globals['_ROUTE']._serialized_start=657
+  _globals['_ROUTE']._serialized_end=835
+  _globals['_STATUSREQUEST']._serialized_start=837
+  _globals['_STATUSREQUEST']._serialized_end=852
+  _globals['_NODESTATUS']._serialized_start=855
+  _globals['_NODESTATUS']._serialized_end=1210
+  _globals['_CLUSTERSTATUS']._serialized_start=1212
+  _globals['_CLUSTERSTATUS']._serialized_end=1304
+  _globals['_EDGEPARTREQUEST']._serialized_start=1306
+  _globals['_EDGEPARTREQUEST']._serialized_end=1338
+  _globals['_EDGEPARTFRAME']._serialized_start=1341
+  _globals['_EDGEPARTFRAME']._serialized_end=1481
+  _globals['_FILE']._serialized_start=1483
+  _globals['_FILE']._serialized_end=1520
+  _globals['_COORDINATOR']._serialized_start=1523
+  _globals['_COORDINATOR']._serialized_end=1922
 # @@protoc_insertion_point(module_scope)

@@ -63,12 +63,16 @@ class JoinReply(_message.Message):
     def __init__(self, ray_address: _Optional[str] = ..., ray_auth_token: _Optional[str] = ..., ray_auth_mode: _Optional[str] = ..., ray_tls_cert: _Optional[bytes] = ..., ray_tls_key: _Optional[bytes] = ..., ray_tls_ca: _Optional[bytes] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("model", "failed")
+    __slots__ = ("model", "failed", "verify", "exclude")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     model: str
     failed: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., failed: _Optional[_Iterable[str]] = ...) -> None: ...
+    verify: bool
+    exclude: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., failed: _Optional[_Iterable[str]] = ..., verify: _Optional[bool] = ..., exclude: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ManifestEntry(_message.Message):
     __slots__ = ("name", "dtype", "shape", "sha256")
@@ -83,25 +87,27 @@ class ManifestEntry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Route(_message.Message):
-    __slots__ = ("model", "fingerprint", "hops", "num_layers", "manifest")
+    __slots__ = ("model", "fingerprint", "hops", "num_layers", "manifest", "verifiers")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    VERIFIERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     hops: _containers.RepeatedCompositeFieldContainer[_node_pb2.Hop]
     num_layers: int
     manifest: _containers.RepeatedCompositeFieldContainer[ManifestEntry]
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_node_pb2.Hop, _Mapping]]] = ..., num_layers: _Optional[int] = ..., manifest: _Optional[_Iterable[_Union[ManifestEntry, _Mapping]]] = ...) -> None: ...
+    verifiers: _containers.RepeatedCompositeFieldContainer[_node_pb2.Hop]
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[_node_pb2.Hop, _Mapping]]] = ..., num_layers: _Optional[int] = ..., manifest: _Optional[_Iterable[_Union[ManifestEntry, _Mapping]]] = ..., verifiers: _Optional[_Iterable[_Union[_node_pb2.Hop, _Mapping]]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("name", "ray_node_id", "host", "alive", "device", "gpu_name", "memory_bytes", "cpus", "threads", "block_time_s", "bandwidth_bytes_per_s", "stages", "info", "dtype", "quantize", "kernels")
+    __slots__ = ("name", "ray_node_id", "host", "alive", "device", "gpu_name", "memory_bytes", "cpus", "threads", "block_time_s", "bandwidth_bytes_per_s", "stages", "info", "dtype", "quantize", "kernels", "banned_s")
     NAME_FIELD_NUMBER: _ClassVar[int]
     RAY_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +124,7 @@ class NodeStatus(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     KERNELS_FIELD_NUMBER: _ClassVar[int]
+    BANNED_S_FIELD_NUMBER: _ClassVar[int]
     name: str
     ray_node_id: str
     host: str
@@ -134,7 +141,8 @@ class NodeStatus(_message.Message):
     dtype: str
     quantize: str
     kernels: str
-    def __init__(self, name: _Optional[str] = ..., ray_node_id: _Optional[str] = ..., host: _Optional[str] = ..., alive: _Optional[bool] = ..., device: _Optional[str] = ..., gpu_name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., cpus: _Optional[int] = ..., threads: _Optional[int] = ..., block_time_s: _Optional[float] = ..., bandwidth_bytes_per_s: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[_node_pb2.Hop, _Mapping]]] = ..., info: _Optional[_Union[_node_pb2.NodeInfo, _Mapping]] = ..., dtype: _Optional[str] = ..., quantize: _Optional[str] = ..., kernels: _Optional[str] = ...) -> None: ...
+    banned_s: float
+    def __init__(self, name: _Optional[str] = ..., ray_node_id: _Optional[str] = ..., host: _Optional[str] = ..., alive: _Optional[bool] = ..., device: _Optional[str] = ..., gpu_name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., cpus: _Optional[int] = ..., threads: _Optional[int] = ..., block_time_s: _Optional[float] = ..., bandwidth_bytes_per_s: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[_node_pb2.Hop, _Mapping]]] = ..., info: _Optional[_Union[_node_pb2.NodeInfo, _Mapping]] = ..., dtype: _Optional[str] = ..., quantize: _Optional[str] = ..., kernels: _Optional[str] = ..., banned_s: _Optional[float] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
     __slots__ = ("ray_address", "nodes", "models")

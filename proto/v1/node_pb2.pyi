@@ -8,16 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hop(_message.Message):
-    __slots__ = ("name", "address", "start", "end")
+    __slots__ = ("name", "address", "start", "end", "dtype", "quantize")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     start: int
     end: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+    dtype: str
+    quantize: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., dtype: _Optional[str] = ..., quantize: _Optional[str] = ...) -> None: ...
 
 class Open(_message.Message):
     __slots__ = ("session_id", "model", "fingerprint", "route", "codec", "methods_json", "adapter_codec", "owner", "micro_batch_size", "seq_len", "micro_batches")
@@ -58,20 +62,24 @@ class AdapterPush(_message.Message):
     def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., delta: _Optional[bool] = ..., hops_ahead: _Optional[int] = ...) -> None: ...
 
 class Forward(_message.Message):
-    __slots__ = ("step", "micro", "version", "train", "dropout_key", "tensors")
+    __slots__ = ("step", "micro", "version", "train", "dropout_key", "tensors", "echo", "recompute")
     STEP_FIELD_NUMBER: _ClassVar[int]
     MICRO_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_KEY_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    ECHO_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTE_FIELD_NUMBER: _ClassVar[int]
     step: int
     micro: int
     version: int
     train: bool
     dropout_key: _containers.RepeatedScalarFieldContainer[int]
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
-    def __init__(self, step: _Optional[int] = ..., micro: _Optional[int] = ..., version: _Optional[int] = ..., train: _Optional[bool] = ..., dropout_key: _Optional[_Iterable[int]] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+    echo: bool
+    recompute: bool
+    def __init__(self, step: _Optional[int] = ..., micro: _Optional[int] = ..., version: _Optional[int] = ..., train: _Optional[bool] = ..., dropout_key: _Optional[_Iterable[int]] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., echo: _Optional[bool] = ..., recompute: _Optional[bool] = ...) -> None: ...
 
 class Backward(_message.Message):
     __slots__ = ("step", "micro", "tensors", "no_input_grad")
@@ -175,21 +183,35 @@ class ItemError(_message.Message):
     micro: int
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., node: _Optional[str] = ..., step: _Optional[int] = ..., micro: _Optional[int] = ...) -> None: ...
 
+class StageOutput(_message.Message):
+    __slots__ = ("step", "micro", "node", "tensors")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MICRO_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    micro: int
+    node: str
+    tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    def __init__(self, step: _Optional[int] = ..., micro: _Optional[int] = ..., node: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+
 class Up(_message.Message):
-    __slots__ = ("opened", "forward", "backward", "gradients", "error", "chunk")
+    __slots__ = ("opened", "forward", "backward", "gradients", "error", "chunk", "stage_output")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     FORWARD_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    STAGE_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     opened: Opened
     forward: ForwardResult
     backward: BackwardResult
     gradients: Gradients
     error: ItemError
     chunk: _tensor_pb2.TensorChunk
-    def __init__(self, opened: _Optional[_Union[Opened, _Mapping]] = ..., forward: _Optional[_Union[ForwardResult, _Mapping]] = ..., backward: _Optional[_Union[BackwardResult, _Mapping]] = ..., gradients: _Optional[_Union[Gradients, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+    stage_output: StageOutput
+    def __init__(self, opened: _Optional[_Union[Opened, _Mapping]] = ..., forward: _Optional[_Union[ForwardResult, _Mapping]] = ..., backward: _Optional[_Union[BackwardResult, _Mapping]] = ..., gradients: _Optional[_Union[Gradients, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., stage_output: _Optional[_Union[StageOutput, _Mapping]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

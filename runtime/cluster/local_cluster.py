@@ -55,6 +55,9 @@ class LocalCluster:
     logs: list[Path] = field(default_factory=list)
     insecure: bool = False
     edges: dict[str, Path] = field(default_factory=dict)  # edge name -> its credentials folder
+    coordinator_args: list[str] = field(default_factory=list)  # to start it again (restart_coordinator)
+    node_options: list[list[str]] = field(default_factory=list)  # each node's own flags (restart_node)
+    env: dict[str, str] = field(default_factory=dict)  # added to every child's environment
 
     @property
     def state(self) -> Path:
@@ -63,9 +66,11 @@ class LocalCluster:
 
     @classmethod
     def start(cls, nodes: list[list[str]], extra: list[str] = (), names: list[str] | None = None,
-              timeout_s: float = STARTUP_TIMEOUT_S, insecure: bool = False) -> LocalCluster:
+              timeout_s: float = STARTUP_TIMEOUT_S, insecure: bool = False,
+              env: dict[str, str] | None = None) -> LocalCluster:
         """A coordinator (`extra`: more of its flags) and one node per entry of `nodes` (its flags),
-        named `names` (default node-0, node-1, ...); returns once every node has joined."""
+        named `names` (default node-0, node-1, ...); returns once every node has joined. `env`: added
+        to every process's environment (e.g. Ray's auth settings with `--ray-address`)."""
         names = list(names or [f"node-{i}" for i in range(len(nodes))])
         root = Path(tempfile.mkdtemp(prefix="et-cl-", dir="/tmp"))  # short: Ray's socket paths live below it
         port, join_port = free_ports(2)
@@ -74,9 +79,10 @@ class LocalCluster:
         log = root / "coordinator.log"
         trust = ["--insecure", "--token-file", str(token)] if insecure else \
             ["--state", str(root / "state"), "--join-port", str(join_port)]
-        proc = _spawn(["coordinator", "--host", "127.0.0.1", "--port", str(port), *trust,
-                       "--temp-dir", str(root / "h"), *extra], log)
-        cluster = cls(root, address, token, proc, node_names=names, logs=[log], insecure=insecure)
+        args = ["coordinator", "--host", "127.0.0.1", "--port", str(port), *trust, "--temp-dir", str(root / "h"), *extra]
+        proc = _spawn(args, log, env)
+        cluster = cls(root, address, token, proc, node_names=names, logs=[log], insecure=insecure,
+                      coordinator_args=args, env=dict(env or {}), node_options=[list(o) for o in nodes])
         try:
             cluster.wait_for(lambda s: insecure or (root / "state" / "coordinator.json").exists(),
                              "the coordinator to answer", timeout_s)
@@ -84,7 +90,8 @@ class LocalCluster:
                 node_log = root / f"{name}.log"
                 cluster.logs.append(node_log)
                 cluster.nodes.append(_spawn(["node", "--coordinator", address, *cluster._node_trust(name),
-                                             "--name", name, "--temp-dir", str(root / f"n{i}"), *options], node_log))
+                                             "--name", name, "--temp-dir", str(root / f"n{i}"), *options], node_log,
+                                            env))
             cluster.wait_for(lambda s: sum(n.alive for n in s.nodes) == len(nodes), f"{len(nodes)} nodes to join",
                              timeout_s)
         except BaseException:
@@ -189,6 +196,54 @@ class LocalCluster:
                 _kill(pid)
         node.wait(10)
 
+    def restart_node(self, i: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        """Start node `i` again after it died, with its stored credentials (no join string): it joins
+        Ray anew; returns once the coordinator counts it alive."""
+        name = self.node_names[i]
+        trust = ["--insecure", "--token-file", str(self.token_file)] if self.insecure else \
+            ["--credentials", str(self.root / "nodes" / name)]
+        runs = sum(1 for p in self.root.glob(f"n{i}*"))  # a fresh Ray folder for each start
+        self.nodes[i] = _spawn(["node", "--coordinator", self.address, *trust, "--name", name,
+                                "--temp-dir", str(self.root / f"n{i}r{runs}"), *self.node_options[i]],
+                               self.root / f"{name}.log", self.env, append=True)
+        self.wait_for(lambda s: any(n.alive and n.name == name for n in s.nodes), f"{name} to rejoin", timeout_s)
+
+    def kill_coordinator(self) -> None:
+        """The route service vanishes (SIGKILL of the coordinator process and its session)."""
+        os.killpg(self.coordinator.pid, signal.SIGKILL)
+        self.coordinator.wait(10)
+
+    def restart_coordinator(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        """Start the coordinator again as before (same port, state folder and Ray cluster)."""
+        log = self.root / "coordinator.log"
+        self.coordinator = _spawn(self.coordinator_args, log, self.env, append=True)
+        self.wait_for(lambda s: True, "the restarted coordinator to answer", timeout_s)
+
+    def shard_pids(self, i: int) -> list[int]:
+        """Processes of node `i` that run a shard actor (Ray names them after the class)."""
+        import psutil
+
+        pids = []
+        for sid in _children_sessions(self.nodes[i].pid):
+            for pid in session_pids(sid):
+                try:
+                    if "ShardServer" in " ".join(psutil.Process(pid).cmdline()):
+                        pids.append(pid)
+                except psutil.Error:
+                    continue
+        return pids
+
+    def hang_node(self, i: int, resume: bool = False) -> list[int]:
+        """Node `i`'s shard processes stop (SIGSTOP) as a hung GPU or a wedged host would, its Ray node
+        still alive; `resume=True` sends SIGCONT. Returns the pids signalled."""
+        pids = self.shard_pids(i)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT if resume else signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        return pids
+
     def log_text(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in self.logs if p.exists())
 
@@ -225,10 +280,10 @@ class LocalCluster:
         self.stop(check=exc[0] is None)
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
-    with log.open("w") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([*EDGETUNE, *args], stdout=out, stderr=subprocess.STDOUT, env=child_env(),
-                                start_new_session=True)
+def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None, append: bool = False) -> subprocess.Popen:
+    with log.open("a" if append else "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([*EDGETUNE, *args], stdout=out, stderr=subprocess.STDOUT,
+                                env={**child_env(), **(env or {})}, start_new_session=True)
 
 
 def _children_sessions(pid: int) -> list[int]:

@@ -71,6 +71,15 @@ def resolve_head_dtype(name: str, device: str, vocab_size: int) -> str:
     return "bf16" if vocab_size >= BIG_VOCAB and native_bf16(device) else "fp32"
 
 
+def dtype_name(dtype) -> str:
+    """The concrete dtype name of a torch dtype: torch.bfloat16 -> 'bf16'."""
+    torch_name = str(dtype).removeprefix("torch.")
+    for name, t in _TORCH.items():
+        if t == torch_name:
+            return name
+    raise ConfigError(f"{dtype} is not a dtype blocks run in ({', '.join(_TORCH)})")
+
+
 def value_bytes(name: str) -> int:
     """Bytes one value of a concrete dtype takes."""
     if name not in _BYTES:

@@ -80,6 +80,7 @@ class TrainConfig:
     max_step_retries: int = 5  # replays of one step after node failures before giving up
     route_timeout_s: float = 300.0  # how long to wait for the coordinator to reassign blocks
     reply_timeout_s: float = 600.0  # longest silence from the route within one step
+    verify: float = 0.0  # fraction of micro-batches recomputed on verifier replicas (train/verify.py); 0: none
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -116,6 +117,10 @@ class TrainConfig:
             problems.append(f"head_dtype {self.head_dtype!r} not in auto, fp32, bf16")
         if self.kernels not in KERNELS:
             problems.append(f"kernels {self.kernels!r} not in {', '.join(KERNELS)}")
+        if not 0 <= self.verify <= 1:
+            problems.append(f"verify must be a fraction of micro-batches in [0, 1], got {self.verify}")
+        elif self.verify and not self.distributed:
+            problems.append("verify checks a cluster's nodes on replicas: it needs --coordinator (or --join)")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             problems.append(f"device {self.device!r} not in cpu, cuda, cuda:N, auto")
         if problems:

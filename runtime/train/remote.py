@@ -42,11 +42,18 @@ from edgetune.runtime.train.loss import head_loss_sum
 from edgetune.runtime.train.options import TrainConfig
 from edgetune.runtime.wire import messages as wire
 from edgetune.runtime.wire import node_client, rpc, serde
-from edgetune.runtime.wire.coordinator_client import CoordinatorClient, credentials_for, save_edge_part
+from edgetune.runtime.wire.coordinator_client import (
+    CoordinatorClient,
+    CoordinatorError,
+    credentials_for,
+    save_edge_part,
+)
 
 log = logging.getLogger("edgetune.remote")
 
 # Status codes after which a replay on a new route can succeed.
+HANG_FACTOR = 4.0  # a reply later than this many times the longest step so far: the route hangs
+HANG_FLOOR_S = 10.0  # ... but never sooner than this (a loaded machine, a slow link)
 RETRYABLE = {"UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "ABORTED", "INTERNAL", "UNKNOWN", "RESOURCE_EXHAUSTED"}
 MAX_RESENDS_PER_MICRO = 3  # re-sends of one micro-batch whose activations a node lost
 
@@ -108,6 +115,7 @@ class RouteStream:
 
     def __init__(self, route: wire.Route, trust: Trust, open_msg: wire.Open, reply_timeout_s: float) -> None:
         self.route = route
+        self.open_msg = open_msg
         self.codec = open_msg.codec
         self.adapter_codec = None if open_msg.adapter_codec == "raw" else open_msg.adapter_codec
         self.reply_timeout_s = reply_timeout_s
@@ -123,6 +131,7 @@ class RouteStream:
         opened = self.recv()
         if not isinstance(opened, wire.Opened):
             raise RouteFailure(f"route did not open: first reply was {type(opened).__name__}", self._addresses)
+        self.opened = opened.route  # every node's own hop: its name, blocks, dtype and quantization
         log.info("route open: %s", " -> ".join(f"{h.name}[{h.start},{h.end})" for h in opened.route))
 
     def send(self, msg) -> None:
@@ -218,6 +227,24 @@ def default_edge_name() -> str:
     return f"edge-{host or 'host'}"
 
 
+def route_options(cfg: TrainConfig, banned: set[str]) -> dict[str, Any]:
+    """get_route's keywords beyond the model: verifier replicas (--verify), the run's banned nodes."""
+    options: dict[str, Any] = {}
+    if cfg.verify > 0:
+        options["verify"] = True
+    if banned:
+        options["exclude"] = sorted(banned)
+    return options
+
+
+def check_bans(route: wire.Route, banned: set[str]) -> None:
+    """Refuse (for now: the coordinator may still be re-placing) a route through a banned node."""
+    used = sorted({h.name for h in route.hops + route.verifiers} & banned)
+    if used:  # UNAVAILABLE: new_route asks again until its deadline
+        raise CoordinatorError(f"the coordinator's route still uses node(s) {', '.join(used)}, which this run banned "
+                               "(a verifier caught them computing wrong hidden states)", "UNAVAILABLE")
+
+
 class RemoteTrainer:
     """The connection to a cluster, before training starts: trust, coordinator, route, edge folder."""
 
@@ -229,6 +256,7 @@ class RemoteTrainer:
         self.route = route
         self.folder = folder
         self.has_local_model = has_local_model  # False: only the edge part was fetched from the cluster
+        self.banned: set[str] = set()  # node names a verifier caught computing wrong hidden states (--verify)
 
     @classmethod
     def connect(cls, cfg: TrainConfig) -> RemoteTrainer:
@@ -237,7 +265,7 @@ class RemoteTrainer:
         trust, address = edge_trust(cfg)
         client = CoordinatorClient(address, trust)
         log.info("asking %s for a route for %s (the first request places the shards)", address, cfg.model)
-        route = client.get_route(cfg.model, timeout_s=cfg.route_timeout_s)
+        route = client.get_route(cfg.model, timeout_s=cfg.route_timeout_s, **route_options(cfg, set()))
         folder, local = cls._edge_folder(cfg.model, route, client)
         # The edge checks its own tensors against the cluster's manifest.
         edge_names = [e.name for e in route.manifest if not e.name.startswith("model.layers.")]
@@ -322,10 +350,12 @@ class RemoteTrainer:
         while True:
             try:
                 route = self.client.get_route(self.cfg.model, failed=failed,
-                                              timeout_s=max(1.0, deadline - time.monotonic()))
+                                              timeout_s=max(1.0, deadline - time.monotonic()),
+                                              **route_options(self.cfg, self.banned))
                 if route.fingerprint != self.route.fingerprint:
                     raise EdgetuneError("the cluster now serves different weights for "
                                         f"{self.cfg.model}; restart the run")
+                check_bans(route, self.banned)
                 self.route = route
                 return route
             except EdgetuneError as e:
@@ -354,6 +384,8 @@ class RemoteEngine:
         self._mirror: dict[str, torch.Tensor] | None = None  # what the session's nodes hold (lossy adapter codecs)
         self._pushed: dict[str, torch.Tensor] | None = None  # the current version's views, already on the route
         self._later_pushes: list[wire.AdapterPush] = []  # the current version's pushes for stages 1.., not sent yet
+        self._verifier = None  # --verify: verify.Verifier of the open route, made on its first verified step
+        self._longest_s = 0.0  # the longest step or evaluation so far (s): what a reply may take
         self._closed_bytes = [0, 0]  # sent, received by the sessions closed so far
         self._marked_bytes = (0, 0)  # the totals when the last training step was accounted
 
@@ -387,6 +419,12 @@ class RemoteEngine:
         self.trainer.client.close()
 
     def _close_stream(self) -> None:
+        if self._verifier is not None:
+            sent, received = self._verifier.bytes()
+            self._closed_bytes[0] += sent
+            self._closed_bytes[1] += received
+            self._verifier.close()
+            self._verifier = None
         if self.stream is not None:
             self._closed_bytes[0] += self.stream.bytes_sent
             self._closed_bytes[1] += self.stream.bytes_received
@@ -395,7 +433,8 @@ class RemoteEngine:
 
     def _bytes(self) -> tuple[int, int]:
         live = (self.stream.bytes_sent, self.stream.bytes_received) if self.stream is not None else (0, 0)
-        return self._closed_bytes[0] + live[0], self._closed_bytes[1] + live[1]
+        checks = self._verifier.bytes() if self._verifier is not None else (0, 0)
+        return self._closed_bytes[0] + live[0] + checks[0], self._closed_bytes[1] + live[1] + checks[1]
 
     # -- replay loop --------------------------------------------------------------------
     def _with_replays(self, attempt: Callable[[], Any]) -> Any:
@@ -404,7 +443,11 @@ class RemoteEngine:
             try:
                 if self.stream is None:
                     self.stream = self._open()
-                return attempt()
+                started = time.monotonic()
+                result = attempt()
+                self._longest_s = max(self._longest_s, time.monotonic() - started)
+                self.stream.reply_timeout_s = self._silence_s()
+                return result
             except RouteFailure as e:
                 failures += 1
                 for p in self.adapter.parameters():  # drop this attempt's partial gradients
@@ -414,6 +457,15 @@ class RemoteEngine:
                     raise EdgetuneError(f"gave up after {failures} failed attempts: {e}") from None
                 log.warning("%s; replaying on a new route (attempt %d of %d)", e, failures + 1, self.cfg.max_step_retries + 1)
                 self.trainer.new_route(e.failed)
+
+    def _silence_s(self) -> float:
+        """How long the route may stay silent before the edge gives it up as hung: the configured
+        limit until a step has been seen (the first one may compile or load), then HANG_FACTOR times
+        the longest step so far, never under HANG_FLOOR_S -- a peer whose process hangs with its
+        connection open is rerouted around in seconds, not at the session's deadline."""
+        if self._longest_s <= 0:
+            return self.cfg.reply_timeout_s
+        return min(self.cfg.reply_timeout_s, max(HANG_FLOOR_S, HANG_FACTOR * self._longest_s))
 
     def _open(self) -> RouteStream:
         route = self.trainer.route
@@ -428,7 +480,7 @@ class RemoteEngine:
         self._pushed = None
         self._later_pushes = []
         try:
-            return RouteStream(route, self.trainer.trust, open_msg, self.cfg.reply_timeout_s)
+            return RouteStream(route, self.trainer.trust, open_msg, self._silence_s())
         except RouteFailure:
             raise
         except grpc.RpcError as e:
@@ -485,13 +537,16 @@ class RemoteEngine:
         step = micros[0][0][1]
         views = self._pushed if self._pushed is not None else self._push_adapter()
         self._pushed = None  # this step's backward consumes the views' graph
+        checks = self._begin_checks(step, len(micros), views)  # --verify: micro-batches recomputed on replicas
         inputs, forwards = {}, {}
         for micro, (key, batch) in enumerate(micros):
             h, mask = self._embed(batch.input_ids)
             inputs[micro] = h
-            forwards[micro] = wire.Forward(step, micro, self.version, True, key, h.detach(), mask)
+            forwards[micro] = wire.Forward(step, micro, self.version, True, key, h.detach(), mask, echo=micro in checks)
             self.stream.send(forwards[micro])  # all at once: the nodes pipeline them
             self._send_later_pushes()  # after the first
+            if micro in checks:
+                self._verifier.sent(forwards[micro])
         grads_out: dict[int, torch.Tensor] = {}  # micro -> dL/d(route output)
         in_flight = set(range(len(micros)))  # a forward or backward of these is on its way
         lost: list[int] = []  # a node lost their activations: replay forward + backward, one at a time
@@ -537,15 +592,34 @@ class RemoteEngine:
                         inputs[m].backward(msg.grad.to(inputs[m].device, inputs[m].dtype))
             elif isinstance(msg, wire.Gradients) and gradients.due:
                 gradients.add(msg)
+            elif isinstance(msg, wire.StageOutput) and checks:
+                self._verifier.stage_output(msg)
             elif isinstance(msg, wire.ItemError):
                 m = self._lost(msg, grads_out, resends)
                 in_flight.discard(m)
                 lost.append(m)
             else:
                 raise RouteFailure(f"unexpected {type(msg).__name__} during step {step}", [])
+        if checks:  # before anything of this step counts: a mismatch replays it
+            self._metrics.update(self._verifier.finish(step))
         gradients.into_master()
         self._metrics["stages"] = gradients.timings()
         return loss_sum
+
+    def _begin_checks(self, step: int, count: int, views: dict[str, torch.Tensor]) -> set[int]:
+        """--verify: the step's micro-batches to recompute on the verifiers (none without --verify),
+        whose replicas get this version of what the route's nodes hold."""
+        if self.cfg.verify <= 0:
+            return set()
+        if self._verifier is None:
+            from edgetune.runtime.train.verify import Verifier
+
+            self._verifier = Verifier(self.stream.route, self.stream.opened, self.trainer.trust, self.stream.open_msg,
+                                      self.stream.codec, self.cfg.verify, self.cfg.seed, self.stream.reply_timeout_s,
+                                      self.trainer.banned)
+        self._verifier.reply_timeout_s = self.stream.reply_timeout_s  # the route's silence limit, as it is now
+        held = self._mirror if self._mirror is not None else {k: v.detach() for k, v in views.items()}
+        return self._verifier.begin(step, count, self.version, held)
 
     def _end_step(self, step: int) -> None:
         """Ask every node for the adapter gradients its backwards have summed since the last EndStep

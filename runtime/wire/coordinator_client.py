@@ -59,8 +59,11 @@ class CoordinatorClient:
         reply = self._call("Join", self.stub.Join, serde.join_request_to_pb(name), rpc.UNARY_TIMEOUT_S)
         return serde.join_reply_from_pb(reply)
 
-    def get_route(self, model: str, failed: list[str] | None = None, timeout_s: float = ROUTE_TIMEOUT_S) -> wire.Route:
-        request = serde.route_request_to_pb(model, failed or [])
+    def get_route(self, model: str, failed: list[str] | None = None, timeout_s: float = ROUTE_TIMEOUT_S,
+                  verify: bool = False, exclude: Sequence[str] = ()) -> wire.Route:
+        """A route for `model`; `verify`: with a verifier replica of each stage (Route.verifiers);
+        `exclude`: node names the edge banned, which the route must not use."""
+        request = serde.route_request_to_pb(model, failed or [], verify, exclude)
         return serde.route_from_pb(self._call("GetRoute", self.stub.GetRoute, request, timeout_s))
 
     def status(self) -> wire.ClusterStatus:

@@ -19,12 +19,15 @@ Tensors = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class Hop:
-    """One stage of a route: node `name` at `address` runs blocks [start, end)."""
+    """One stage of a route: node `name` at `address` runs blocks [start, end); a node's own
+    hop in Opened also says how it holds them (dtype fp32/bf16/fp16, quantize none/int8/nf4)."""
 
     name: str
     address: str
     start: int
     end: int
+    dtype: str = ""  # "": not said
+    quantize: str = ""
 
 
 # -- down the route (edge -> nodes) -----------------------------------------------
@@ -60,6 +63,8 @@ class Forward:
     dropout_key: tuple[int, ...] | None
     hidden: torch.Tensor  # (B, T, D)
     attention_mask: torch.Tensor | None = None  # (B, T), 1 = real token
+    echo: bool = False  # every node also sends its stage's output up, exact (StageOutput): it is verified
+    recompute: bool = False  # a verifier replica's recomputation: computed as `train` says, nothing kept
 
 
 @dataclass
@@ -90,6 +95,16 @@ class ForwardResult:
     step: int
     micro: int
     hidden: torch.Tensor
+
+
+@dataclass
+class StageOutput:
+    """What one node's blocks made of a Forward with echo set (fp32 on the wire, whatever the codec)."""
+
+    step: int
+    micro: int
+    node: str
+    hidden: torch.Tensor  # (B, T, D)
 
 
 @dataclass
@@ -127,7 +142,7 @@ class ItemError:
     micro: int = 0
 
 
-UpMessage = Opened | ForwardResult | BackwardResult | Gradients | ItemError
+UpMessage = Opened | ForwardResult | StageOutput | BackwardResult | Gradients | ItemError
 
 
 # -- unary -------------------------------------------------------------------------
@@ -169,6 +184,17 @@ class Route:
     hops: list[Hop]
     num_layers: int
     manifest: list[ManifestEntry] = field(default_factory=list)
+    verifiers: list[Hop] = field(default_factory=list)  # asked for (verify): a replica of each hop's blocks
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """An edge's GetRoute: `failed` addresses it could not reach, `exclude` node names it banned."""
+
+    model: str
+    failed: tuple[str, ...] = ()
+    verify: bool = False  # answer with verifier replicas (Route.verifiers)
+    exclude: tuple[str, ...] = ()
 
 
 @dataclass
@@ -189,6 +215,7 @@ class NodeStatus:
     dtype: str = ""  # precision of its blocks once profiled: fp32, bf16, fp16
     quantize: str = ""  # how its blocks' linear weights are held once profiled: none, int8, nf4
     kernels: str = ""  # what its blocks run once profiled: eager, compiled, fused
+    banned_s: float = 0.0  # seconds left of its ban (its shard stopped answering); 0: not banned
 
 
 @dataclass

@@ -218,10 +218,15 @@ def abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
 
 # -- servers and channels -----------------------------------------------------------------
 # HTTP/2 keepalive pings on every connection, both ways: a peer whose host vanished (no
-# TCP reset) is noticed within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS instead of at the
-# session's deadline. Servers accept pings this often, or they would answer with GOAWAY.
-KEEPALIVE_TIME_MS = 10_000
-KEEPALIVE_TIMEOUT_MS = 10_000
+# TCP reset) or whose process hangs (a stopped process's kernel still acknowledges TCP, but
+# nothing answers the ping) is noticed within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS
+# instead of at the session's deadline: 8 s, so a hung node is rerouted around well within
+# 30 s. gRPC also sets TCP_USER_TIMEOUT to KEEPALIVE_TIMEOUT_MS: data unacknowledged that long
+# (a cut link) fails the connection, so a cut shorter than Ray's node-death threshold (4 s with
+# the coordinator's health checks) still ends in a replay on the same nodes, not a hang.
+# Servers accept pings this often, or they would answer with GOAWAY.
+KEEPALIVE_TIME_MS = 5_000
+KEEPALIVE_TIMEOUT_MS = 3_000
 KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
@@ -231,19 +236,21 @@ KEEPALIVE_OPTIONS = [
 ]
 
 
-def make_server(max_workers: int, trust: Trust, *, max_message_bytes: int | None = None) -> grpc.Server:
+def make_server(max_workers: int, trust: Trust, *, max_message_bytes: int | None = None,
+                max_concurrent_rpcs: int | None = None) -> grpc.Server:
     """A gRPC server that accepts frames up to the serde limit; under `--insecure` it requires the
     token on every call (with TLS the handshake authenticates: add ports with `add_port`).
 
     Each open Node.Session stream holds one worker thread for its lifetime: size
-    `max_workers` for the sessions plus the unary calls served beside them. Add the
-    servicers and a port, then `start()` it.
+    `max_workers` for the sessions plus the unary calls served beside them. Calls beyond
+    `max_concurrent_rpcs` at once (running or waiting for a thread; None: no limit) end at
+    once with RESOURCE_EXHAUSTED. Add the servicers and a port, then `start()` it.
     """
     options = channel_options() if max_message_bytes is None else channel_options(max_message_bytes)
     options = options + KEEPALIVE_OPTIONS
     interceptors = [] if trust.secure else [TokenAuthInterceptor(trust.token)]
     return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="edgetune-grpc"),
-                       interceptors=interceptors, options=options)
+                       interceptors=interceptors, options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
 
 
 def add_port(server: grpc.Server, trust: Trust, address: str, *, client_certificates: bool = True) -> int:
@@ -295,14 +302,15 @@ def add_health(server: grpc.Server, services: Iterable[str] = ()) -> health.Heal
 
 
 def start_server(add_servicer: Callable[[grpc.Server], None], trust: Trust, host: str, port: int, what: str,
-                 max_workers: int = 16, join_port: int | None = None) -> tuple[grpc.Server, int, int | None]:
+                 max_workers: int = 16, join_port: int | None = None,
+                 max_concurrent_rpcs: int | None = None) -> tuple[grpc.Server, int, int | None]:
     """A started server with `add_servicer`'s service and the health service, secured as `trust` says.
 
     Returns (server, bound port, bound join port or None); port 0 picks a free one. With
     `join_port` (TLS only) it also listens there without asking for client certificates, for
     joiners. ConfigError when it cannot listen.
     """
-    server = make_server(max_workers=max_workers, trust=trust)
+    server = make_server(max_workers=max_workers, trust=trust, max_concurrent_rpcs=max_concurrent_rpcs)
     add_servicer(server)
     add_health(server)
     bound = add_port(server, trust, _hostport(host, port))

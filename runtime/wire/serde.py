@@ -17,7 +17,8 @@ tensor, its shape, a codec, and a payload = data ++ scales, little-endian.
                                                   block_size elements  BackwardResult.grad
 
 Adapter tensors (AdapterPush, Gradients) travel raw unless the caller passes a lossy
-`adapter_codec`; integer tensors (attention_mask) and the edge part always travel raw.
+`adapter_codec`; integer tensors (attention_mask) and the edge part always travel raw;
+StageOutput.hidden always travels fp32 (a verifier compares it exactly).
 Decoding returns a tensor of the original dtype and shape.
 
 Chunking: a logical message whose payloads exceed one frame is sent as several frames
@@ -210,9 +211,12 @@ def _payload_bytes(header: tensor_pb2.Tensor, where: str, max_tensor_bytes: int)
     if len(shape) > MAX_RANK or any(d < 0 for d in shape):
         raise WireError(f"{where}: invalid shape {shape} (dimensions must be >= 0, at most {MAX_RANK} of them)")
     n = math.prod(shape)
-    decoded = n * dtype.torch.itemsize
+    # An empty dimension makes any other one free on the wire, but torch still has to stride over them
+    # (shape [0, 2**40, 2**40] overflows it): every dimension counts as at least 1 against the limit.
+    decoded = math.prod(max(d, 1) for d in shape) * dtype.torch.itemsize
     if decoded > max_tensor_bytes:
-        raise WireError(f"{where}: shape {shape} of {header.dtype} is {decoded} bytes, over the limit of {max_tensor_bytes}")
+        raise WireError(f"{where}: shape {shape} of {header.dtype} spans {decoded} bytes, over the limit of "
+                        f"{max_tensor_bytes} (an empty dimension counts as 1)")
     data_dtype = header.dtype if codec == "raw" else "int8" if codec == "int8" else _CAST_DTYPES[codec]
     data, scales = n * _DTYPES[data_dtype].torch.itemsize, 0
     if codec == "int8":
@@ -352,7 +356,8 @@ def _forward_to_pb(m: wire.Forward, enc: _Encoding, payloads: list[bytes]) -> no
     if m.attention_mask is not None:
         named.append(("attention_mask", m.attention_mask, "raw"))
     return node_pb2.Forward(step=m.step, micro=m.micro, version=m.version, train=m.train,
-                            dropout_key=list(m.dropout_key or ()), tensors=enc.tensors(named, payloads))
+                            dropout_key=list(m.dropout_key or ()), tensors=enc.tensors(named, payloads),
+                            echo=m.echo, recompute=m.recompute)
 
 
 def _backward_to_pb(m: wire.Backward, enc: _Encoding, payloads: list[bytes]) -> node_pb2.Backward:
@@ -371,6 +376,12 @@ def _opened_to_pb(m: wire.Opened, enc: _Encoding, payloads: list[bytes]) -> node
 def _forward_result_to_pb(m: wire.ForwardResult, enc: _Encoding, payloads: list[bytes]) -> node_pb2.ForwardResult:
     tensors = enc.tensors([("hidden", m.hidden, enc.activation)], payloads)
     return node_pb2.ForwardResult(step=m.step, micro=m.micro, tensors=tensors)
+
+
+def _stage_output_to_pb(m: wire.StageOutput, enc: _Encoding, payloads: list[bytes]) -> node_pb2.StageOutput:
+    # exact whatever the session's codec: the edge compares it with a verifier's recomputation
+    tensors = enc.tensors([("hidden", m.hidden, "fp32")], payloads)
+    return node_pb2.StageOutput(step=m.step, micro=m.micro, node=m.node, tensors=tensors)
 
 
 def _backward_result_to_pb(m: wire.BackwardResult, enc: _Encoding, payloads: list[bytes]) -> node_pb2.BackwardResult:
@@ -402,6 +413,7 @@ _DOWN_ENCODERS = {
 }
 _UP_ENCODERS = {
     wire.Opened: ("opened", _opened_to_pb), wire.ForwardResult: ("forward", _forward_result_to_pb),
+    wire.StageOutput: ("stage_output", _stage_output_to_pb),
     wire.BackwardResult: ("backward", _backward_result_to_pb), wire.Gradients: ("gradients", _gradients_to_pb),
     wire.ItemError: ("error", _item_error_to_pb),
 }
@@ -429,7 +441,7 @@ def roundtrip(tensor: torch.Tensor, codec: str, block_size: int = INT8_BLOCK_SIZ
     compute a replica's update, and a node its gradients' error feedback, with it."""
     if codec == "raw":
         return tensor
-    header, payload = _encode_tensor("t", tensor, _check_codec(codec, wire.ADAPTER_CODECS), block_size)
+    header, payload = _encode_tensor("t", tensor, _check_codec(codec, ("raw", *wire.CODECS)), block_size)
     return _decode_tensor(header, bytearray(payload)).to(tensor.device)
 
 
@@ -505,7 +517,8 @@ def _forward_from_pb(pb: node_pb2.Forward, tensors: wire.Tensors) -> wire.Forwar
         raise WireError(f"Forward.attention_mask must be an integer (B, T) = {list(hidden.shape[:2])} tensor, "
                         f"got {mask.dtype} of shape {list(mask.shape)}")
     return wire.Forward(step=pb.step, micro=pb.micro, version=pb.version, train=pb.train,
-                        dropout_key=tuple(pb.dropout_key) or None, hidden=hidden, attention_mask=mask)
+                        dropout_key=tuple(pb.dropout_key) or None, hidden=hidden, attention_mask=mask,
+                        echo=pb.echo, recompute=pb.recompute)
 
 
 def _backward_from_pb(pb: node_pb2.Backward, tensors: wire.Tensors) -> wire.Backward:
@@ -525,6 +538,11 @@ def _opened_from_pb(pb: node_pb2.Opened, tensors: wire.Tensors) -> wire.Opened:
 def _forward_result_from_pb(pb: node_pb2.ForwardResult, tensors: wire.Tensors) -> wire.ForwardResult:
     _named(tensors, "ForwardResult", ("hidden",))
     return wire.ForwardResult(step=pb.step, micro=pb.micro, hidden=_activation(tensors, "hidden", "ForwardResult"))
+
+
+def _stage_output_from_pb(pb: node_pb2.StageOutput, tensors: wire.Tensors) -> wire.StageOutput:
+    _named(tensors, "StageOutput", ("hidden",))
+    return wire.StageOutput(step=pb.step, micro=pb.micro, node=pb.node, hidden=_activation(tensors, "hidden", "StageOutput"))
 
 
 def _backward_result_from_pb(pb: node_pb2.BackwardResult, tensors: wire.Tensors) -> wire.BackwardResult:
@@ -553,7 +571,7 @@ _KINDS = {
     }),
     "up": (node_pb2.Up, {
         "opened": _opened_from_pb, "forward": _forward_result_from_pb, "backward": _backward_result_from_pb,
-        "gradients": _gradients_from_pb, "error": _item_error_from_pb,
+        "gradients": _gradients_from_pb, "error": _item_error_from_pb, "stage_output": _stage_output_from_pb,
     }),
 }
 
@@ -730,13 +748,21 @@ def read_edge_part(frames: Iterable[coordinator_pb2.EdgePartFrame], **limits: in
 
 # -- unary messages -----------------------------------------------------------------------
 def hop_to_pb(hop: wire.Hop) -> node_pb2.Hop:
-    return node_pb2.Hop(name=hop.name, address=hop.address, start=hop.start, end=hop.end)
+    return node_pb2.Hop(name=hop.name, address=hop.address, start=hop.start, end=hop.end, dtype=hop.dtype,
+                        quantize=hop.quantize)
+
+
+_HOP_DTYPES = ("", "fp32", "bf16", "fp16")
+_HOP_QUANTIZE = ("", "none", "int8", "nf4")
 
 
 def hop_from_pb(pb: node_pb2.Hop) -> wire.Hop:
     if pb.start > pb.end:
         raise WireError(f"hop {pb.name!r} has blocks [{pb.start}, {pb.end}): start after end")
-    return wire.Hop(name=pb.name, address=pb.address, start=pb.start, end=pb.end)
+    if pb.dtype not in _HOP_DTYPES or pb.quantize not in _HOP_QUANTIZE:
+        raise WireError(f"hop {pb.name!r} says its blocks are {pb.dtype!r} / {pb.quantize!r}: expected a dtype in "
+                        f"{_HOP_DTYPES[1:]} and a quantization in {_HOP_QUANTIZE[1:]} (or nothing)")
+    return wire.Hop(name=pb.name, address=pb.address, start=pb.start, end=pb.end, dtype=pb.dtype, quantize=pb.quantize)
 
 
 _NODE_INFO_FIELDS = ("name", "model", "fingerprint", "start", "end", "device", "sessions",
@@ -765,12 +791,14 @@ def route_to_pb(route: wire.Route) -> coordinator_pb2.Route:
     manifest = [coordinator_pb2.ManifestEntry(name=e.name, dtype=e.dtype, shape=list(e.shape), sha256=e.sha256)
                 for e in route.manifest]
     return coordinator_pb2.Route(model=route.model, fingerprint=route.fingerprint, hops=[hop_to_pb(h) for h in route.hops],
-                                 num_layers=route.num_layers, manifest=manifest)
+                                 num_layers=route.num_layers, manifest=manifest,
+                                 verifiers=[hop_to_pb(h) for h in route.verifiers])
 
 
 def route_from_pb(pb: coordinator_pb2.Route) -> wire.Route:
     hops = [hop_from_pb(h) for h in pb.hops]
-    beyond = [h.name for h in hops if h.end > pb.num_layers]
+    verifiers = [hop_from_pb(h) for h in pb.verifiers]
+    beyond = [h.name for h in hops + verifiers if h.end > pb.num_layers]
     if beyond:
         raise WireError(f"Route for {pb.model!r}: hops {beyond} run blocks beyond its {pb.num_layers} layers")
     manifest = []
@@ -778,23 +806,25 @@ def route_from_pb(pb: coordinator_pb2.Route) -> wire.Route:
         if any(d < 0 for d in e.shape):
             raise WireError(f"Route manifest entry {e.name!r} has a negative dimension in {list(e.shape)}")
         manifest.append(wire.ManifestEntry(name=e.name, dtype=e.dtype, shape=tuple(e.shape), sha256=e.sha256))
-    return wire.Route(model=pb.model, fingerprint=pb.fingerprint, hops=hops, num_layers=pb.num_layers, manifest=manifest)
+    return wire.Route(model=pb.model, fingerprint=pb.fingerprint, hops=hops, num_layers=pb.num_layers, manifest=manifest,
+                      verifiers=verifiers)
 
 
-def route_request_to_pb(model: str, failed: Iterable[str] = ()) -> coordinator_pb2.RouteRequest:
-    return coordinator_pb2.RouteRequest(model=model, failed=list(failed))
+def route_request_to_pb(model: str, failed: Iterable[str] = (), verify: bool = False,
+                        exclude: Iterable[str] = ()) -> coordinator_pb2.RouteRequest:
+    return coordinator_pb2.RouteRequest(model=model, failed=list(failed), verify=verify, exclude=list(exclude))
 
 
-def route_request_from_pb(pb: coordinator_pb2.RouteRequest) -> tuple[str, list[str]]:
-    """(model, addresses the edge could not reach)."""
+def route_request_from_pb(pb: coordinator_pb2.RouteRequest) -> wire.RouteRequest:
+    """The model, addresses the edge could not reach, whether it verifies, node names it banned."""
     if not pb.model:
         raise WireError("RouteRequest has an empty model name")
-    return pb.model, list(pb.failed)
+    return wire.RouteRequest(pb.model, tuple(pb.failed), pb.verify, tuple(pb.exclude))
 
 
 _NODE_STATUS_FIELDS = ("name", "ray_node_id", "host", "alive", "device", "gpu_name", "memory_bytes",
                        "cpus", "threads", "block_time_s", "bandwidth_bytes_per_s", "dtype",
-                       "quantize", "kernels")
+                       "quantize", "kernels", "banned_s")
 
 
 def _node_status_to_pb(s: wire.NodeStatus) -> coordinator_pb2.NodeStatus:
