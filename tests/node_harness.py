@@ -188,3 +188,18 @@ def shard_step(shard, methods_json: str, views: dict, hidden, grad_out, dropout_
     grad_in = session.backward(0, 0, grad_out)
     grads, _ = session.end_step(wire.EndStep(0, 1))
     return session, out, grad_in, grads
+
+
+def adapter_tensors(run_dir):
+    """The adapter a finetune run saved in `run_dir`, as tensors."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_adapters_close(a, b, tol):
+    """The same tensors, each within `tol` (max |difference|)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        diff = (a[k] - b[k]).abs().max().item()
+        assert diff <= tol, f"{k}: max |diff| {diff}"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from edgetune.runtime.train.loop import TrainConfig, finetune
-from edgetune.tests.node_harness import patch_connect, start_route
+from edgetune.tests.node_harness import adapter_tensors, assert_adapters_close, patch_connect, start_route
 
 
 @pytest.fixture()
@@ -31,17 +31,8 @@ def _cfg(folder, data, out, **kw):
     return TrainConfig(**base)
 
 
-def _adapter(run_dir):
-    from safetensors.torch import load_file
-
-    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-
-
-def _assert_same(a, b, tol):
-    assert a.keys() == b.keys()
-    for k in a:
-        diff = (a[k] - b[k]).abs().max().item()
-        assert diff <= tol, f"{k}: max |diff| {diff}"
+_adapter = adapter_tensors
+_assert_same = assert_adapters_close
 
 
 METHOD_OPTIONS = {

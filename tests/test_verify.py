@@ -17,7 +17,14 @@ import torch
 from edgetune.runtime.train.loop import TrainConfig, finetune
 from edgetune.runtime.train.verify import relative_error, tolerance, verified_micro_batches
 from edgetune.runtime.wire import messages as wire
-from edgetune.tests.node_harness import add_node, patch_connect, perturb_outputs, start_route
+from edgetune.tests.node_harness import (
+    adapter_tensors,
+    add_node,
+    assert_adapters_close,
+    patch_connect,
+    perturb_outputs,
+    start_route,
+)
 
 
 def _cfg(folder, data, out, **kw):
@@ -29,17 +36,8 @@ def _cfg(folder, data, out, **kw):
     return TrainConfig(**base)
 
 
-def _adapter(run_dir):
-    from safetensors.torch import load_file
-
-    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-
-
-def _assert_same(a, b, tol):
-    assert a.keys() == b.keys()
-    for k in a:
-        diff = (a[k] - b[k]).abs().max().item()
-        assert diff <= tol, f"{k}: max |diff| {diff}"
+_adapter = adapter_tensors
+_assert_same = assert_adapters_close
 
 
 def _records(run):
