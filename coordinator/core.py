@@ -135,8 +135,7 @@ class Coordinator:
         the list changed."""
         if self.authority is None:
             return False
-        serials = self.authority.revoked_serials()
-        names = set(self.authority.revoked_names())
+        names, serials = self.authority.revocations()
         if serials == self.revoked.serials:
             return False
         self.revoked.update(serials)  # this coordinator's own calls: from now on
@@ -257,20 +256,27 @@ class Coordinator:
         plan = partition([_stage_node(n.options.name, profiles[n.node_id]) for n in nodes], cost)
         log.info("partition of %s:\n%s", model, plan.describe())
         by_name = {n.options.name: n for n in nodes}
-        stages = []
+        nodes_in_order = [by_name[stage.name] for stage in plan.stages]
+        # the first stage serves edges; each later one only the node before it
+        previous = [""] + [n.options.name for n in nodes_in_order[:-1]]
+        stages = self._start_shards(info, [(node, stage, prev, None) for node, stage, prev
+                                           in zip(nodes_in_order, plan.stages, previous)])
+        return Placement(info, stages, plan.describe())
+
+    def _start_shards(self, info: ModelInfo, specs: list[tuple]) -> list[tuple]:
+        """Start a shard per (node, stage, previous, port) and wait until each has loaded and listens;
+        on any failure stop the ones started. Returns (node, stage, actor) per spec."""
+        placed = []
         try:
-            previous = ""  # the first stage serves edges; each later one only the node before it
-            for stage in plan.stages:
-                node = by_name[stage.name]
-                stages.append((node, stage, self._start_shard(node, stage, info, previous)))
-                previous = node.options.name
-            for _, _, actor in stages:  # wait until every shard loaded and listens
+            for node, stage, previous, port in specs:
+                placed.append((node, stage, self._start_shard(node, stage, info, previous, port=port)))
+            for _, _, actor in placed:
                 actor.address()
         except EdgetuneError:
-            for _, _, actor in stages:
+            for _, _, actor in placed:
                 actor.shutdown()
             raise
-        return Placement(info, stages, plan.describe())
+        return placed
 
     def _profile(self, node: RayNode, info: ModelInfo):
         key = (node.node_id, info.name)
@@ -395,16 +401,7 @@ class Coordinator:
                                             != (mine.dtype, mine.quantize), -free[n.node_id], n.options.name))
             free[best.node_id] -= need[best.node_id]
             picks.append((best, Stage(best.options.name, stage.start, stage.end, stage.time_s, need[best.node_id])))
-        placed = []
-        try:
-            for node, stage in picks:
-                placed.append((node, stage, self._start_shard(node, stage, info, "", port=0)))
-            for _, _, actor in placed:  # wait until every replica loaded and listens
-                actor.address()
-        except EdgetuneError:
-            for _, _, actor in placed:
-                actor.shutdown()
-            raise
+        placed = self._start_shards(info, [(node, stage, "", 0) for node, stage in picks])
         log.info("verifier replicas of %s: %s", info.name,
                  ", ".join(f"[{st.start}, {st.end}) on {n.options.name}" for n, st, _ in placed))
         return placed

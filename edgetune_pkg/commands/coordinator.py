@@ -45,15 +45,9 @@ def _preload(coordinator, model: str, stop: threading.Event) -> None:
 def _ray_tls(authority, host_ips: list[str]):
     """Ray's TLS files for the head and this driver, from the Ray-only CA (under the state folder)."""
     from edgetune.runtime.cluster.ray_process import RayTLS
-    from edgetune.runtime.security.authority import write_secret
 
-    folder = authority.folder / "ray-tls"
-    folder.mkdir(mode=0o700, exist_ok=True)
     cert, key = authority.ray_keypair("ray-coordinator", host_ips)
-    write_secret(folder / "head.key", key)
-    (folder / "head.pem").write_bytes(cert)
-    (folder / "ca.pem").write_bytes(authority.ray_ca.cert_pem)
-    return RayTLS(folder / "head.pem", folder / "head.key", folder / "ca.pem")
+    return RayTLS.write(authority.folder / "ray-tls", cert, key, authority.ray_ca.cert_pem)
 
 
 def _trust(args, ips: list[str]):

@@ -59,14 +59,8 @@ def _node_trust(args, name: str):
 def _ray_tls(reply, folder: Path):
     """Ray's TLS files from the Join reply, beside the node's credentials (key 0600)."""
     from edgetune.runtime.cluster.ray_process import RayTLS
-    from edgetune.runtime.security.authority import write_secret
 
-    where = folder / "ray-tls"
-    where.mkdir(mode=0o700, exist_ok=True)
-    write_secret(where / "node.key", reply.ray_tls_key)
-    (where / "node.pem").write_bytes(reply.ray_tls_cert)
-    (where / "ca.pem").write_bytes(reply.ray_tls_ca)
-    return RayTLS(where / "node.pem", where / "node.key", where / "ca.pem")
+    return RayTLS.write(folder / "ray-tls", reply.ray_tls_cert, reply.ray_tls_key, reply.ray_tls_ca)
 
 
 def run_node(args) -> int:

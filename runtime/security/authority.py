@@ -178,22 +178,17 @@ class ClusterAuthority:
             revoked[name] = sorted(set(revoked.get(name, [])) | {format(s, "x") for s in serials})
         return serials
 
-    def revoked_serials(self) -> frozenset[int]:
+    def revocations(self) -> tuple[set[str], frozenset[int]]:
+        """(revoked names, their revoked serials), from one read of revoked.json."""
         path = self.folder / "revoked.json"
-        if not path.exists():
-            return frozenset()
-        book = read_json_object(path, ConfigError)
-        return frozenset(int(s, 16) for serials in book.values() for s in serials)
+        book = read_json_object(path, ConfigError) if path.exists() else {}
+        return set(book), frozenset(int(s, 16) for serials in book.values() for s in serials)
+
+    def revoked_serials(self) -> frozenset[int]:
+        return self.revocations()[1]
 
     def revoked_names(self) -> list[str]:
-        path = self.folder / "revoked.json"
-        return sorted(read_json_object(path, ConfigError)) if path.exists() else []
-
-    def revocations_mtime(self) -> float:
-        try:
-            return (self.folder / "revoked.json").stat().st_mtime
-        except FileNotFoundError:
-            return 0.0
+        return sorted(self.revocations()[0])
 
     # -- where the coordinator listens ----------------------------------------------------
     def set_listening(self, address: str, join: str) -> None:
