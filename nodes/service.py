@@ -504,7 +504,8 @@ class _Relay:
         self._call = node_client.open_session(self._channel, self._frames_down(), self.deadline_s)
         threading.Thread(target=self.read_downstream, args=(self._call,), daemon=True, name="edgetune-session-next").start()
         self._down(wire.Open(msg.session_id, msg.model, msg.fingerprint, msg.route[1:], msg.codec, msg.methods_json,
-                             msg.adapter_codec, msg.owner, msg.micro_batch_size, msg.seq_len, msg.micro_batches))
+                             msg.adapter_codec, msg.owner, msg.micro_batch_size, msg.seq_len, msg.micro_batches,
+                             msg.constants_digest))
 
     # -- plumbing -----------------------------------------------------------------------
     def _me(self) -> wire.Hop:

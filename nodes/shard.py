@@ -25,7 +25,8 @@ from edgetune.runtime.compute.executor import BlockExecutor
 from edgetune.runtime.compute.quantize import check_methods, tensor_bytes
 from edgetune.runtime.errors import ConfigError, SessionError
 from edgetune.runtime.model.transformer import CausalLM
-from edgetune.runtime.peft.adapter import block_adapters, methods_from_json, split_block_key
+from edgetune.runtime.peft.adapter import block_adapters, constants_digest, methods_from_json, split_block_key
+from edgetune.runtime.peft.stats import STAT_PREFIX, Recorder, recording
 from edgetune.runtime.wire import messages as wire
 from edgetune.runtime.wire.serde import roundtrip as wire_roundtrip
 
@@ -109,8 +110,14 @@ class Shard:
         except Exception as e:  # a config from the wire that parses but makes no tensors (e.g. a bad regex)
             raise SessionError(f"PEFT methods that make no adapter tensors for blocks [{self.start}, {self.end}) of "
                                f"{self.model}: {type(e).__name__}: {e}", code="INVALID_ARGUMENT") from None
+        constants = [m.constants(self.part.config) for m in methods]
+        if constants_digest(constants) != msg.constants_digest:
+            raise SessionError(f"node {self.name} rebuilds other constants for these PEFT methods than the edge "
+                               f"(digest {constants_digest(constants)[:16] or 'none'}... against the edge's "
+                               f"{msg.constants_digest[:16] or 'none'}...): the two run different edgetune or torch "
+                               "versions, or the Open was altered", code="FAILED_PRECONDITION")
         session = ShardSession(self, msg.session_id, methods, msg.methods_json, msg.adapter_codec, owner=msg.owner,
-                               reserved_bytes=self.session_bytes(msg), shapes=shapes)
+                               reserved_bytes=self.session_bytes(msg), shapes=shapes, constants=constants)
         with self._lock:
             held = self.sessions.get(msg.session_id)
             if held is not None and held.owner != msg.owner:
@@ -186,7 +193,8 @@ class ShardSession:
     """One edge's use of a shard: the current adapter version, cached activations, step grads."""
 
     def __init__(self, shard: Shard, session_id: str, methods, methods_key: str = "", adapter_codec: str = "raw",
-                 owner: str = "", reserved_bytes: int = 0, shapes: dict | None = None) -> None:
+                 owner: str = "", reserved_bytes: int = 0, shapes: dict | None = None,
+                 constants: list | None = None) -> None:
         self.shard = shard
         self.session_id = session_id
         self.owner = owner  # the edge identity that opened it
@@ -204,6 +212,10 @@ class ShardSession:
         self.cache: OrderedDict[tuple[int, int], _Saved] = OrderedDict()
         self.step_grads: _StepGrads | None = None
         self.timing = wire.StageTiming(name=shard.name)
+        part = shard.part
+        made = [m.constants(part.config) for m in methods] if constants is None else constants
+        self.constants = [{n: t.to(part.device, part.dtype) for n, t in c.items()} for c in made]
+        self.stats: dict[tuple[int, int], Recorder] = {}  # (step, micro) -> what methods recorded (gates)
 
     # -- adapter ------------------------------------------------------------------
     def push_adapter(self, msg: wire.AdapterPush) -> None:
@@ -220,8 +232,13 @@ class ShardSession:
                 raise SessionError(f"adapter tensor {key!r} is for block {layer}, but node {self.shard.name} serves "
                                    f"[{part.start}, {part.end}): a push for a later node says how many hops ahead "
                                    "it is going", code="INVALID_ARGUMENT")
-            if not t.is_floating_point():
-                raise SessionError(f"adapter tensor {key!r} has dtype {t.dtype}; expected floating point", code="INVALID_ARGUMENT")
+            frozen = self.methods[k].is_frozen(split_block_key(key)[2])
+            if t.is_floating_point() == frozen or (frozen and msg.delta):
+                want = "integer indices, pushed whole" if frozen else "floating point"
+                raise SessionError(f"adapter tensor {key!r} has dtype {t.dtype}; expected {want}", code="INVALID_ARGUMENT")
+            if frozen and t.numel() and (int(t.min()) < 0 or int(t.max()) >= self._index_limit(key)):
+                raise SessionError(f"adapter tensor {key!r} holds indices outside [0, {self._index_limit(key)})",
+                                   code="INVALID_ARGUMENT")
             if msg.delta:
                 old = self.tensors.get(key)
                 if old is None or old.shape != t.shape:
@@ -229,7 +246,8 @@ class ShardSession:
                                        "that shape; send the whole adapter", code="FAILED_PRECONDITION")
         if not msg.delta:
             self._check_whole(msg.tensors)
-        mine = dict(self.tensors) if msg.delta else {}
+        # frozen tensors (a sparse mask's indices) come once a session: later pushes leave them out
+        mine = dict(self.tensors) if msg.delta else {k: t for k, t in self.tensors.items() if not t.is_floating_point()}
         for key, t in msg.tensors.items():
             # the leaf stays fp32 (the edge's master precision): each forward casts it to the
             # blocks' dtype, so autograd returns its gradient in fp32 and sums stay fp32
@@ -265,6 +283,8 @@ class ShardSession:
         """The session's persistent leaf for `key`, holding `t`: a new version is copied into the
         same storage (compiled code sees the same input), a new shape gets a new leaf."""
         part = self.shard.part
+        if not t.is_floating_point():  # frozen indices: no gradient, their own dtype
+            return t.to(device=part.device).clone()
         old = self.tensors.get(key)
         if old is not None and old.shape == t.shape:
             with torch.no_grad():
@@ -279,6 +299,9 @@ class ShardSession:
             return grads
         out = {}
         for name, g in grads.items():
+            if name.startswith(STAT_PREFIX):
+                out[name] = g
+                continue
             g = g.float()
             r = self.residuals.get(name)
             if r is not None and r.shape == g.shape:
@@ -311,8 +334,11 @@ class ShardSession:
         ctx = part.make_context(B, T, part.device, mask, 0, self.prefix, self.position_offset, key)
         if msg.train:
             h_in.requires_grad_(True)
-            with torch.enable_grad():
+            seen = Recorder()
+            with torch.enable_grad(), recording(seen):
                 h_out = self._run_blocks(h_in, ctx, key)
+            if not msg.recompute:  # a replayed micro-batch replaces what its first forward recorded
+                self.stats[(msg.step, msg.micro)] = seen
             if not msg.recompute:
                 self._remember(msg.step, msg.micro, _Saved(h_in, h_out))
         else:
@@ -335,8 +361,8 @@ class ShardSession:
     def _views(self, dropout_key):
         """Per-block adapter views over this version's tensors, cast to the blocks' dtype."""
         part = self.shard.part
-        tensors = {n: t.to(part.dtype) for n, t in self.tensors.items()}
-        return block_adapters(self.methods, tensors, range(part.start, part.end), dropout_key)
+        tensors = {n: t.to(part.dtype) if t.is_floating_point() else t for n, t in self.tensors.items()}
+        return block_adapters(self.methods, tensors, range(part.start, part.end), dropout_key, self.constants)
 
     def has_activation(self, step: int, micro: int) -> bool:
         return (step, micro) in self.cache
@@ -354,7 +380,7 @@ class ShardSession:
             raise SessionError(f"gradient {tuple(grad.shape)} does not match the output "
                                f"{tuple(saved.h_out.shape)} of micro-batch {micro}", code="INVALID_ARGUMENT")
         started = time.perf_counter()
-        names = list(self.tensors)
+        names = [n for n, t in self.tensors.items() if t.requires_grad]  # not frozen indices
         inputs = [saved.h_in] + [self.tensors[n] for n in names]
         grads = torch.autograd.grad(saved.h_out, inputs, grad.to(saved.h_out.device, saved.h_out.dtype), allow_unused=True)
         sums = self._grads_for(step)
@@ -376,7 +402,18 @@ class ShardSession:
         timing, self.timing = self.timing, wire.StageTiming(name=self.shard.name)
         self.step_grads = None
         self.cache = OrderedDict((k, v) for k, v in self.cache.items() if k[0] > msg.step)
-        return {n: g.detach() for n, g in sums.grads.items()}, timing
+        seen = Recorder()
+        for key in [k for k in self.stats if k[0] <= msg.step]:
+            seen.merge(self.stats.pop(key))
+        stats = {STAT_PREFIX + name: pair for name, pair in seen.as_tensors().items()}
+        return {**{n: g.detach() for n, g in sums.grads.items()}, **stats}, timing
+
+    def _index_limit(self, key: str) -> int:
+        """How many entries a frozen index tensor may address: its linear layer's weight's."""
+        k, layer, name = split_block_key(key)
+        module = name.rsplit(".", 1)[0]
+        linears = self.shard.part.block(layer).linears() if self.shard.start <= layer < self.shard.end else {}
+        return linears[module].weight.numel() if module in linears else 0
 
     # -- internals ------------------------------------------------------------------
     def _remember(self, step: int, micro: int, saved: _Saved) -> None:

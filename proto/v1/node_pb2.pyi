@@ -24,7 +24,7 @@ class Hop(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., dtype: _Optional[str] = ..., quantize: _Optional[str] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("session_id", "model", "fingerprint", "route", "codec", "methods_json", "adapter_codec", "owner", "micro_batch_size", "seq_len", "micro_batches")
+    __slots__ = ("session_id", "model", "fingerprint", "route", "codec", "methods_json", "adapter_codec", "owner", "micro_batch_size", "seq_len", "micro_batches", "constants_digest")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class Open(_message.Message):
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    CONSTANTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     fingerprint: str
@@ -47,7 +48,8 @@ class Open(_message.Message):
     micro_batch_size: int
     seq_len: int
     micro_batches: int
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., methods_json: _Optional[str] = ..., adapter_codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., owner: _Optional[str] = ..., micro_batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., micro_batches: _Optional[int] = ...) -> None: ...
+    constants_digest: str
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., methods_json: _Optional[str] = ..., adapter_codec: _Optional[_Union[_tensor_pb2.Codec, str]] = ..., owner: _Optional[str] = ..., micro_batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., micro_batches: _Optional[int] = ..., constants_digest: _Optional[str] = ...) -> None: ...
 
 class AdapterPush(_message.Message):
     __slots__ = ("version", "tensors", "delta", "hops_ahead")

@@ -11,6 +11,7 @@ Methods compose in stack order: e.g. the MAM adapter is
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -145,6 +146,8 @@ class Adapter:
         self.methods = list(methods)
         self.block_tensors = block_tensors
         self.edge_tensors = edge_tensors
+        self.constants: list[Tensors] = [{} for _ in self.methods]  # per method: Method.constants, rebuilt anywhere
+        self.state: list[Tensors] = [{} for _ in self.methods]  # per method: Method.init_state, edge-side training state
         self.training = False
         self.merged = False
         self.model_config = None  # the base model's ModelConfig (set by create(); save_adapter needs it)
@@ -174,27 +177,40 @@ class Adapter:
             edges.append(method.init_edge(model.config, model, gen) if model.has_edge else {})
         adapter = cls(methods, blocks, edges)
         adapter.model_config = model.config
+        adapter.constants = [m.constants(model.config) for m in methods]
         adapter.to(device=model.device, dtype=model.dtype)
         for p in adapter.parameters():
             p.requires_grad_(True)
+        adapter.state = [m.init_state(b) for m, b in zip(adapter.methods, adapter.block_tensors)]
         whole = model.has_edge and (block_source is not model.blocks or (model.start == 0 and model.end == model.config.num_layers))
         if whole and not any(True for _ in adapter.parameters()):  # a node's part may hold none of them
             raise AdapterError("the adapter's methods target no module of this model; check target_modules / layers_to_transform")
         return adapter
 
     # -- tensors ----------------------------------------------------------------
-    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """('m{k}.edge.{name}' | 'm{k}.layers.{i}.{name}', tensor) over the whole stack."""
-        for k, (blocks, edge) in enumerate(zip(self.block_tensors, self.edge_tensors)):
+    def named_tensors(self, frozen: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """('m{k}.edge.{name}' | 'm{k}.layers.{i}.{name}', tensor) over the whole stack; with
+        frozen=False, only what trains (no tensor a method declares frozen)."""
+        for k, (method, blocks, edge) in enumerate(zip(self.methods, self.block_tensors, self.edge_tensors)):
             for name, t in edge.items():
                 yield f"m{k}.edge.{name}", t
             for layer in sorted(blocks):
                 for name, t in blocks[layer].items():
-                    yield f"m{k}.layers.{layer}.{name}", t
+                    if frozen or not method.is_frozen(name):
+                        yield f"m{k}.layers.{layer}.{name}", t
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors the optimizer trains."""
+        return self.named_tensors(frozen=False)
 
     def parameters(self) -> Iterator[torch.Tensor]:
-        for _, t in self.named_tensors():
+        for _, t in self.named_parameters():
             yield t
+
+    def frozen_keys(self) -> set[str]:
+        """The '{method}.{layer}.{name}' keys of frozen block tensors (see block_tensor_views)."""
+        return {f"{k}.{layer}.{name}" for k, (m, blocks) in enumerate(zip(self.methods, self.block_tensors))
+                for layer, ts in blocks.items() for name in ts if m.is_frozen(name)}
 
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.parameters())
@@ -215,10 +231,12 @@ class Adapter:
 
     def to(self, device=None, dtype=None) -> Adapter:
         def move(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to(device=device, dtype=dtype).requires_grad_(t.requires_grad)
+            cast = dtype if t.is_floating_point() else None  # indices stay integers
+            return t.detach().to(device=device, dtype=cast).requires_grad_(t.requires_grad)
 
         self.block_tensors = [{l: {n: move(t) for n, t in ts.items()} for l, ts in b.items()} for b in self.block_tensors]
         self.edge_tensors = [{n: move(t) for n, t in e.items()} for e in self.edge_tensors]
+        self.constants = [{n: move(t) for n, t in c.items()} for c in self.constants]
         return self
 
     def train(self, mode: bool = True) -> Adapter:
@@ -235,7 +253,7 @@ class Adapter:
             return {}
         layers = list(layers)
         key = dropout_key if self.training else None
-        return block_adapters(self.methods, self.block_tensor_views(layers), layers, key)
+        return block_adapters(self.methods, self.block_tensor_views(layers), layers, key, self.constants)
 
     def block_tensor_views(self, layers: Iterable[int]) -> dict[str, torch.Tensor]:
         """'{method}.{layer}.{name}' -> the tensor blocks use, for `layers`.
@@ -273,6 +291,31 @@ class Adapter:
         for m, e in zip(self.methods, self.edge_tensors):
             weight = m.edge_norm_weight(e, weight)
         return weight
+
+    # -- the edge's side of a training step ---------------------------------------
+    def regularizer(self) -> torch.Tensor | None:
+        """The sum of the methods' regularizers (Method.regularizer), or None when none has one."""
+        terms = [t for t in (m.regularizer(b) for m, b in zip(self.methods, self.block_tensors)) if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def after_optimizer_step(self, step: int) -> dict[str, float]:
+        """Every method's Method.after_optimizer_step; their metrics, merged."""
+        metrics: dict[str, float] = {}
+        for m, blocks, state in zip(self.methods, self.block_tensors, self.state):
+            metrics.update(m.after_optimizer_step(blocks, state, step))
+        return metrics
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The methods' training state as 'm{k}.{name}' tensors (what a checkpoint keeps)."""
+        return {f"m{k}.{name}": t.detach().clone() for k, st in enumerate(self.state) for name, t in st.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = self.state_tensors()
+        if set(own) != set(tensors):
+            raise AdapterError(f"method state does not match: expected {sorted(own)[:5]}, got {sorted(tensors)[:5]}")
+        for k, st in enumerate(self.state):
+            for name in st:
+                st[name] = tensors[f"m{k}.{name}"].to(st[name].device)
 
     # -- merging ---------------------------------------------------------------
     def unmergeable_methods(self) -> list[str]:
@@ -316,11 +359,12 @@ def split_block_key(key: str) -> tuple[int, int, str]:
 
 
 def block_adapters(methods: Sequence[Method], tensors: dict[str, torch.Tensor], layers: Iterable[int],
-                   dropout_key: tuple | None) -> dict[int, BlockAdapter]:
+                   dropout_key: tuple | None, constants: Sequence[Tensors] | None = None) -> dict[int, BlockAdapter]:
     """BlockAdapters for `layers` from keyed tensors (see Adapter.block_tensor_views).
 
     One code path for a whole local model and for a node's blocks, so both apply
-    the same methods in the same stack order with the same dropout keys.
+    the same methods in the same stack order with the same dropout keys. `constants`
+    (per method, Method.constants) join the tensors of every block the method targets.
     """
     layers = list(layers)
     grouped: dict[int, list[Tensors]] = {layer: [{} for _ in methods] for layer in layers}
@@ -330,8 +374,25 @@ def block_adapters(methods: Sequence[Method], tensors: dict[str, torch.Tensor], 
             raise AdapterError(f"adapter tensor {key!r}: the adapter has only {len(methods)} method(s)")
         if layer in grouped:
             grouped[layer][k][name] = t
-    return {layer: BlockAdapter(layer, [(m, t) for m, t in zip(methods, grouped[layer]) if t], dropout_key)
+    shared = list(constants) if constants is not None else [{} for _ in methods]
+    return {layer: BlockAdapter(layer, [(m, {**c, **t}) for m, t, c in zip(methods, grouped[layer], shared) if t],
+                                dropout_key)
             for layer in layers}
+
+
+def constants_digest(constants: Sequence[Tensors]) -> str:
+    """sha256 over every method's constants (names, dtypes, shapes, fp32 values); '' when there are none.
+
+    The edge sends it in Open; a node that rebuilds different constants refuses the session."""
+    if not any(constants):
+        return ""
+    h = hashlib.sha256()
+    for k, c in enumerate(constants):
+        for name in sorted(c):
+            t = c[name].detach().to("cpu", torch.float32).contiguous()
+            h.update(f"{k}.{name}:{tuple(t.shape)};".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def methods_to_json(methods: Sequence[Method]) -> str:

@@ -60,6 +60,38 @@ class Method:
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
 
+    # -- which tensors train ----------------------------------------------------
+    def is_frozen(self, name: str) -> bool:
+        """Whether block tensor `name` stays fixed while training (a sparse mask's indices).
+
+        Frozen tensors are saved and checkpointed with the adapter and pushed to a node once per
+        session, but they get no gradient, no optimizer state and no place in later pushes."""
+        return False
+
+    def constants(self, config: ModelConfig) -> Tensors:
+        """Frozen tensors every targeted block of this method shares, rebuilt from the method
+        config and the model's shapes alone, identically on every machine (VeRA's random
+        projections). They are never trained nor pushed: a node rebuilds them, and the session's
+        Open carries their digest so a node that would rebuild others refuses (see
+        `constants_digest`). Hooks find them in their block tensors under the same names."""
+        return {}
+
+    # -- the edge's side of a training step ---------------------------------------
+    def init_state(self, blocks: dict[int, Tensors]) -> Tensors:
+        """Training state of the method beyond its tensors (AdaLoRA's importance averages),
+        kept on the edge and saved in checkpoints; {} for most methods."""
+        return {}
+
+    def regularizer(self, blocks: dict[int, Tensors]) -> torch.Tensor | None:
+        """A term added to the step's loss from the adapter's own tensors (AdaLoRA's
+        orthogonality penalty), computed on the edge, which holds them; None: no term."""
+        return None
+
+    def after_optimizer_step(self, blocks: dict[int, Tensors], state: Tensors, step: int) -> dict[str, float]:
+        """Runs on the edge after each optimizer step, gradients still in place and before the
+        new version is pushed (AdaLoRA's rank allocation); returns values for metrics.jsonl."""
+        return {}
+
     @property
     def init_reads_weights(self) -> bool:
         """True when init_block starts from the base weights (so it needs real blocks, not shapes)."""

@@ -72,6 +72,7 @@ class CheckpointDir:
                 "step": state.step,
                 "tokens_seen": state.tokens_seen,
                 "torch_rng": torch.get_rng_state(),
+                "method_state": adapter.state_tensors(),  # AdaLoRA's importance averages, ...
             }, tmp / "trainer.pt")
             (tmp / "meta.json").write_text(json.dumps({"step": state.step, "config": cfg.to_dict()}, indent=2))
             if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
@@ -126,6 +127,7 @@ class CheckpointDir:
             raise CheckpointError(f"{ckpt / 'trainer.pt'}: unreadable ({type(e).__name__}: {e})") from None
         try:
             adapter.load_state_dict(tensors)
+            adapter.load_state_tensors(trainer.get("method_state", {}))
             optimizer.load_state_dict(trainer["optimizer"])
             scheduler.load_state_dict(trainer["scheduler"])
             stream.load_state_dict(trainer["stream"])

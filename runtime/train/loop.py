@@ -26,6 +26,7 @@ from edgetune.runtime.compute.kernels import resolve_kernels
 from edgetune.runtime.compute.precision import resolve_head_dtype, torch_dtype
 from edgetune.runtime.errors import ConfigError
 from edgetune.runtime.peft.adapter import methods_to_json
+from edgetune.runtime.peft.stats import Recorder, recording
 from edgetune.runtime.train.loss import head_loss_sum
 from edgetune.runtime.train.options import TrainConfig
 
@@ -90,7 +91,9 @@ class LocalEngine:
 
     def __init__(self, model, kernels: str = "eager", methods=()) -> None:
         self.model = model
+        self.adapter = model.adapter
         self.kernels = kernels
+        self._stats = Recorder()  # what methods record in the step's forwards (UniPELT's gates)
         if kernels != "eager":  # the blocks run through one executor (compute.executor)
             model.runner = BlockExecutor(kernels).runner(methods_to_json(methods) if methods else "")
 
@@ -103,13 +106,15 @@ class LocalEngine:
         """Backward of every (dropout_key, micro-batch); returns the step's mean loss."""
         loss_sum = 0.0
         for key, batch in micros:
-            loss = batch_loss_sum(self.model, batch.input_ids, batch.labels, key) / max(1, total_tokens)
+            with recording(self._stats):
+                loss = batch_loss_sum(self.model, batch.input_ids, batch.labels, key) / max(1, total_tokens)
             loss.backward()
             loss_sum += float(loss.detach())
         return loss_sum
 
     def step_metrics(self) -> dict[str, Any]:
-        return {}
+        means, self._stats = self._stats.means(), Recorder()
+        return {"recorded": means} if means else {}
 
     def prepare_next_step(self) -> None:
         pass
@@ -290,9 +295,15 @@ def train_step(engine, params, optimizer, scheduler, stream, cfg: TrainConfig, s
               for a, batch in enumerate(batches) for m, mb in enumerate(batch.split(cfg.micro_batches))]
     optimizer.zero_grad(set_to_none=True)
     loss_sum = engine.accumulate(micros, total_tokens)
+    extra: dict[str, Any] = {}
+    penalty = engine.adapter.regularizer()  # from the edge's own tensors (AdaLoRA's orthogonality)
+    if penalty is not None:
+        penalty.backward()
+        extra["regularizer"] = float(penalty.detach())
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
+    extra.update(engine.adapter.after_optimizer_step(state.step))  # before the new version leaves (AdaLoRA's ranks)
     engine.prepare_next_step()  # distributed: the new adapter version leaves now
     scheduler.step()
     state.step += 1
@@ -300,7 +311,8 @@ def train_step(engine, params, optimizer, scheduler, stream, cfg: TrainConfig, s
     state.tokens_seen += seen
     elapsed = time.perf_counter() - start
     record = {"step": state.step, "loss": loss_sum, "lr": lr, "tokens": seen, "tokens_per_s": seen / elapsed,
-              "grad_norm": None if grad_norm is None else float(grad_norm), "time_s": elapsed, **engine.step_metrics()}
+              "grad_norm": None if grad_norm is None else float(grad_norm), "time_s": elapsed, **extra,
+              **engine.step_metrics()}
     state.history.append(record)
     return record
 

@@ -37,6 +37,7 @@ import grpc
 import torch
 
 from edgetune.runtime.errors import ConfigError, EdgetuneError
+from edgetune.runtime.peft.adapter import constants_digest
 from edgetune.runtime.security.access import Trust
 from edgetune.runtime.train.loss import head_loss_sum
 from edgetune.runtime.train.options import TrainConfig
@@ -70,7 +71,10 @@ class _StageGradients:
     """The adapter gradients of one step as the stages' Gradients arrive (one per node and EndStep)."""
 
     def __init__(self, views: dict[str, torch.Tensor], hops: list[wire.Hop], step: int, version: int) -> None:
+        from edgetune.runtime.peft.stats import Recorder
+
         self.views = views
+        self.recorded = Recorder()  # what the nodes' methods recorded in the step's forwards (gates)
         self.hops = hops
         self.step, self.version = step, version
         self.due = 0  # Gradients messages still to come
@@ -83,7 +87,11 @@ class _StageGradients:
         if msg.step != self.step or msg.version != self.version or len(msg.timings) != 1:
             raise RouteFailure(f"gradients of step {msg.step} version {msg.version} from {len(msg.timings)} node(s), "
                                f"expected one node's of step {self.step} version {self.version}", [])
+        from edgetune.runtime.peft.stats import STAT_PREFIX
+
         timing = msg.timings[0]
+        stats = {k: msg.tensors.pop(k) for k in [k for k in msg.tensors if k.startswith(STAT_PREFIX)]}
+        self.recorded.add_tensors({k[len(STAT_PREFIX):]: t for k, t in stats.items()})
         layers = {split_block_key(k)[1] for k in msg.tensors if k in self.views}
         stage = next((i for i, h in enumerate(self.hops) if all(h.start <= layer < h.end for layer in layers)), None)
         for key, g in msg.tensors.items():
@@ -384,6 +392,8 @@ class RemoteEngine:
         self._mirror: dict[str, torch.Tensor] | None = None  # what the session's nodes hold (lossy adapter codecs)
         self._pushed: dict[str, torch.Tensor] | None = None  # the current version's views, already on the route
         self._later_pushes: list[wire.AdapterPush] = []  # the current version's pushes for stages 1.., not sent yet
+        self._frozen = adapter.frozen_keys()  # sparse masks' indices: pushed once a session
+        self._frozen_sent = False
         self._verifier = None  # --verify: verify.Verifier of the open route, made on its first verified step
         self._longest_s = 0.0  # the longest step or evaluation so far (s): what a reply may take
         self._closed_bytes = [0, 0]  # sent, received by the sessions closed so far
@@ -475,8 +485,10 @@ class RemoteEngine:
         open_msg = wire.Open(session_id=uuid.uuid4().hex, model=cfg.model, fingerprint=route.fingerprint,
                              route=hops, codec=cfg.codec, methods_json=self.methods_json,
                              adapter_codec=cfg.adapter_codec, micro_batch_size=-(-cfg.batch_size // micro),
-                             seq_len=cfg.max_seq_len, micro_batches=micro)
+                             seq_len=cfg.max_seq_len, micro_batches=micro,
+                             constants_digest=constants_digest(self.adapter.constants))
         self._mirror = None  # a new session: its nodes hold no replica yet
+        self._frozen_sent = False
         self._pushed = None
         self._later_pushes = []
         try:
@@ -494,9 +506,12 @@ class RemoteEngine:
         part of the next step's delta and the replicas never drift."""
         views = self.adapter.block_tensor_views(self.layers)  # what the blocks use (autograd-linked)
         self.version += 1
-        current = {k: v.detach() for k, v in views.items()}
+        current = {k: v.detach() for k, v in views.items() if k not in self._frozen}
         codec = self.cfg.adapter_codec
         if codec == "raw" or self._mirror is None:
+            if not self._frozen_sent:  # the session's first push: the nodes keep them from now on
+                current.update({k: views[k].detach() for k in self._frozen})
+                self._frozen_sent = True
             self._send_by_stage(current, delta=False)
             self._mirror = None if codec == "raw" else {k: t.float().clone() for k, t in current.items()}
             return views
@@ -604,6 +619,8 @@ class RemoteEngine:
             self._metrics.update(self._verifier.finish(step))
         gradients.into_master()
         self._metrics["stages"] = gradients.timings()
+        if gradients.recorded.sums:
+            self._metrics["recorded"] = gradients.recorded.means()
         return loss_sum
 
     def _begin_checks(self, step: int, count: int, views: dict[str, torch.Tensor]) -> set[int]:
@@ -618,7 +635,9 @@ class RemoteEngine:
                                       self.stream.codec, self.cfg.verify, self.cfg.seed, self.stream.reply_timeout_s,
                                       self.trainer.banned)
         self._verifier.reply_timeout_s = self.stream.reply_timeout_s  # the route's silence limit, as it is now
-        held = self._mirror if self._mirror is not None else {k: v.detach() for k, v in views.items()}
+        held = {k: v.detach() for k, v in views.items()}
+        if self._mirror is not None:  # what the route's nodes decoded, and the frozen tensors they were sent
+            held = {**self._mirror, **{k: held[k] for k in self._frozen}}
         return self._verifier.begin(step, count, self.version, held)
 
     def _end_step(self, step: int) -> None:

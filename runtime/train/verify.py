@@ -227,7 +227,8 @@ class Verifier:
             # kept no longer than it runs, is all admission needs to set aside
             t = self.template
             open_msg = wire.Open(uuid.uuid4().hex, t.model, t.fingerprint, [hop], codec="fp32", methods_json=t.methods_json,
-                                 adapter_codec="raw", micro_batch_size=t.micro_batch_size, seq_len=t.seq_len, micro_batches=1)
+                                 adapter_codec="raw", micro_batch_size=t.micro_batch_size, seq_len=t.seq_len, micro_batches=1,
+                                 constants_digest=t.constants_digest)
             try:
                 self.streams[stage] = RouteStream(one_hop, self.trust, open_msg, self.reply_timeout_s)
             except RouteFailure:

@@ -44,6 +44,7 @@ class Open:
     micro_batch_size: int = 0  # sequences per micro-batch, at most (admission by memory; 0: unknown)
     seq_len: int = 0  # tokens per sequence, at most
     micro_batches: int = 0  # micro-batches whose activations a step keeps
+    constants_digest: str = ""  # peft.adapter.constants_digest of the methods' shared constants ('' if none)
 
 
 @dataclass

@@ -343,7 +343,7 @@ def _open_to_pb(m: wire.Open, enc: _Encoding, payloads: list[bytes]) -> node_pb2
                          codec=_CODEC_ENUMS[_check_codec(m.codec, wire.CODECS)], methods_json=m.methods_json,
                          adapter_codec=_CODEC_ENUMS[_check_codec(m.adapter_codec, wire.ADAPTER_CODECS)],
                          owner=m.owner, micro_batch_size=m.micro_batch_size, seq_len=m.seq_len,
-                         micro_batches=m.micro_batches)
+                         micro_batches=m.micro_batches, constants_digest=m.constants_digest)
 
 
 def _adapter_to_pb(m: wire.AdapterPush, enc: _Encoding, payloads: list[bytes]) -> node_pb2.AdapterPush:
@@ -493,7 +493,8 @@ def _open_from_pb(pb: node_pb2.Open, tensors: wire.Tensors) -> wire.Open:
     return wire.Open(session_id=pb.session_id, model=pb.model, fingerprint=pb.fingerprint,
                      route=[hop_from_pb(h) for h in pb.route], codec=_open_codec(pb.codec), methods_json=pb.methods_json,
                      adapter_codec=_open_adapter_codec(pb.adapter_codec), owner=pb.owner,
-                     micro_batch_size=pb.micro_batch_size, seq_len=pb.seq_len, micro_batches=pb.micro_batches)
+                     micro_batch_size=pb.micro_batch_size, seq_len=pb.seq_len, micro_batches=pb.micro_batches,
+                     constants_digest=pb.constants_digest)
 
 
 def _open_adapter_codec(enum: int) -> str:
