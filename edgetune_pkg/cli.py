@@ -24,15 +24,28 @@ _FINETUNE_OPTIONS: list[tuple[str, type, str]] = [
     ("model", str, "base model: a Hugging Face folder, a .gguf file, or 'embedded' (SmolLM2-135M-Instruct)"),
     ("data", str, "training data, JSONL: {text} | {prompt, completion} | {messages: [{role, content}, ...]}"),
     ("out", str, "run folder: config, metrics.jsonl, checkpoints/, adapter/"),
-    ("method", str, "PEFT method: lora, dora, ia3, prefix, prompt, ln_tuning, serial_adapter, parallel_adapter, bitfit"),
-    ("rank", int, "LoRA/DoRA rank r"),
+    ("method", str, "PEFT method: lora, dora, ia3, prefix, prompt, ln_tuning, serial_adapter, parallel_adapter, bitfit, "
+                    "sparse, adalora, vera, lokr, mam (prefix + parallel adapter), unipelt (gated LoRA + prefix + "
+                    "adapter); `edgetune methods` compares them"),
+    ("rank", int, "rank r of LoRA/DoRA, LoKr, VeRA and UniPELT's LoRA; AdaLoRA: the average rank it ends at"),
     ("alpha", float, "LoRA/DoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with --use-rslora)"),
     ("dropout", float, "LoRA dropout probability"),
     ("target_modules", str, "comma-separated module names (q_proj,v_proj), 'all-linear', or a regex"),
     ("layers_to_transform", str, "comma-separated block indices to adapt (default: all)"),
     ("num_virtual_tokens", int, "prefix/prompt tuning: number of virtual tokens"),
     ("bottleneck_size", int, "serial/parallel adapters: bottleneck width"),
-    ("adapter_scaling", float, "parallel adapter: output scaling s"),
+    ("adapter_scaling", float, "parallel adapter (and mam): output scaling s"),
+    ("mask", str, "sparse: how the trained entries of each weight are chosen: fisher (the empirical Fisher of the "
+                  "frozen weights on --calibration-examples, computed where the weights are), magnitude, random"),
+    ("density", float, "sparse: train this fraction of each targeted weight (saved as edgetune's EDGETUNE_SPARSE)"),
+    ("shira_rank", int, "sparse: instead of --density, train exactly r * (in + out) entries of each targeted weight "
+                        "(as many numbers as a rank-r LoRA; saved in peft's SHIRA layout); 0: use --density"),
+    ("calibration_examples", int, "sparse --mask fisher: training examples the Fisher is estimated on"),
+    ("init_rank", int, "adalora: every targeted module's rank at the start"),
+    ("tinit", int, "adalora: steps of warmup before ranks are reduced"),
+    ("tfinal", int, "adalora: final steps at the target budget"),
+    ("orth_reg_weight", float, "adalora: weight of the orthogonality regularizer of P and Q"),
+    ("projection_seed", int, "vera: seed of the shared frozen random projections (every node rebuilds them)"),
     ("lr", float, "peak learning rate (AdamW)"),
     ("weight_decay", float, "AdamW weight decay"),
     ("warmup_steps", int, "linear warmup steps before the cosine decay"),
@@ -319,6 +332,38 @@ def _add_plan(sub) -> None:
     p.set_defaults(func=_run_plan)
 
 
+# finetune's options that change an adapter's size: the ones `edgetune methods` takes
+_METHOD_SIZE_OPTIONS = ("rank", "target_modules", "layers_to_transform", "num_virtual_tokens", "bottleneck_size",
+                        "density", "shira_rank", "init_rank")
+
+
+def _add_methods(sub) -> None:
+    from edgetune.runtime.plan import shapes
+
+    p = sub.add_parser("methods", help="every PEFT method side by side on one model: survey branch, trainable "
+                                       "values, edge memory, bytes per step, merging and export",
+                       description="A table of every --method finetune accepts, from one model's shapes alone (no "
+                                   "weights are read; a 70B shape takes seconds): its branch in Han et al.'s PEFT "
+                                   "survey, trainable values, the edge's memory for them with AdamW, bytes pushed to "
+                                   "the nodes per step, whether it merges into the weights, how `edgetune export` "
+                                   "writes it, and its PEFT type. The method options are finetune's.",
+                       formatter_class=_Defaults)
+    p.add_argument("--model", default="embedded", help=f"a shipped shape ({', '.join(shapes.names())}), a config.json "
+                   "or a folder with one, a .gguf file (its header), or 'embedded'")
+    p.add_argument("--json", action="store_true", help="print the table as JSON (default: text)")
+    _add_options(p, [o for o in _FINETUNE_OPTIONS if o[0] in _METHOD_SIZE_OPTIONS],
+                 _train_defaults(), parse_defaults=False)
+    p.add_argument("--prefix-projection", dest="prefix_projection", action="store_true", default=None,
+                   help=f"{_FINETUNE_FLAGS['prefix_projection']} (default: off)")
+    p.set_defaults(func=_run_methods)
+
+
+def _run_methods(args: argparse.Namespace) -> int:
+    from edgetune.commands.methods import run_methods
+
+    return run_methods(args)
+
+
 # demo options: (flag, type, help); defaults come from DemoOptions
 _DEMO_OPTIONS: list[tuple[str, type, str]] = [
     ("out", str, "folder for the run, the adapter and the ONNX export (an earlier demo's is replaced; any other existing folder is refused)"),
@@ -369,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_revoke(sub)
     _add_report(sub)
     _add_plan(sub)
+    _add_methods(sub)
     _add_demo(sub)
     return parser
 

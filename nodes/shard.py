@@ -115,7 +115,8 @@ class Shard:
             raise SessionError(f"node {self.name} rebuilds other constants for these PEFT methods than the edge "
                                f"(digest {constants_digest(constants)[:16] or 'none'}... against the edge's "
                                f"{msg.constants_digest[:16] or 'none'}...): the two run different edgetune or torch "
-                               "versions, or the Open was altered", code="FAILED_PRECONDITION")
+                               "versions, the edge's constants came from a saved adapter (a VeRA projection drawn by "
+                               "another seed), or the Open was altered", code="FAILED_PRECONDITION")
         session = ShardSession(self, msg.session_id, methods, msg.methods_json, msg.adapter_codec, owner=msg.owner,
                                reserved_bytes=self.session_bytes(msg), shapes=shapes, constants=constants)
         with self._lock:
@@ -216,6 +217,16 @@ class ShardSession:
         made = [m.constants(part.config) for m in methods] if constants is None else constants
         self.constants = [{n: t.to(part.device, part.dtype) for n, t in c.items()} for c in made]
         self.stats: dict[tuple[int, int], Recorder] = {}  # (step, micro) -> what methods recorded (gates)
+        # A calibration session (sparse fine-tuning's mask): a probe method's dense zero deltas live here
+        # only, never on the wire; their per-micro-batch gradients (= dL/dW) are squared and summed into
+        # the Fisher, and only each weight's top entries go back (see end_step).
+        self.probe: dict[str, torch.Tensor] = {}
+        self.fisher: dict[str, torch.Tensor] = {}
+        for k, m in enumerate(methods):
+            if hasattr(m, "probe_tensors"):
+                for block in part.layers:
+                    for name, t in m.probe_tensors(block).items():
+                        self.probe[f"{k}.{block.layer_idx}.{name}"] = t.to(part.device, torch.float32).requires_grad_(True)
 
     # -- adapter ------------------------------------------------------------------
     def push_adapter(self, msg: wire.AdapterPush) -> None:
@@ -299,7 +310,7 @@ class ShardSession:
             return grads
         out = {}
         for name, g in grads.items():
-            if name.startswith(STAT_PREFIX):
+            if name.startswith(STAT_PREFIX) or not g.is_floating_point():
                 out[name] = g
                 continue
             g = g.float()
@@ -361,7 +372,7 @@ class ShardSession:
     def _views(self, dropout_key):
         """Per-block adapter views over this version's tensors, cast to the blocks' dtype."""
         part = self.shard.part
-        tensors = {n: t.to(part.dtype) if t.is_floating_point() else t for n, t in self.tensors.items()}
+        tensors = {n: t.to(part.dtype) if t.is_floating_point() else t for n, t in {**self.tensors, **self.probe}.items()}
         return block_adapters(self.methods, tensors, range(part.start, part.end), dropout_key, self.constants)
 
     def has_activation(self, step: int, micro: int) -> bool:
@@ -380,14 +391,20 @@ class ShardSession:
             raise SessionError(f"gradient {tuple(grad.shape)} does not match the output "
                                f"{tuple(saved.h_out.shape)} of micro-batch {micro}", code="INVALID_ARGUMENT")
         started = time.perf_counter()
-        names = [n for n, t in self.tensors.items() if t.requires_grad]  # not frozen indices
-        inputs = [saved.h_in] + [self.tensors[n] for n in names]
+        held = {**self.tensors, **self.probe}
+        names = [n for n, t in held.items() if t.requires_grad]  # not frozen indices
+        inputs = [saved.h_in] + [held[n] for n in names]
         grads = torch.autograd.grad(saved.h_out, inputs, grad.to(saved.h_out.device, saved.h_out.dtype), allow_unused=True)
         sums = self._grads_for(step)
         if micro not in sums.done:
             sums.done.add(micro)
             for name, g in zip(names, grads[1:]):
-                if g is not None:
+                if g is None:
+                    continue
+                if name in self.probe:  # empirical Fisher: this micro-batch's squared gradient
+                    g = g.float().square()
+                    self.fisher[name] = g if name not in self.fisher else self.fisher[name] + g
+                else:
                     sums.grads[name] = g if name not in sums.grads else sums.grads[name] + g
         self._spent("backward_s", started)
         return grads[0].float()
@@ -406,7 +423,27 @@ class ShardSession:
         for key in [k for k in self.stats if k[0] <= msg.step]:
             seen.merge(self.stats.pop(key))
         stats = {STAT_PREFIX + name: pair for name, pair in seen.as_tensors().items()}
-        return {**{n: g.detach() for n, g in sums.grads.items()}, **stats}, timing
+        return {**{n: g.detach() for n, g in sums.grads.items()}, **stats, **self._chosen_entries()}, timing
+
+    def _chosen_entries(self) -> dict[str, torch.Tensor]:
+        """A calibration session's result: per probed weight, the indices (int64) and scores (fp32) of
+        the entries its probe method keeps, by the Fisher summed so far or by the weight's magnitude."""
+        out = {}
+        for key in self.probe:
+            k, layer, name = split_block_key(key)
+            module = name.rsplit(".", 1)[0]
+            method = self.methods[k]
+            weight = self.shard.part.block(layer).linears()[module].weight
+            scores = self.fisher.get(key) if method.score == "fisher" else weight.detach().float().abs()
+            if scores is None:
+                raise SessionError(f"calibration on node {self.shard.name}: no gradient reached {key!r}; send "
+                                   "the calibration sequences' forwards and backwards before EndStep",
+                                   code="FAILED_PRECONDITION")
+            indices, chosen = method.choose(scores)
+            out[f"{k}.{layer}.{module}.sparse_indices"] = indices.cpu()
+            out[f"{k}.{layer}.{module}.sparse_scores"] = chosen.float().cpu()
+        self.fisher = {}
+        return out
 
     def _index_limit(self, key: str) -> int:
         """How many entries a frozen index tensor may address: its linear layer's weight's."""

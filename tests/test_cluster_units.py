@@ -417,6 +417,17 @@ def _one_config_per_class():
         peft.SerialAdapterConfig: peft.SerialAdapterConfig(bottleneck_size=8, activation="relu"),
         peft.ParallelAdapterConfig: peft.ParallelAdapterConfig(bottleneck_size=8, scaling=2.0),
         peft.BitFitConfig: peft.BitFitConfig(target_modules="all-linear", layers_to_transform=(1, 2)),
+        peft.LoKrConfig: peft.LoKrConfig(r=4, alpha=8.0, target_modules=("q_proj", "down_proj"), layers_to_transform=(0, 3),
+                                         decompose_both=True, decompose_factor=4),
+        peft.VeraConfig: peft.VeraConfig(r=16, target_modules=("q_proj", "up_proj"), projection_prng_key=9,
+                                         d_initial=0.2, dropout=0.1),
+        peft.AdaLoraConfig: peft.AdaLoraConfig(init_r=6, target_r=3, tinit=1, tfinal=1, deltaT=2, total_step=10,
+                                               orth_reg_weight=0.25),
+        peft.ShiraConfig: peft.ShiraConfig(r=2, mask="magnitude", seed=4, target_modules=("k_proj",)),
+        peft.SparseConfig: peft.SparseConfig(density=0.02, mask="fisher", layers_to_transform=(1,)),
+        peft.FisherProbeConfig: peft.FisherProbeConfig(target_modules=("v_proj",), score="magnitude", r=3),
+        peft.UniPeltConfig: peft.UniPeltConfig(lora_r=4, lora_alpha=8.0, lora_targets=("q_proj",), num_virtual_tokens=2,
+                                               bottleneck_size=8, activation="silu", layers_to_transform=(0,)),
     }
     assert set(made) == set(peft.METHODS.values())  # a new method class must be added here
     return list(made.values())

@@ -46,6 +46,15 @@ METHOD_OPTIONS = {
     "serial_adapter": {"method": "serial_adapter", "bottleneck_size": 8},
     "parallel_adapter": {"method": "parallel_adapter", "bottleneck_size": 8},
     "bitfit": {"method": "bitfit"},
+    "sparse_fisher": {"method": "sparse", "density": 0.05, "mask": "fisher", "calibration_examples": 3},
+    "shira_magnitude": {"method": "sparse", "shira_rank": 2, "mask": "magnitude"},
+    "sparse_random": {"method": "sparse", "density": 0.02, "mask": "random"},
+    "adalora": {"method": "adalora", "rank": 2, "init_rank": 4, "tinit": 1, "tfinal": 1},
+    "vera": {"method": "vera", "rank": 16},
+    "lokr": {"method": "lokr", "rank": 4},
+    "mam": {"method": "mam", "num_virtual_tokens": 3, "bottleneck_size": 8},
+    "unipelt": {"method": "unipelt", "rank": 4, "num_virtual_tokens": 3, "bottleneck_size": 8,
+                "target_modules": ("q_proj", "v_proj")},
 }
 
 

@@ -239,3 +239,29 @@ def test_report_of_a_real_finetune(tmp_path):
     assert result.eval_loss_before is not None  # train.py evaluates before the first step, as step 0
     assert s.first_eval == (0, pytest.approx(result.eval_loss_before))
     assert "(before training)" in report.summary
+
+
+def test_gate_values_are_plotted_and_parsed(tmp_path):
+    steps, lines = _run_lines(distributed=True)
+    rng = random.Random(3)
+    gates = {}
+    for record in steps:
+        record["recorded"] = {f"gate.{kind}.{layer}": rng.uniform(0, 1) for kind in ("lora", "prefix") for layer in (0, 1)}
+        gates[record["step"]] = record["recorded"]
+    report = write_report(_write_run(tmp_path / "run", lines))
+    assert report.gates_png == tmp_path / "run" / "gates.png"
+    _assert_png(report.gates_png)
+    from edgetune.commands.report import read_metrics
+
+    parsed = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert {s.step: dict(s.recorded) for s in parsed.steps} == gates
+
+    plain = write_report(_write_run(tmp_path / "plain", _run_lines(distributed=False)[1]))
+    assert plain.gates_png is None and not (tmp_path / "plain" / "gates.png").exists()
+
+
+def test_malformed_recorded_values_name_the_line(tmp_path):
+    steps, lines = _run_lines(distributed=False)
+    steps[1]["recorded"] = ["not", "a", "mapping"]
+    with pytest.raises(DataError, match="line 3: 'recorded' must be an object"):
+        write_report(_write_run(tmp_path / "run", lines))

@@ -126,9 +126,10 @@ def token_ids(batch: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def randomize(adapter, seed: int = 0, scale: float = 0.2) -> None:
-    """Move every adapter tensor off its initial value (so zero-initialised B / up do matter)."""
+    """Move every trained adapter tensor off its initial value (so zero-initialised B / up do matter);
+    frozen ones (a sparse mask's indices) stay as they are."""
     gen = torch.Generator().manual_seed(seed)
-    for _, t in adapter.named_tensors():
+    for _, t in adapter.named_parameters():
         t.add_(scale * torch.randn(t.shape, generator=gen).to(t.dtype))
 
 

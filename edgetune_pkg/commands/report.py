@@ -33,7 +33,7 @@ __all__ = ["Report", "RunMetrics", "RunSummary", "format_summary", "read_metrics
 log = logging.getLogger("edgetune.report")
 
 MB = 2**20  # bytes per "MB", as the progress bar of `edgetune finetune` counts them
-_DRAWN = ("loss.png", "throughput.png", "nodes.png", "summary.txt")
+_DRAWN = ("loss.png", "throughput.png", "nodes.png", "summary.txt", "gates.png")
 
 
 # ---------------------------------------------------------------- records
@@ -56,6 +56,7 @@ class StepRecord:
     bytes_sent: int | None  # None: a local step, nothing on the wire
     bytes_received: int | None
     stages: tuple[StageTime, ...]
+    recorded: tuple[tuple[str, float], ...] = ()  # what methods recorded in the step's forwards (UniPELT's gates)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ class RunMetrics:
     @property
     def distributed(self) -> bool:
         return any(s.bytes_sent is not None or s.stages for s in self.steps)
+
+    @property
+    def gated(self) -> bool:
+        return any(name.startswith("gate.") for s in self.steps for name, _ in s.recorded)
 
 
 def read_metrics(path: str | Path) -> RunMetrics:
@@ -134,7 +139,15 @@ def _step_record(obj: dict, where: str) -> StepRecord:
         bytes_sent=int(_number(obj, "bytes_sent", where)) if distributed else None,
         bytes_received=int(_number(obj, "bytes_received", where)) if distributed else None,
         stages=tuple(StageTime(s["node"], _number(s, "forward_s", where), _number(s, "backward_s", where))
-                     for s in stages))
+                     for s in stages),
+        recorded=_recorded(obj, where))
+
+
+def _recorded(obj: dict, where: str) -> tuple[tuple[str, float], ...]:
+    values = obj.get("recorded", {})
+    if not isinstance(values, dict):
+        raise DataError(f"{where}: 'recorded' must be an object of name -> number, got {_short(values)}")
+    return tuple((str(name), _number(values, name, where)) for name in sorted(values))
 
 
 def _number(obj: dict, key: str, where: str) -> float:
@@ -321,6 +334,32 @@ def plot_nodes(metrics: RunMetrics, path: Path, title: str) -> None:
     _save(fig, path)
 
 
+def plot_gates(metrics: RunMetrics, path: Path, title: str) -> None:
+    """UniPELT's gates: per kind (lora, prefix, adapter) the mean over layers, solid, and each layer faint."""
+    fig, (ax,) = _figure()
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}  # kind -> layer -> (step, mean gate)
+    for s in metrics.steps:
+        for name, value in s.recorded:
+            parts = name.split(".")
+            if parts[0] == "gate" and len(parts) == 3:
+                series.setdefault(parts[1], {}).setdefault(parts[2], []).append((s.step, value))
+    for i, (kind, layers) in enumerate(sorted(series.items())):
+        color = f"C{i % 10}"
+        for points in layers.values():
+            ax.plot(*zip(*points), color=color, alpha=0.15, linewidth=0.8)
+        by_step: dict[int, list[float]] = {}
+        for points in layers.values():
+            for step, value in points:
+                by_step.setdefault(step, []).append(value)
+        steps = sorted(by_step)
+        ax.plot(steps, [sum(by_step[t]) / len(by_step[t]) for t in steps], color=color,
+                label=f"{kind} gate (mean of {len(layers)} layers)")
+    ax.set(xlabel="step", ylabel="mean gate value", ylim=(0, 1), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
 def _mb(n: int | None) -> float:
     return math.nan if n is None else n / MB
 
@@ -338,6 +377,7 @@ class Report:
     summary_txt: Path
     summary: str
     stats: RunSummary
+    gates_png: Path | None = None  # runs whose method has gates (unipelt)
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
@@ -357,22 +397,27 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
         raise ConfigError(f"--out {out} is a file; give a folder for the report")
     out.mkdir(parents=True, exist_ok=True)
     title = f"{run_dir.name}: {stats.method or '?'} on {Path(stats.model).name if stats.model else '?'}"
-    loss_png, throughput_png, nodes_png, summary_txt = (out / name for name in _DRAWN)
+    loss_png, throughput_png, nodes_png, summary_txt, gates_png = (out / name for name in _DRAWN)
     plot_loss(metrics, loss_png, title)
     plot_throughput(metrics, throughput_png, title)
     if metrics.distributed:
         plot_nodes(metrics, nodes_png, title)
     else:
         nodes_png = None
+    if metrics.gated:
+        plot_gates(metrics, gates_png, title)
+    else:
+        gates_png = None
     summary = format_summary(stats)
     atomic_write_text(summary_txt, summary)
-    return Report(run_dir, out, loss_png, throughput_png, nodes_png, summary_txt, summary, stats)
+    return Report(run_dir, out, loss_png, throughput_png, nodes_png, summary_txt, summary, stats, gates_png)
 
 
 def run_report(args) -> int:
     """`edgetune report RUN_DIR [--out DIR]`: write the report and print the summary."""
     report = write_report(args.run_dir, args.out)
     print(report.summary, end="")
-    written = [p for p in (report.loss_png, report.throughput_png, report.nodes_png, report.summary_txt) if p]
+    written = [p for p in (report.loss_png, report.throughput_png, report.nodes_png, report.gates_png,
+                           report.summary_txt) if p]
     print(f"wrote {', '.join(p.name for p in written)} to {report.out}")
     return 0

@@ -209,9 +209,17 @@ class Attention(nn.Module):
         q, k = ctx.ops.rope(q, k, ctx.cos, ctx.sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KVH, past + T, hd)
+        mask = ctx.attn_mask  # (B, 1, T, S) or None
         if adapter is not None:
             k, v = adapter.prefix_kv(k, v)  # (B, KVH, prefix + past + T, hd)
-        out = ctx.ops.attention(q, k, v, ctx.attn_mask)  # (B, H, T, hd)
+            if mask is not None and mask.shape[-1] > k.shape[2]:
+                # a prefix method skips this layer (layers_to_transform): the mask counts keys it did
+                # not add; prefix columns are all visible, so dropping any of them keeps the rest right
+                mask = mask[..., mask.shape[-1] - k.shape[2]:]
+        if adapter is not None and adapter.has_gates:  # per-token gates read x (UniPELT's gated prefix)
+            out = adapter.gated_attention(ctx.ops.attention, q, k, v, mask, x)  # (B, H, T, hd)
+        else:
+            out = ctx.ops.attention(q, k, v, mask)  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*hd)
         return linear(adapter, "self_attn.o_proj", self.o_proj, out)
 

@@ -136,12 +136,15 @@ def merge_or_extract(adapter, model):
     """Fold every mergeable method into `model`'s weights; return the others as GraphExtras.
 
     Bottleneck adapters become graph nodes; prefix and prompt tuning become constant
-    keys/values ahead of the KV cache (at most one of the two in a stack).
+    keys/values ahead of the KV cache (at most one of the two in a stack). UniPELT's gated
+    parts become graph nodes too (GraphExtras.unipelt), where it is the stack's last method
+    and every other one merges: it then wraps the merged linears as it wraps them in PyTorch.
     """
     import torch
 
     from edgetune.runtime.onnx.graph import GraphExtras
     from edgetune.runtime.peft import ParallelAdapterConfig, PrefixTuningConfig, PromptTuningConfig, SerialAdapterConfig
+    from edgetune.runtime.peft.unipelt import UniPeltConfig
 
     extras = GraphExtras()
     layers = range(model.config.num_layers)
@@ -149,13 +152,19 @@ def merge_or_extract(adapter, model):
     if len(virtual) > 1:
         raise AdapterError(f"export: a stack with more than one virtual-token method ({', '.join(virtual)}) "
                            "is not supported")
+    if any(isinstance(m, UniPeltConfig) for m in adapter.methods[:-1]) or (
+            isinstance(adapter.methods[-1], UniPeltConfig) and not all(m.mergeable for m in adapter.methods[:-1])):
+        names = ", ".join(type(m).__name__ for m in adapter.methods)
+        raise AdapterError(f"export: UniPELT exports as the last method of a stack whose other methods all merge "
+                           f"(LoRA, (IA)^3, ...); this stack is {names}")
     if any(isinstance(m, PromptTuningConfig) for m in adapter.methods):
         extras.prefix = _prompt_keys_values(adapter, model)  # before merging: the whole adapter acts
     with torch.no_grad():
-        for method, blocks, edge in zip(adapter.methods, adapter.block_tensors, adapter.edge_tensors):
+        for method, blocks, edge, shared in zip(adapter.methods, adapter.block_tensors, adapter.edge_tensors,
+                                                adapter.constants):
             if method.mergeable:
                 for layer, t in blocks.items():
-                    method.merge(t, model.block(layer))
+                    method.merge({**shared, **t}, model.block(layer))  # the method's constants join, as in a forward
                 method.merge_edge(edge, model)
             elif isinstance(method, (SerialAdapterConfig, ParallelAdapterConfig)):
                 kind = "serial" if isinstance(method, SerialAdapterConfig) else "parallel"
@@ -168,6 +177,8 @@ def merge_or_extract(adapter, model):
                                  for layer, t in derived.items()}
             elif isinstance(method, PromptTuningConfig):
                 pass  # done above
+            elif isinstance(method, UniPeltConfig):
+                extras.unipelt = {layer: (method, t) for layer, t in blocks.items()}
             else:
                 raise AdapterError(f"export: {type(method).__name__} has no ONNX form yet")
     return extras

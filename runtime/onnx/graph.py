@@ -79,14 +79,22 @@ class GraphExtras:
         every real token, so their keys and values never depend on the input).
     The prefix stays out of the cache the caller holds (`present` has real tokens only, as
     onnxruntime-genai expects), and real tokens sit at positions P.., as in PyTorch.
+    unipelt: layer -> (UniPeltConfig, its block tensors): per-token gates (Sigmoid of a MatMul
+        of the sublayer's normed input) on LoRA branches of q/k/v, on a serial adapter after
+        the MLP, and on a prefix's share of the attention: the layer's attention runs as it
+        would without the prefix, plus the gate times a second GroupQueryAttention over
+        [prefix, cache, new] keys whose values are zero but the prefix's (unipelt.py).
     """
 
     bottleneck: dict = field(default_factory=dict)
     prefix: dict = field(default_factory=dict)
+    unipelt: dict = field(default_factory=dict)
 
     @property
     def virtual_tokens(self) -> int:
-        return int(next(iter(self.prefix.values()))[0].shape[0]) if self.prefix else 0
+        if self.prefix:
+            return int(next(iter(self.prefix.values()))[0].shape[0])
+        return next(iter(self.unipelt.values()))[0].num_virtual_tokens if self.unipelt else 0
 
 
 _ACT = {"relu": "Relu", "tanh": "Tanh", "gelu": "Gelu"}  # silu is written as x * sigmoid(x)
@@ -133,16 +141,15 @@ def build_decoder(model, dtype: str = "fp32", lora: dict[str, str] | None = None
     P = extras.virtual_tokens
     batch = g.node("Slice", [g.node("Shape", [ids]), g.init("const/zero_1d", np.array([0], np.int64)),
                              g.init("const/one_1d", np.array([1], np.int64))])  # [B]
+    prefixed_lengths = None  # (seqlens, total) of an attention over [prefix, cache, new] keys
     if P:  # the attention sees P more keys than the caller counts, and real tokens sit at P..
         ones = g.node("ConstantOfShape", [g.node("Concat", [batch, g.init("const/P", np.array([P], np.int64))], axis=0)],
                       value=helper.make_tensor("one", TensorProto.INT64, [1], [1]))
-        mask = g.node("Concat", [ones, mask], axis=1)  # (B, P + total)
+        prefixed_lengths = _lengths(g, g.node("Concat", [ones, mask], axis=1))  # mask (B, P + total)
         pos = g.node("Add", [pos, g.init("const/P_scalar", np.array(P, np.int64))])
-    # GroupQueryAttention wants int32 per-row "last real position" and the total length.
-    one = g.init("const/one_i64", np.array([1], np.int64))
-    seqlens = g.node("Cast", [g.node("Sub", [g.node("ReduceSum", [mask, one], keepdims=0), one])], to=TensorProto.INT32)
-    total = g.node("Cast", [g.node("Gather", [g.node("Shape", [mask]), g.init("const/idx1", np.array(1, np.int64))],
-                                   axis=0)], to=TensorProto.INT32)
+    # GroupQueryAttention wants int32 per-row "last real position" and the total length; UniPELT's
+    # layers attend to the real keys as the base model does, its prefix goes to a second attention
+    seqlens, total = prefixed_lengths if extras.prefix else _lengths(g, mask)
     # rotary tables (context, head_dim/2), from the model's own frequencies (llama3 scaling included)
     freqs = torch.outer(torch.arange(ctx_len, dtype=torch.float32), rope_inv_freq(cfg))
     cos = g.init("cos_cache", freqs.cos().numpy().astype(npdt))
@@ -161,9 +168,13 @@ def build_decoder(model, dtype: str = "fp32", lora: dict[str, str] | None = None
         x, residual = _norm(g, residual, pending, _np(block.input_layernorm.weight, npdt), f"{p}.input_layernorm.weight", eps)
         attn = block.self_attn
         qkv_names = [f"{p}.self_attn.{n}_proj" for n in "qkv"]
-        if any(n in lora for n in qkv_names):  # LoRA inputs on q/k/v: three MatMuls
+        uni = extras.unipelt.get(i)  # (UniPeltConfig, tensors) or None
+        if any(n in lora for n in qkv_names) or uni:  # LoRA inputs or gated LoRA on q/k/v: three MatMuls
             q, k, v = (_linear(g, x, getattr(attn, f"{n}_proj"), name, npdt, lora, elem)
                        for n, name in zip("qkv", qkv_names))
+            if uni:
+                q, k, v = (_gated_lora(g, x, y, uni, f"self_attn.{n}_proj", npdt, f"{p}.unipelt")
+                           for n, y in zip("qkv", (q, k, v)))
         else:  # one MatMul on the packed q|k|v weights; GroupQueryAttention splits it
             q, k, v = _packed_qkv(g, x, attn, f"{p}.self_attn.qkv_proj", npdt), "", ""
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
@@ -176,6 +187,11 @@ def build_decoder(model, dtype: str = "fp32", lora: dict[str, str] | None = None
                      [f"{p}/attn/output", present_k, present_v], domain=MS,
                      num_heads=H, kv_num_heads=KVH, scale=float(hd ** -0.5), do_rotary=1, rotary_interleaved=0,
                      local_window_size=-1)[0]
+        if uni:  # + g_P * the prefix's share: the same queries and keys, values zero but the prefix's
+            out = g.node("Add", [out, g.node("Mul", [_gate(g, x, uni, "prefix", npdt, f"{p}.unipelt"),
+                                                      _gated_prefix_share(g, q, k, v, past_k, past_v, uni, batch,
+                                                                          prefixed_lengths, cos, sin, pos, npdt,
+                                                                          f"{p}.unipelt", H, KVH, hd)])])
         if i in extras.prefix:
             for full, kind in ((present_k, "key"), (present_v, "value")):
                 g.node("Slice", [full, g.init(f"{p}.prefix_{kind}.length", np.array([P], np.int64)),
@@ -200,9 +216,53 @@ def build_decoder(model, dtype: str = "fp32", lora: dict[str, str] | None = None
                 side = _bottleneck(g, x, t, "parallel_adapter", act_name, npdt, f"{p}.parallel_adapter")
                 pending = g.node("Add", [pending, g.node("Mul", [side, g.init(f"{p}.parallel_adapter.scaling",
                                                                               np.array(scaling, npdt))])])
+        if uni:  # serial adapter after the MLP, gated by the MLP's normed input
+            side = _bottleneck(g, pending, uni[1], "mlp_adapter", uni[0].activation, npdt, f"{p}.unipelt.mlp_adapter")
+            pending = g.node("Add", [pending, g.node("Mul", [_gate(g, x, uni, "adapter", npdt, f"{p}.unipelt"), side])])
     x, _ = _norm(g, residual, pending, _np(model.norm.weight, npdt), "model.norm.weight", eps)
     g.node("MatMul", [x, head], ["logits"])
     return g.model("edgetune-decoder")
+
+
+def _lengths(g: GraphBuilder, mask: str) -> tuple[str, str]:
+    """GroupQueryAttention's int32 seqlens_k (B,) -- each row's last real position -- and total length."""
+    one = g.init(f"{mask}/one", np.array([1], np.int64))
+    seqlens = g.node("Cast", [g.node("Sub", [g.node("ReduceSum", [mask, one], keepdims=0), one])], to=TensorProto.INT32)
+    total = g.node("Cast", [g.node("Gather", [g.node("Shape", [mask]), g.init(f"{mask}/idx1", np.array(1, np.int64))],
+                                   axis=0)], to=TensorProto.INT32)
+    return seqlens, total
+
+
+def _gate(g: GraphBuilder, x: str, uni, kind: str, npdt, name: str) -> str:
+    """UniPELT's per-token gate sigmoid(x w^T + b): (B, S, 1)."""
+    t = uni[1]
+    z = g.node("MatMul", [x, g.init(f"{name}.gate_{kind}.weight", _np(t[f"gate_{kind}.weight"].T, npdt))])  # (B, S, 1)
+    return g.node("Sigmoid", [g.node("Add", [z, g.init(f"{name}.gate_{kind}.bias", _np(t[f"gate_{kind}.bias"], npdt))])])
+
+
+def _gated_lora(g: GraphBuilder, x: str, y: str, uni, module: str, npdt, name: str) -> str:
+    """y + g_L(x) * (x A^T) (s B)^T when UniPELT's LoRA targets `module`, else y."""
+    method, t = uni
+    if f"{module}.lora_A" not in t:
+        return y
+    a = g.init(f"{name}.{module}.lora_A", _np(t[f"{module}.lora_A"].T, npdt))  # (in, r)
+    b = g.init(f"{name}.{module}.lora_B", _np(method.lora_scaling * t[f"{module}.lora_B"].T, npdt))  # (r, out)
+    delta = g.node("MatMul", [g.node("MatMul", [x, a]), b])
+    return g.node("Add", [y, g.node("Mul", [_gate(g, x, uni, "lora", npdt, name), delta])])
+
+
+def _gated_prefix_share(g: GraphBuilder, q: str, k: str, v: str, past_k: str, past_v: str, uni, batch: str,
+                        lengths: tuple[str, str], cos: str, sin: str, pos: str, npdt, name: str,
+                        H: int, KVH: int, hd: int) -> str:
+    """sum over the prefix keys of softmax_all(q K^T) pv, (B, S, H hd): GroupQueryAttention over
+    [prefix, cache, new] keys with every value zeroed but the prefix's (its presents are unused)."""
+    t = uni[1]
+    zero = g.init(f"{name}.zero", np.array(0, npdt))
+    keys = _prefixed(g, past_k, _np(t["prefix_key"], npdt), batch, f"{name}.prefix_key")
+    values = _prefixed(g, g.node("Mul", [past_v, zero]), _np(t["prefix_value"], npdt), batch, f"{name}.prefix_value")
+    return g.node("GroupQueryAttention", [q, k, g.node("Mul", [v, zero]), keys, values, *lengths, cos, sin, pos],
+                  3, domain=MS, num_heads=H, kv_num_heads=KVH, scale=float(hd ** -0.5), do_rotary=1,
+                  rotary_interleaved=0, local_window_size=-1)[0]
 
 
 def _prefixed(g: GraphBuilder, past: str, prefix: np.ndarray, batch: str, name: str) -> str:

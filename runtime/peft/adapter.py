@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from edgetune.runtime.errors import AdapterError
 from edgetune.runtime.model.transformer import LINEAR_NAMES
+from edgetune.runtime.peft import stats
 from edgetune.runtime.peft.base import HOOKS, Method, Tensors
 from edgetune.runtime.peft.rng import seed_table
 
@@ -51,6 +52,9 @@ class BlockAdapter:
         # methods touching linear layers, in stack order (linear() needs their interleaving)
         self._linear_entries = [(m, t) for m, t in entries
                                 if type(m).overrides("pre_linear") or type(m).overrides("post_linear")]
+        # whether some method gates its changes per token (UniPELT): only then does the attention
+        # take the gated path (gated_attention); every other stack runs exactly as before
+        self.has_gates = bool(self._by_hook["gates"])
 
     @property
     def draws(self) -> bool:
@@ -127,8 +131,66 @@ class BlockAdapter:
         return out
 
     def after_mlp(self, out: torch.Tensor, mlp_in: torch.Tensor) -> torch.Tensor:
+        for m, t in self._by_hook["gates"]:
+            self._record(m.gates(t, "mlp", mlp_in))
         for i, (m, t) in enumerate(self._by_hook["after_mlp"]):
             out = m.after_mlp(t, out, mlp_in, self._key("mlp", i))
+        return out
+
+    # -- per-token gates (Method.gates) -------------------------------------------
+    def _record(self, gates: Tensors) -> Tensors:
+        for kind, g in gates.items():
+            stats.record(f"gate.{kind}.{self.layer}", g)
+        return gates
+
+    def _prefix_keys(self, tensors: Tensors) -> tuple[int, int]:
+        """[start, stop) of the prefix keys of the method holding `tensors`, after prefix_kv:
+        each method prepends its num_prefix_tokens() keys in stack order, so later ones come first."""
+        start = 0
+        for m, t in reversed(self._by_hook["prefix_kv"]):
+            if t is tensors:
+                return start, start + m.num_prefix_tokens()
+            start += m.num_prefix_tokens()
+        raise AdapterError("a method gates a prefix but adds none (it must override prefix_kv)")
+
+    def gated_attention(self, attention: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, attn_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """`attention` (q, k, v, mask) -> (B, H, T, hd) with every method's attention gates applied.
+
+        q: (B, H, T, hd); k, v: (B, KVH, S, hd) after prefix_kv; x: the attention's normed input
+        (B, T, D), which the gates read. For each gated prefix (keys P = [a, b)) token t gets
+
+            out_t = sum_{j real} softmax_real(s_t)_j v_j + g_t * sum_{j in P} softmax_all(s_t)_j pv_j
+
+        The other keys keep the softmax they had without the gated prefix; the prefix's share is
+        weighted by ONE softmax over all keys, and SDPA is linear in V, so it is the attention of
+        the same q, k with every value but the prefix's zeroed. A closed gate or zero prefix
+        values (UniPELT's init) leave the attention exactly as without the method: a prefix that
+        stayed inside the shared softmax would take weight from the real keys whatever the gate.
+        """
+        spans = []  # (gate (B, T), a, b)
+        for m, t in self._by_hook["gates"]:
+            gates = self._record(m.gates(t, "attention", x))
+            if "prefix" in gates:
+                spans.append((gates["prefix"], *self._prefix_keys(t)))
+        if not spans:
+            return attention(q, k, v, attn_mask)
+        kept, at = [], 0  # key ranges outside every gated prefix
+        for _, a, b in sorted(spans, key=lambda s: s[1]):
+            kept.append((at, a))
+            at = b
+        kept.append((at, k.shape[2]))
+
+        def outside(t: torch.Tensor, dim: int) -> torch.Tensor:  # t without the gated keys along dim
+            parts = [t.narrow(dim, a, b - a) for a, b in kept if b > a] or [t.narrow(dim, 0, 0)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+        mask = None if attn_mask is None else outside(attn_mask, -1)  # (B, 1, T, S - gated)
+        out = attention(q, outside(k, 2), outside(v, 2), mask)  # (B, H, T, hd)
+        B, KVH, S, hd = v.shape
+        for g, a, b in spans:
+            v_p = torch.cat([v.new_zeros(B, KVH, a, hd), v[:, :, a:b], v.new_zeros(B, KVH, S - b, hd)], dim=2)
+            out = out + g[:, None, :, None].to(out.dtype) * attention(q, k, v_p, attn_mask)
         return out
 
 
@@ -330,8 +392,9 @@ class Adapter:
         if self.merged:
             raise AdapterError("adapter is already merged")
         self._undo = []
-        for method, blocks, edge in zip(self.methods, self.block_tensors, self.edge_tensors):
-            undo = {layer: method.merge(t, model.block(layer)) for layer, t in blocks.items()}
+        for method, blocks, edge, shared in zip(self.methods, self.block_tensors, self.edge_tensors, self.constants):
+            # a block's tensors joined by the method's constants, as in a forward (block_adapters)
+            undo = {layer: method.merge({**shared, **t}, model.block(layer)) for layer, t in blocks.items()}
             undo["edge"] = method.merge_edge(edge, model) if model.has_edge else {}
             self._undo.append(undo)
         self.merged = True
@@ -341,10 +404,10 @@ class Adapter:
         """Restore the base weights merge_into() changed."""
         if not self.merged:
             raise AdapterError("adapter is not merged")
-        stack = list(zip(self.methods, self.block_tensors, self.edge_tensors, self._undo))
-        for method, blocks, edge, undo in reversed(stack):
+        stack = list(zip(self.methods, self.block_tensors, self.edge_tensors, self.constants, self._undo))
+        for method, blocks, edge, shared, undo in reversed(stack):
             for layer, t in blocks.items():
-                method.unmerge(t, model.block(layer), undo[layer])
+                method.unmerge({**shared, **t}, model.block(layer), undo[layer])
             if model.has_edge:
                 method.unmerge_edge(edge, model, undo["edge"])
         self.merged = False

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Tensors = dict[str, torch.Tensor]
 
-HOOKS = ("pre_linear", "post_linear", "norm_weight", "prefix_kv", "after_attention", "after_mlp")
+HOOKS = ("pre_linear", "post_linear", "norm_weight", "prefix_kv", "after_attention", "after_mlp", "gates")
 LINEAR_SHORT_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -50,6 +50,8 @@ class Method:
     """Base of every method config. Subclasses are frozen dataclasses."""
 
     peft_type: ClassVar[str] = ""
+    # Han et al. 2024 taxonomy: additive, selective, reparameterized or hybrid ("": not placed)
+    survey_branch: ClassVar[str] = ""
     # True when folding into the base weights is exact (see merge()).
     mergeable: ClassVar[bool] = False
 
@@ -135,6 +137,17 @@ class Method:
 
     def after_mlp(self, t: Tensors, out: torch.Tensor, mlp_in: torch.Tensor, dropout_key: tuple | None) -> torch.Tensor:
         return out
+
+    def gates(self, t: Tensors, sublayer: str, x: torch.Tensor) -> Tensors:
+        """Per-token gates (B, T) in (0, 1) this method applies in the block's `sublayer`
+        ("attention" or "mlp"), from that sublayer's normed input x (B, T, D): token t's gate
+        reads token t alone, so gates stay causal (UniPELT's).
+
+        BlockAdapter records each gate as `gate.{kind}.{layer}` (peft.stats: the layer is known
+        there, not here), and a gate named "prefix" scales the share of the attention output
+        that this method's prefix_kv keys bring (BlockAdapter.gated_attention). The method's own
+        hooks compute the gates they apply themselves (the same function of the same input)."""
+        return {}
 
     # -- edge hooks ----------------------------------------------------------
     def num_prefix_tokens(self) -> int:

@@ -21,6 +21,7 @@ class BitFitConfig(Method):
     layers_to_transform: tuple[int, ...] | None = None
 
     peft_type = "EDGETUNE_BITFIT"
+    survey_branch = "selective"  # structural masking: only the biases train
     mergeable = True
 
     def init_block(self, config, block, generator) -> Tensors:

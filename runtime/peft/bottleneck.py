@@ -68,6 +68,7 @@ class _BottleneckBase(Method):
 @dataclass(frozen=True)
 class SerialAdapterConfig(_BottleneckBase):
     peft_type = "EDGETUNE_SERIAL_ADAPTER"
+    survey_branch = "additive"  # adapters
 
     def init_block(self, config, block, generator) -> Tensors:
         if not self._applies(block.layer_idx):
@@ -88,6 +89,7 @@ class ParallelAdapterConfig(_BottleneckBase):
     scaling: float = 4.0
 
     peft_type = "EDGETUNE_PARALLEL_ADAPTER"
+    survey_branch = "additive"  # adapters
 
     def init_block(self, config, block, generator) -> Tensors:
         if not self._applies(block.layer_idx):

@@ -9,6 +9,7 @@ adapters PEFT saved load here. Saved keys carry no adapter name.
 |---|---|---|
 | LoRA / rsLoRA | LORA | `P.layers.i.<module>.lora_A.weight` (r, in), `...lora_B.weight` (out, r) |
 | DoRA | LORA, use_dora | as LoRA plus `P.layers.i.<module>.lora_magnitude_vector` (out,) |
+| LoKr | LOKR | `P.layers.i.<module>.lokr_w1` (a, c) or `...lokr_w1_{a,b}` (a, r), (r, c); `...lokr_w2` (b, d) or `...lokr_w2_{a,b}` (b, r), (r, d); out = a b, in = c d |
 | (IA)^3 | IA3 | `P.layers.i.<module>.ia3_l`: (out, 1), feed-forward modules (1, in) |
 | prefix tuning | PREFIX_TUNING | `prompt_embeddings` (P, L * 2 * kv_dim): token p, then layer l's key at slot 2l and value at 2l + 1, each (kv_heads, head_dim) |
 | prompt tuning | PROMPT_TUNING | `prompt_embeddings` (P, hidden) |
@@ -16,6 +17,11 @@ adapters PEFT saved load here. Saved keys carry no adapter name.
 | serial adapter | EDGETUNE_SERIAL_ADAPTER | `P.layers.i.{attn,mlp}_adapter.{down,up}.{weight,bias}` |
 | parallel adapter | EDGETUNE_PARALLEL_ADAPTER | `P.layers.i.parallel_adapter.{down,up}.{weight,bias}` |
 | BitFit | EDGETUNE_BITFIT | `P.layers.i.<module>.bitfit_bias` (out,): added to the base bias (or stands in for it) |
+| SHiRA | SHIRA | `P.layers.i.<module>.shira_weight` (k,), `...shira_indices` int32 (2, k): rows, then columns of W; k = r (in + out) |
+| sparse fine-tuning | EDGETUNE_SPARSE | `P.layers.i.<module>.sparse_values` (k,), `...sparse_indices` int64 (k,): flat row-major positions in W, ascending; k = round(density in out) |
+| AdaLoRA | ADALORA | `P.layers.i.<module>.lora_A` (k, in), `...lora_E` (k, 1), `...lora_B` (out, k): the k triplets the config's `rank_pattern` keeps of init_r (all, where it is null); loaded back into init_r triplets, zeros where dropped |
+| VeRA | VERA | `P.layers.i.<module>.vera_lambda_b` (out,), `...vera_lambda_d` (r,); `base_model.vera_A` (r, max_in), `base_model.vera_B` (max_out, r): the shared projections (PEFT's save_projection) |
+| UniPELT | EDGETUNE_UNIPELT | `P.layers.i.` + its block tensors' names (unipelt.py): LoRA, `prefix_key`/`prefix_value`, `mlp_adapter.*`, `gate_{lora,prefix,adapter}.*` |
 | several methods | EDGETUNE_STACK | method k's keys above, prefixed `m{k}.`; the config's `methods` lists each method's config |
 
 The EDGETUNE_* configs hold the method's own fields (edgetune's dataclass
@@ -45,15 +51,33 @@ from edgetune.runtime.atomic import atomic_write
 from edgetune.runtime.errors import AdapterError, ConfigError
 from edgetune.runtime.model.config import ModelConfig
 from edgetune.runtime.model.transformer import LINEAR_NAMES, NORM_NAMES
+from edgetune.runtime.peft.adalora import (
+    AdaLoraConfig,
+    adalora_from_hf,
+    adalora_to_hf,
+    expand_from_rank_pattern,
+    shrink_to_rank_pattern,
+)
 from edgetune.runtime.peft.adapter import Adapter, attach_adapter
 from edgetune.runtime.peft.base import Method, Tensors, matches_target
 from edgetune.runtime.peft.bitfit import BitFitConfig
 from edgetune.runtime.peft.bottleneck import ParallelAdapterConfig, SerialAdapterConfig
 from edgetune.runtime.peft.ia3 import IA3Config
 from edgetune.runtime.peft.ln_tuning import LNTuningConfig
+from edgetune.runtime.peft.lokr import LOKR_TENSORS, LoKrConfig, lokr_from_hf, lokr_to_hf
 from edgetune.runtime.peft.lora import LoraConfig
 from edgetune.runtime.peft.prefix import PrefixTuningConfig
 from edgetune.runtime.peft.prompt import PromptTuningConfig
+from edgetune.runtime.peft.sparse import (
+    ShiraConfig,
+    SparseConfig,
+    shira_from_hf,
+    shira_tensors_to_hf,
+    shira_to_hf,
+    sparse_tensors_from_hf,
+)
+from edgetune.runtime.peft.unipelt import UniPeltConfig
+from edgetune.runtime.peft.vera import SAVED_PROJECTION, VeraConfig, vera_from_hf, vera_to_hf
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgetune.runtime.model.transformer import CausalLM
@@ -63,9 +87,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 STACK = "EDGETUNE_STACK"
 KEY_PREFIX = "base_model.model.model."
 
-PEFT_TYPES = ("LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LN_TUNING")
+PEFT_TYPES = ("LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "LN_TUNING", "LOKR", "VERA", "SHIRA", "ADALORA")
 EDGETUNE_TYPES: dict[str, type[Method]] = {
-    cls.peft_type: cls for cls in (SerialAdapterConfig, ParallelAdapterConfig, BitFitConfig)
+    cls.peft_type: cls for cls in (SerialAdapterConfig, ParallelAdapterConfig, BitFitConfig, SparseConfig, UniPeltConfig)
 }
 SUPPORTED_TYPES = (*PEFT_TYPES, *EDGETUNE_TYPES, STACK)
 
@@ -74,10 +98,32 @@ _SUFFIXES: dict[type[Method], tuple[tuple[str, str], ...]] = {
     LoraConfig: ((".lora_A", ".lora_A.weight"), (".lora_B", ".lora_B.weight"),
                  (".lora_magnitude_vector", ".lora_magnitude_vector")),
     IA3Config: ((".ia3_l", ".ia3_l"),),
+    AdaLoraConfig: tuple((f".{n}", f".{n}") for n in ("lora_A", "lora_E", "lora_B")),  # PEFT saves no ".weight"
+    LoKrConfig: tuple((f".{n}", f".{n}") for n in LOKR_TENSORS),  # PEFT saves its parameters' own names
     LNTuningConfig: ((".weight", ".ln_tuning_layers.weight"),),
     BitFitConfig: ((".bias", ".bitfit_bias"),),
+    VeraConfig: ((".vera_lambda_b", ".vera_lambda_b"), (".vera_lambda_d", ".vera_lambda_d")),
     SerialAdapterConfig: (("", ""),),
     ParallelAdapterConfig: (("", ""),),
+    UniPeltConfig: (("", ""),),  # its block tensors' own names
+    ShiraConfig: ((".sparse_values", ".shira_weight"), (".sparse_indices", ".shira_indices")),
+    SparseConfig: ((".sparse_values", ".sparse_values"), (".sparse_indices", ".sparse_indices")),
+}
+# methods whose saved tensors differ from edgetune's beyond their names (SHiRA's (2, k) indices):
+# (edgetune's -> saved, applied to the saved keys; loaded 'layers.{i}.{tensor}' -> checked edgetune's)
+_TENSOR_FORMS: dict[type[Method], tuple[Callable | None, Callable]] = {
+    ShiraConfig: (shira_tensors_to_hf, sparse_tensors_from_hf),
+    SparseConfig: (None, sparse_tensors_from_hf),
+}
+# shared constants (Method.constants) a folder stores too, constant name -> saved key: PEFT saves
+# VeRA's projections so that loading never depends on regenerating them
+_SAVED_CONSTANTS: dict[type[Method], dict[str, str]] = {VeraConfig: SAVED_PROJECTION}
+# methods whose saved tensors depend on their training state: AdaLoRA saves only the ranks its
+# allocator kept, listed in the config's rank_pattern. (method, blocks, state) -> (blocks as saved,
+# config entries); (method, its config, loaded 'layers.{i}.{tensor}', state, source) -> the adapter's
+# shapes, the state set to match
+_RANK_PATTERNS: dict[type[Method], tuple[Callable, Callable]] = {
+    AdaLoraConfig: (shrink_to_rank_pattern, expand_from_rank_pattern),
 }
 
 # config keys that never change the math: metadata and initialisation-only options
@@ -174,6 +220,11 @@ _TO_HF: dict[type[Method], Callable[[Any, ModelConfig | None], dict[str, Any]]] 
     LoraConfig: _lora_hf, IA3Config: _ia3_hf, LNTuningConfig: _ln_hf, PrefixTuningConfig: _prefix_hf,
     PromptTuningConfig: _prompt_hf, SerialAdapterConfig: _edgetune_hf, ParallelAdapterConfig: _edgetune_hf,
     BitFitConfig: _edgetune_hf,
+    ShiraConfig: shira_to_hf, SparseConfig: _edgetune_hf,
+    LoKrConfig: lokr_to_hf,
+    VeraConfig: vera_to_hf,
+    AdaLoraConfig: adalora_to_hf,
+    UniPeltConfig: _edgetune_hf,
 }
 
 
@@ -305,6 +356,10 @@ def _edgetune_from(cls: type[Method]) -> Callable[[dict[str, Any], str], Method]
 _FROM_HF: dict[str, Callable[[dict[str, Any], str], Method]] = {
     "LORA": _lora_from, "IA3": _ia3_from, "LN_TUNING": _ln_from,
     "PREFIX_TUNING": _prefix_from, "PROMPT_TUNING": _prompt_from,
+    "LOKR": lokr_from_hf,
+    "VERA": vera_from_hf,
+    "ADALORA": adalora_from_hf,
+    "SHIRA": shira_from_hf,
     **{t: _edgetune_from(cls) for t, cls in EDGETUNE_TYPES.items()},
 }
 
@@ -420,7 +475,16 @@ def _encode(method: Method, blocks: dict[int, Tensors], edge: Tensors, mc: Model
     out = {f"{KEY_PREFIX}{_saved_name(method, name)}": t for name, t in edge.items()}
     for layer in sorted(blocks):
         out.update({f"{KEY_PREFIX}layers.{layer}.{_saved_name(method, n)}": t for n, t in blocks[layer].items()})
-    return out
+    to_saved = _TENSOR_FORMS.get(type(method), (None,))[0]
+    return out if to_saved is None else to_saved(method, out, mc)
+
+
+def _encode_constants(method: Method, constants: Tensors, mc: ModelConfig | None) -> dict[str, torch.Tensor]:
+    """The method's stored constants under their saved keys: the adapter's own, so a loaded projection stays."""
+    keys = _SAVED_CONSTANTS.get(type(method), {})
+    if keys and not constants:
+        constants = method.constants(_need(mc, method))
+    return {key: constants[name] for name, key in keys.items()}
 
 
 def _decode_prompt(method: Method, state: dict[str, torch.Tensor], model: CausalLM, source: str) -> dict[str, torch.Tensor]:
@@ -468,7 +532,8 @@ def _decode(method: Method, state: dict[str, torch.Tensor], model: CausalLM, sou
             out[f"layers.{m.group(1)}.{name}"] = t
     if unexpected:
         raise AdapterError(f"{source}: tensors edgetune cannot place for {method.peft_type}: {sorted(unexpected)[:5]}")
-    return out
+    forms = _TENSOR_FORMS.get(type(method))
+    return out if forms is None else forms[1](method, out, model.config, source)
 
 
 def _check_shape(t: torch.Tensor, shape: tuple[int, ...], key: str, source: str) -> None:
@@ -494,6 +559,26 @@ def _fill(adapter: Adapter, k: int, loaded: dict[str, torch.Tensor], source: str
         for name, t in own.items():
             _check_shape(loaded[name], tuple(t.shape), _saved_key(method, name), source)
             t.copy_(loaded[name])
+
+
+def _take_constants(adapter: Adapter, k: int, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Move method k's saved constants from `state` into adapter.constants[k]; return the other tensors.
+
+    A saved constant wins over the one the method config regenerates: what the folder's model
+    was trained with is the model (another torch build may have drawn other VeRA projections;
+    a node rebuilding other constants then refuses the session by their digest). One the
+    folder lacks (PEFT's save_projection=False) stays regenerated, as PEFT does."""
+    rest = dict(state)
+    own = adapter.constants[k]
+    for name, key in _SAVED_CONSTANTS.get(type(adapter.methods[k]), {}).items():
+        if key not in rest:
+            continue
+        t = rest.pop(key)
+        if name not in own:
+            raise AdapterError(f"{source}: tensor {key} is saved, but adapter_config.json targets no module of this model")
+        _check_shape(t, tuple(own[name].shape), key, source)
+        own[name] = t.to(device=own[name].device, dtype=own[name].dtype)
+    return rest
 
 
 # =============================================================== files
@@ -526,7 +611,11 @@ def save_adapter(adapter: Adapter, out_dir: str | Path, *, base_model_name_or_pa
     tensors: dict[str, torch.Tensor] = {}
     stacked = len(adapter.methods) > 1
     for k, (method, blocks, edge) in enumerate(zip(adapter.methods, adapter.block_tensors, adapter.edge_tensors)):
-        for key, t in _encode(method, blocks, edge, mc).items():
+        if type(method) in _RANK_PATTERNS:
+            blocks, entries = _RANK_PATTERNS[type(method)][0](method, blocks, adapter.state[k])
+            _method_configs(config)[k].update(entries)
+        saved = {**_encode(method, blocks, edge, mc), **_encode_constants(method, adapter.constants[k], mc)}
+        for key, t in saved.items():
             tensors[f"m{k}.{key}" if stacked else key] = t.detach().to("cpu").contiguous()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
@@ -595,5 +684,9 @@ def load_adapter(model: CausalLM, adapter_dir: str | Path, *, attach: bool = Tru
     parts = _split_stack(_read_tensors(folder), len(methods), weights)
     adapter = Adapter.create(model, methods, seed=0)  # the tensors this model needs, to be overwritten
     for k, (method, state) in enumerate(zip(methods, parts)):
-        _fill(adapter, k, _decode(method, state, model, weights), weights)
+        state = _take_constants(adapter, k, state, weights)
+        loaded = _decode(method, state, model, weights)
+        if type(method) in _RANK_PATTERNS:
+            loaded = _RANK_PATTERNS[type(method)][1](method, _method_configs(cfg)[k], loaded, adapter.state[k], weights)
+        _fill(adapter, k, loaded, weights)
     return attach_adapter(model, adapter) if attach else adapter

@@ -23,6 +23,7 @@ class IA3Config(Method):
     layers_to_transform: tuple[int, ...] | None = None
 
     peft_type = "IA3"
+    survey_branch = "additive"  # the survey files (IA)^3 under additive PEFT's "others": new scaling vectors
     mergeable = True
 
     def __post_init__(self) -> None:

@@ -20,6 +20,7 @@ class LNTuningConfig(Method):
     layers_to_transform: tuple[int, ...] | None = None
 
     peft_type = "LN_TUNING"
+    survey_branch = "selective"  # structural masking: only the norms' scales train
     mergeable = True
 
     @property

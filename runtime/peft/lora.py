@@ -35,6 +35,7 @@ class LoraConfig(Method):
     use_dora: bool = False
 
     peft_type = "LORA"
+    survey_branch = "reparameterized"  # low-rank decomposition (LoRA, rsLoRA, DoRA)
     mergeable = True
 
     @property

@@ -33,6 +33,7 @@ class PrefixTuningConfig(VirtualTokenMethod):
     encoder_hidden_size: int | None = None  # default: kv_dim, as in HF PEFT
 
     peft_type = "PREFIX_TUNING"
+    survey_branch = "additive"  # soft prompts
 
     def init_block(self, config, block, generator) -> Tensors:
         if self.prefix_projection:

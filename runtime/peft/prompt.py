@@ -20,6 +20,7 @@ class PromptTuningConfig(VirtualTokenMethod):
     init_token_ids: tuple[int, ...] | None = None
 
     peft_type = "PROMPT_TUNING"
+    survey_branch = "additive"  # soft prompts
 
     def init_edge(self, config, model, generator) -> Tensors:
         P = self.num_virtual_tokens

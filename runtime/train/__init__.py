@@ -2,6 +2,8 @@
 
 - `options`: `TrainConfig`, parsed once from flags and config files (torch-free).
 - `data`: JSONL records -> tokenized, masked batches; `loss`: the LM-head loss.
+- `calibrate`: before the first step, the sparse methods' masks from the empirical Fisher (or |W|)
+  of the frozen weights, computed here or by the nodes.
 - `checkpoints`: training checkpoints (adapter, AdamW state, schedule, data position, RNG).
 - `loop`: `finetune(TrainConfig)`, setup -> train -> save as one explicit loop, with a local
   engine (all blocks here).

@@ -204,9 +204,12 @@ def finetune(cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     state = TrainState()
     checkpoints = checkpointing.CheckpointDir(out / "checkpoints", keep=cfg.keep_checkpoints)
     if cfg.resume:
-        checkpoints.restore_latest(cfg, adapter, optimizer, scheduler, stream, state)
+        checkpoints.restore_latest(cfg, adapter, optimizer, scheduler, stream, state)  # masks included
     else:
         checkpoints.refuse_existing()
+        from edgetune.runtime.train.calibrate import choose_sparse_masks
+
+        choose_sparse_masks(engine, adapter, train_examples, cfg.calibration_examples, pad_id, device)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "model_folder": str(folder)}, indent=2))
     metrics = _open_metrics(out / "metrics.jsonl")

@@ -20,7 +20,9 @@ from typing import Any
 from edgetune.runtime.compute.kernels import KERNELS
 from edgetune.runtime.errors import ConfigError
 
-METHOD_NAMES = ("lora", "dora", "ia3", "prefix", "prompt", "ln_tuning", "serial_adapter", "parallel_adapter", "bitfit")
+METHOD_NAMES = ("lora", "dora", "ia3", "prefix", "prompt", "ln_tuning", "serial_adapter", "parallel_adapter", "bitfit",
+                "sparse", "adalora", "vera", "lokr", "mam", "unipelt")
+MASKS = ("fisher", "magnitude", "random")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,15 @@ class TrainConfig:
     prefix_projection: bool = False
     bottleneck_size: int = 64
     adapter_scaling: float = 4.0
+    mask: str = "fisher"  # sparse: how the trained entries are chosen (fisher, magnitude, random)
+    density: float = 0.01  # sparse: fraction of each targeted weight trained (edgetune's own saved type)
+    shira_rank: int = 0  # sparse: instead, exactly r * (in + out) entries per weight, saved in peft's SHIRA layout
+    calibration_examples: int = 16  # sparse --mask fisher: training examples the Fisher is estimated on
+    init_rank: int = 12  # adalora: every targeted module's rank at the start (--rank is the average it ends at)
+    tinit: int = 0  # adalora: steps before the first rank reduction
+    tfinal: int = 0  # adalora: steps at the final budget at the end
+    orth_reg_weight: float = 0.5  # adalora: weight of the orthogonality regularizer
+    projection_seed: int = 0  # vera: seed of the shared random projections (rebuilt on every node)
     # optimisation
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -92,6 +103,14 @@ class TrainConfig:
             problems.append("data: a JSONL file is required")
         if self.method not in METHOD_NAMES:
             problems.append(f"method {self.method!r} not in {', '.join(METHOD_NAMES)}")
+        if self.method == "sparse":
+            if self.shira_rank < 0 or (not self.shira_rank and not 0 < self.density <= 1):
+                problems.append(f"sparse: --density must be in (0, 1] (or --shira-rank positive), got density "
+                                f"{self.density}, shira_rank {self.shira_rank}")
+            if self.mask not in MASKS:
+                problems.append(f"mask {self.mask!r} not in {', '.join(MASKS)}")
+            if self.calibration_examples <= 0:
+                problems.append(f"calibration_examples must be positive, got {self.calibration_examples}")
         for name in ("steps", "batch_size", "grad_accum", "max_seq_len"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
@@ -165,7 +184,36 @@ class TrainConfig:
         if self.method == "parallel_adapter":
             return [peft.ParallelAdapterConfig(bottleneck_size=self.bottleneck_size, scaling=self.adapter_scaling,
                                                layers_to_transform=self.layers_to_transform)]
-        return [peft.BitFitConfig(layers_to_transform=self.layers_to_transform)]
+        if self.method == "bitfit":
+            return [peft.BitFitConfig(layers_to_transform=self.layers_to_transform)]
+        return self._new_methods()
+
+    def _new_methods(self) -> list:
+        from edgetune.runtime import peft
+
+        targets, layers = self.target_modules, self.layers_to_transform
+        if self.method == "sparse":
+            if self.shira_rank:
+                return [peft.ShiraConfig(r=self.shira_rank, mask=self.mask, seed=self.seed, target_modules=targets,
+                                         layers_to_transform=layers)]
+            return [peft.SparseConfig(density=self.density, mask=self.mask, seed=self.seed, target_modules=targets,
+                                      layers_to_transform=layers)]
+        if self.method == "adalora":
+            return [peft.AdaLoraConfig(init_r=self.init_rank, target_r=self.rank, alpha=self.alpha, dropout=self.dropout,
+                                       target_modules=targets, layers_to_transform=layers, tinit=self.tinit,
+                                       tfinal=self.tfinal, orth_reg_weight=self.orth_reg_weight, total_step=self.steps)]
+        if self.method == "vera":
+            return [peft.VeraConfig(r=self.rank, target_modules=targets, layers_to_transform=layers,
+                                    projection_prng_key=self.projection_seed, dropout=self.dropout)]
+        if self.method == "lokr":
+            return [peft.LoKrConfig(r=self.rank, alpha=self.alpha, target_modules=targets, layers_to_transform=layers)]
+        if self.method == "mam":  # He et al. 2022: prefix tuning at attention + a scaled parallel adapter at the FFN
+            return [peft.PrefixTuningConfig(num_virtual_tokens=self.num_virtual_tokens),
+                    peft.ParallelAdapterConfig(bottleneck_size=self.bottleneck_size, scaling=self.adapter_scaling,
+                                               layers_to_transform=layers)]
+        return [peft.UniPeltConfig(lora_r=self.rank, lora_alpha=self.alpha, lora_targets=targets,
+                                   num_virtual_tokens=self.num_virtual_tokens, bottleneck_size=self.bottleneck_size,
+                                   layers_to_transform=layers)]
 
 
 TRAIN_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig)}

@@ -118,6 +118,15 @@ class _StageGradients:
                  "bytes_out": t.bytes_out} for _, t in sorted(self.stages.values(), key=lambda st: st[0])]
 
 
+def _expect(msg, kind: type):
+    """`msg` when it is a `kind`; a node's error or anything else ends the attempt."""
+    if isinstance(msg, wire.ItemError):
+        raise EdgetuneError(f"node {msg.node}: {msg.code}: {msg.message}")
+    if not isinstance(msg, kind):
+        raise RouteFailure(f"expected {kind.__name__}, got {type(msg).__name__}", [])
+    return msg
+
+
 class RouteStream:
     """The one bidirectional stream from the edge to the first node of a route."""
 
@@ -393,6 +402,8 @@ class RemoteEngine:
         self._pushed: dict[str, torch.Tensor] | None = None  # the current version's views, already on the route
         self._later_pushes: list[wire.AdapterPush] = []  # the current version's pushes for stages 1.., not sent yet
         self._frozen = adapter.frozen_keys()  # sparse masks' indices: pushed once a session
+        # of the constants as every node rebuilds them (fp32), whatever dtype the edge keeps its copy in
+        self.constants_digest = constants_digest([m.constants(model.config) for m in adapter.methods])
         self._frozen_sent = False
         self._verifier = None  # --verify: verify.Verifier of the open route, made on its first verified step
         self._longest_s = 0.0  # the longest step or evaluation so far (s): what a reply may take
@@ -486,7 +497,7 @@ class RemoteEngine:
                              route=hops, codec=cfg.codec, methods_json=self.methods_json,
                              adapter_codec=cfg.adapter_codec, micro_batch_size=-(-cfg.batch_size // micro),
                              seq_len=cfg.max_seq_len, micro_batches=micro,
-                             constants_digest=constants_digest(self.adapter.constants))
+                             constants_digest=self.constants_digest)
         self._mirror = None  # a new session: its nodes hold no replica yet
         self._frozen_sent = False
         self._pushed = None
@@ -497,6 +508,60 @@ class RemoteEngine:
             raise
         except grpc.RpcError as e:
             raise RouteFailure(f"cannot reach {hops[0].address}: {e}", [h.address for h in hops]) from None
+
+    # -- calibration (sparse masks) -------------------------------------------------------
+    def calibrate(self, probe, sequences: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Sparse fine-tuning's mask, chosen where the weights are: a session of its own whose only
+        method is `probe` (its dense zero deltas live on the nodes); each (input_ids, labels) sequence
+        goes forward and backward on its own, every node squares and sums its weights' gradients, and
+        EndStep brings back only the kept entries: '{k}.{layer}.{module}.sparse_indices' / '.sparse_scores'
+        with k = 0. Replayed on a new route when a node fails, like a step."""
+        return self._with_calibration_replays(lambda route: self._calibrate_on(route, probe, sequences))
+
+    def _with_calibration_replays(self, attempt: Callable) -> Any:
+        failures = 0
+        while True:
+            try:
+                return attempt(self.trainer.route)
+            except RouteFailure as e:
+                failures += 1
+                if failures > self.cfg.max_step_retries:
+                    raise EdgetuneError(f"calibration gave up after {failures} failed attempts: {e}") from None
+                log.warning("%s; calibrating again on a new route", e)
+                self.trainer.new_route(e.failed)
+
+    def _calibrate_on(self, route: wire.Route, probe, sequences) -> dict[str, torch.Tensor]:
+        from edgetune.runtime.peft.adapter import methods_to_json
+
+        hops = list(route.hops)
+        longest = max((int(ids.shape[-1]) for ids, _ in sequences), default=1)
+        open_msg = wire.Open(session_id=uuid.uuid4().hex, model=self.cfg.model, fingerprint=route.fingerprint,
+                             route=hops, codec="fp32", methods_json=methods_to_json([probe]), adapter_codec="raw",
+                             micro_batch_size=1, seq_len=longest, micro_batches=1)
+        try:
+            stream = RouteStream(route, self.trainer.trust, open_msg, self.cfg.reply_timeout_s)
+        except grpc.RpcError as e:
+            raise RouteFailure(f"cannot reach {hops[0].address}: {e}", [h.address for h in hops]) from None
+        try:
+            for i in range(len(hops)):  # version 1 everywhere; the probe's tensors are the nodes' own
+                stream.send(wire.AdapterPush(1, {}, hops_ahead=i))
+            for micro, (ids, labels) in enumerate(sequences):
+                with torch.no_grad():
+                    h = self.model.embed(ids)  # (1, T, D)
+                stream.send(wire.Forward(0, micro, 1, True, None, h, None))
+                out = _expect(stream.recv(), wire.ForwardResult)
+                h_out = out.hidden.to(self.model.device, self.model.dtype).requires_grad_(True)
+                loss = head_loss_sum(self.model.final_norm(h_out), self.model.loss_head_weight, labels)
+                loss.backward()  # the sequence's summed loss, as the local Fisher takes it
+                stream.send(wire.Backward(0, micro, h_out.grad, False))
+                _expect(stream.recv(), wire.BackwardResult)
+            stream.send(wire.EndStep(0, 1))
+            chosen: dict[str, torch.Tensor] = {}
+            for _ in hops:
+                chosen.update(_expect(stream.recv(), wire.Gradients).tensors)
+            return chosen
+        finally:
+            stream.close()
 
     # -- one step -----------------------------------------------------------------------
     def _push_adapter(self) -> dict[str, torch.Tensor]:
