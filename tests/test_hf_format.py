@@ -38,7 +38,7 @@ from edgetune.runtime.peft.hf_format import (
     methods_from_hf_config,
     save_adapter,
 )
-from edgetune.tests.tiny import hf_model, make_tiny_model, max_diff, randomize, token_ids
+from edgetune.tests.tiny import hf_model, make_tiny_model, max_diff, randomize, randomized_peft, token_ids
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Unsupported layer type:UserWarning")
@@ -172,17 +172,8 @@ PEFT_TO_EDGETUNE = ["lora_layers_int", "lora_set", "lora_all_linear_qwen2", "lor
 
 @pytest.mark.parametrize("case", PEFT_TO_EDGETUNE)
 def test_peft_adapter_loads_in_edgetune(tiny_dir, tmp_path, case):
-    import peft
-
     arch, config = _peft_configs()[case]
-    torch.manual_seed(0)
-    pm = peft.get_peft_model(hf_model(tiny_dir(arch)), config)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, p in pm.named_parameters():
-            if p.requires_grad:
-                p.add_(0.2 * torch.randn(p.shape, generator=gen))
-    pm.eval()
+    pm = randomized_peft(tiny_dir(arch), config)
     with torch.no_grad():
         theirs = pm(input_ids=token_ids()).logits
     pm.save_pretrained(tmp_path / "peft")

@@ -13,13 +13,18 @@ from edgetune.runtime.errors import AdapterError, ConfigError
 from edgetune.runtime.model.loader import load_model
 from edgetune.runtime.onnx.export import ExportOptions, export
 from edgetune.runtime.peft import (
+    AdaLoraConfig,
     IA3Config,
     LNTuningConfig,
+    LoKrConfig,
     LoraConfig,
     ParallelAdapterConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
     SerialAdapterConfig,
+    ShiraConfig,
+    SparseConfig,
+    VeraConfig,
     attach_adapter,
 )
 from edgetune.runtime.peft.bitfit import BitFitConfig
@@ -107,6 +112,11 @@ MERGEABLE = {
     "ia3": [IA3Config()],
     "ln_tuning": [LNTuningConfig()],
     "bitfit": [BitFitConfig()],
+    "adalora": [AdaLoraConfig(init_r=4, target_r=2, target_modules=("q_proj", "down_proj"))],
+    "vera": [VeraConfig(r=8, target_modules=("q_proj", "v_proj", "up_proj"), projection_prng_key=3)],
+    "lokr": [LoKrConfig(r=2, alpha=4, target_modules=("k_proj", "o_proj", "gate_proj"))],
+    "shira": [ShiraConfig(r=1, mask="random", target_modules=("q_proj", "down_proj"))],
+    "sparse + lora": [SparseConfig(density=0.2, mask="random", target_modules=("v_proj",)), LoraConfig(r=2, alpha=4)],
 }
 
 

@@ -18,15 +18,20 @@ import torch.nn.functional as F
 from edgetune.runtime.errors import AdapterError
 from edgetune.runtime.model.loader import load_model
 from edgetune.runtime.peft import (
+    AdaLoraConfig,
     Adapter,
     BitFitConfig,
     IA3Config,
     LNTuningConfig,
+    LoKrConfig,
     LoraConfig,
     ParallelAdapterConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
     SerialAdapterConfig,
+    ShiraConfig,
+    SparseConfig,
+    VeraConfig,
     attach_adapter,
 )
 from edgetune.tests.tiny import VOCAB, hf_model, max_diff, randomize, token_ids
@@ -185,6 +190,15 @@ MERGEABLE = {
     "ia3+lora": [IA3Config(), LoraConfig(r=4, alpha=8, target_modules="all-linear")],
     "dora+ia3": [LoraConfig(r=4, alpha=8, target_modules="all-linear", use_dora=True), IA3Config()],
     "bitfit+ln+lora": [BitFitConfig(), LNTuningConfig(), LoraConfig(r=2, alpha=4)],
+    "lokr_w2_low_rank": [LoKrConfig(r=2, alpha=4, target_modules="all-linear")],
+    "lokr_w2_full": [LoKrConfig(r=4, alpha=2, target_modules="all-linear", decompose_both=True)],
+    "lokr_both_low_rank+ia3": [LoKrConfig(r=1, alpha=2, target_modules="all-linear", decompose_both=True), IA3Config()],
+    "lora+lokr": [LoraConfig(r=2, alpha=4, target_modules="all-linear"), LoKrConfig(r=2, alpha=4, target_modules=("q_proj", "up_proj"))],
+    "vera": [VeraConfig(r=8, target_modules="all-linear")],
+    "vera+lora": [VeraConfig(r=4, target_modules=("q_proj", "down_proj")), LoraConfig(r=2, alpha=4, target_modules="all-linear")],
+    "adalora": [AdaLoraConfig(init_r=4, target_r=2, target_modules=("q_proj", "o_proj", "down_proj"))],
+    "shira": [ShiraConfig(r=2, mask="random", target_modules="all-linear")],
+    "sparse+lora": [SparseConfig(density=0.1, mask="random"), LoraConfig(r=2, alpha=4)],
 }
 
 
@@ -204,6 +218,8 @@ def test_merge_equals_adapter_and_unmerge_restores_base(tiny_dir, arch, name):
         again = model(ids)
     assert max_diff(merged, unmerged) <= 1e-5
     assert max_diff(again, unmerged) <= 1e-5
+    with torch.no_grad():
+        assert max_diff(merged, load_model(tiny_dir(arch))(ids)) > 1e-3  # the merge did change the model
     restored = model.hf_state_dict()
     assert set(restored) == set(base)  # BitFit's created biases are gone again
     for key, w in base.items():

@@ -133,6 +133,21 @@ def randomize(adapter, seed: int = 0, scale: float = 0.2) -> None:
         t.add_(scale * torch.randn(t.shape, generator=gen).to(t.dtype))
 
 
+def randomized_peft(folder: Path, peft_config, seed: int = 3, scale: float = 0.2):
+    """peft.get_peft_model(hf_model(folder), peft_config) in eval mode, its trainable tensors moved off
+    their initial values (so zero-initialised ones matter), e.g. to save_pretrained and load here."""
+    import peft
+
+    torch.manual_seed(0)  # peft's own initialisation
+    pm = peft.get_peft_model(hf_model(folder), peft_config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+    return pm.eval()
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a - b).abs().max().item()

@@ -66,16 +66,17 @@ def adapter_counts(adapter) -> AdapterCounts:
 
 def export_modes(adapter) -> tuple[str, ...]:
     """How `edgetune export` can write this adapter (see runtime/onnx/export.py)."""
-    from edgetune.runtime.onnx.export import _lora_layers
-    from edgetune.runtime.peft import ParallelAdapterConfig, PrefixTuningConfig, PromptTuningConfig, SerialAdapterConfig
+    from edgetune.runtime.onnx.export import _lora_layers, check_exportable
 
-    # the methods merge_or_extract writes as graph nodes or constant keys instead of merging them
-    graph_ops = (SerialAdapterConfig, ParallelAdapterConfig, PrefixTuningConfig, PromptTuningConfig)
     modes = []
     if all(m.mergeable for m in adapter.methods):
         modes.append("merged")
-    elif all(m.mergeable or isinstance(m, graph_ops) for m in adapter.methods):
-        modes.append("graph")
+    else:
+        try:
+            check_exportable(adapter.methods)  # the others as graph nodes / constant keys
+            modes.append("graph")
+        except AdapterError:
+            pass
     try:
         _lora_layers(adapter)
         modes.append("adapter-inputs")

@@ -56,18 +56,14 @@ class AdapterSizes(NamedTuple):
 def adapter_sizes(config, methods, seed: int = 0) -> AdapterSizes:
     """The adapter's sizes, counted by the runtime's own method code on fake tensors: exact, and no
     memory for any weight."""
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from edgetune.runtime.model.transformer import Block, CausalLM
+    from edgetune.commands.methods import shapes_only
     from edgetune.runtime.peft.adapter import Adapter, split_block_key
 
     L = config.num_layers
-    with FakeTensorMode(), torch.device("meta"):
-        edge = CausalLM(config, 0, 0, edge=True)
-        blocks = [Block(config, i) for i in range(L)]
-        adapter = Adapter.create(edge, methods, seed=seed, block_source=lambda: iter(blocks))
-        views = adapter.block_tensor_views(range(L))
+    with shapes_only(config) as (edge, blocks):
+        adapter = Adapter.create(edge, methods, seed=seed, block_source=blocks)
+        frozen = adapter.frozen_keys()  # sparse masks' indices: once a session, not every step
+        views = {k: t for k, t in adapter.block_tensor_views(range(L)).items() if k not in frozen}
         per_block, tensors = [0] * L, [0] * L
         for key, t in views.items():
             per_block[split_block_key(key)[1]] += t.numel()

@@ -146,17 +146,9 @@ def merge_or_extract(adapter, model):
     from edgetune.runtime.peft import ParallelAdapterConfig, PrefixTuningConfig, PromptTuningConfig, SerialAdapterConfig
     from edgetune.runtime.peft.unipelt import UniPeltConfig
 
+    check_exportable(adapter.methods)
     extras = GraphExtras()
     layers = range(model.config.num_layers)
-    virtual = [type(m).__name__ for m in adapter.methods if isinstance(m, (PrefixTuningConfig, PromptTuningConfig))]
-    if len(virtual) > 1:
-        raise AdapterError(f"export: a stack with more than one virtual-token method ({', '.join(virtual)}) "
-                           "is not supported")
-    if any(isinstance(m, UniPeltConfig) for m in adapter.methods[:-1]) or (
-            isinstance(adapter.methods[-1], UniPeltConfig) and not all(m.mergeable for m in adapter.methods[:-1])):
-        names = ", ".join(type(m).__name__ for m in adapter.methods)
-        raise AdapterError(f"export: UniPELT exports as the last method of a stack whose other methods all merge "
-                           f"(LoRA, (IA)^3, ...); this stack is {names}")
     if any(isinstance(m, PromptTuningConfig) for m in adapter.methods):
         extras.prefix = _prompt_keys_values(adapter, model)  # before merging: the whole adapter acts
     with torch.no_grad():
@@ -179,9 +171,29 @@ def merge_or_extract(adapter, model):
                 pass  # done above
             elif isinstance(method, UniPeltConfig):
                 extras.unipelt = {layer: (method, t) for layer, t in blocks.items()}
-            else:
-                raise AdapterError(f"export: {type(method).__name__} has no ONNX form yet")
     return extras
+
+
+def check_exportable(methods) -> None:
+    """Refuse (AdapterError) a method stack `--mode merged` cannot write: each method must merge or
+    have graph ops, at most one method adds virtual tokens, and UniPELT comes last, after methods
+    that all merge (it then wraps the merged linears as it wraps them in PyTorch)."""
+    from edgetune.runtime.peft import ParallelAdapterConfig, PrefixTuningConfig, PromptTuningConfig, SerialAdapterConfig
+    from edgetune.runtime.peft.unipelt import UniPeltConfig
+
+    graph_ops = (SerialAdapterConfig, ParallelAdapterConfig, PrefixTuningConfig, PromptTuningConfig, UniPeltConfig)
+    for method in methods:
+        if not method.mergeable and not isinstance(method, graph_ops):
+            raise AdapterError(f"export: {type(method).__name__} has no ONNX form yet")
+    virtual = [type(m).__name__ for m in methods if isinstance(m, (PrefixTuningConfig, PromptTuningConfig))]
+    if len(virtual) > 1:
+        raise AdapterError(f"export: a stack with more than one virtual-token method ({', '.join(virtual)}) "
+                           "is not supported")
+    if any(isinstance(m, UniPeltConfig) for m in methods[:-1]) or (
+            isinstance(methods[-1], UniPeltConfig) and not all(m.mergeable for m in methods[:-1])):
+        names = ", ".join(type(m).__name__ for m in methods)
+        raise AdapterError(f"export: UniPELT exports as the last method of a stack whose other methods all merge "
+                           f"(LoRA, (IA)^3, ...); this stack is {names}")
 
 
 def _prompt_keys_values(adapter, model) -> dict:

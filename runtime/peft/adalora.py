@@ -50,7 +50,7 @@ import torch
 
 from edgetune.runtime.errors import AdapterError, ConfigError
 from edgetune.runtime.model.config import ModelConfig
-from edgetune.runtime.peft.base import Method, Tensors, matches_target
+from edgetune.runtime.peft.base import Tensors, WeightDeltaMethod, matches_target
 from edgetune.runtime.peft.rng import keyed_dropout
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,7 +62,7 @@ RANKNUM_EPS = 1e-5  # PEFT divides by ranknum + 1e-5
 
 
 @dataclass(frozen=True)
-class AdaLoraConfig(Method):
+class AdaLoraConfig(WeightDeltaMethod):
     """AdaLoRA on the targeted linears; `total_step` is the run's optimizer steps (finetune sets it).
 
         >>> AdaLoraConfig(init_r=12, target_r=8, alpha=32, target_modules=("q_proj", "v_proj"), total_step=1000)
@@ -84,7 +84,6 @@ class AdaLoraConfig(Method):
 
     peft_type = "ADALORA"
     survey_branch = "reparameterized"  # a LoRA derivative with a dynamic rank
-    mergeable = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -147,20 +146,12 @@ class AdaLoraConfig(Method):
         x_d = x if dropout_key is None else keyed_dropout(x, self.dropout, dropout_key)
         return y + (x_d @ (A * E).T @ B.T) * self.scaling  # (..., out)
 
-    def _deltas(self, t: Tensors, block: Block):
+    def weight_deltas(self, t: Tensors, block: Block):
         for name, linear in block.linears().items():
             if f"{name}.lora_A" in t:
                 A, E, B = (t[f"{name}.{n}"] for n in TRIPLET)
                 yield linear.weight, (self.scaling * (B @ (A * E))).to(linear.weight.dtype)  # (out, in)
 
-    def merge(self, t: Tensors, block: Block) -> Tensors:
-        for W, delta in self._deltas(t, block):
-            W.add_(delta)
-        return {}
-
-    def unmerge(self, t: Tensors, block: Block, undo: Tensors) -> None:
-        for W, delta in self._deltas(t, block):
-            W.sub_(delta)
 
     # -- the edge's side of a training step ---------------------------------------
     def regularizer(self, blocks: dict[int, Tensors]) -> torch.Tensor | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -188,6 +188,27 @@ class Method:
     @classmethod
     def overrides(cls, hook: str) -> bool:
         return getattr(cls, hook) is not getattr(Method, hook)
+
+
+@dataclass(frozen=True)
+class WeightDeltaMethod(Method):
+    """Base of the methods whose update is a weight delta added to targeted linears (AdaLoRA, VeRA,
+    LoKr, sparse fine-tuning): merging adds each delta, unmerging subtracts it, both exact."""
+
+    mergeable: ClassVar[bool] = True
+
+    def weight_deltas(self, t: Tensors, block: Block) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(base weight, its delta in the weight's dtype and shape) for each linear of `block` in `t`."""
+        raise NotImplementedError
+
+    def merge(self, t: Tensors, block: Block) -> Tensors:
+        for W, delta in self.weight_deltas(t, block):
+            W.add_(delta)
+        return {}
+
+    def unmerge(self, t: Tensors, block: Block, undo: Tensors) -> None:
+        for W, delta in self.weight_deltas(t, block):
+            W.sub_(delta)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import torch
 from edgetune.runtime.errors import AdapterError, ConfigError
 from edgetune.runtime.model.config import ModelConfig
 from edgetune.runtime.model.transformer import LINEAR_NAMES
-from edgetune.runtime.peft.base import Method, Tensors, matches_target
+from edgetune.runtime.peft.base import Tensors, WeightDeltaMethod, matches_target
 
 # every tensor a targeted module may hold, in creation order
 LOKR_TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
@@ -67,7 +67,7 @@ def factorize(dim: int, factor: int = -1) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class LoKrConfig(Method):
+class LoKrConfig(WeightDeltaMethod):
     r: int = 8
     alpha: float = 8.0
     target_modules: str | tuple[str, ...] = ("q_proj", "v_proj")
@@ -77,7 +77,6 @@ class LoKrConfig(Method):
 
     peft_type = "LOKR"
     survey_branch = "reparameterized"  # low-rank decomposition: a Kronecker product of (low-rank) factors
-    mergeable = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -146,20 +145,12 @@ class LoKrConfig(Method):
         return None if w1 is None else self.scaling * torch.kron(w1, _factor(t, name, "w2"))
 
     # -- merging --------------------------------------------------------------
-    def _targeted(self, t: Tensors, block):
+    def weight_deltas(self, t: Tensors, block):
         for name, linear in block.linears().items():
             delta = self.delta_weight(t, name)
             if delta is not None:
                 yield linear.weight, delta.to(linear.weight.dtype)
 
-    def merge(self, t: Tensors, block) -> Tensors:
-        for W, delta in self._targeted(t, block):
-            W.add_(delta)
-        return {}
-
-    def unmerge(self, t: Tensors, block, undo: Tensors) -> None:
-        for W, delta in self._targeted(t, block):
-            W.sub_(delta)
 
 
 def _factor(t: Tensors, name: str, which: str) -> torch.Tensor | None:

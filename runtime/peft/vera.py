@@ -39,7 +39,7 @@ import torch
 
 from edgetune.runtime.errors import AdapterError, ConfigError
 from edgetune.runtime.model.config import ModelConfig
-from edgetune.runtime.peft.base import Method, Tensors, matches_target
+from edgetune.runtime.peft.base import Tensors, WeightDeltaMethod, matches_target
 from edgetune.runtime.peft.rng import keyed_dropout
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,7 +50,7 @@ _SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
 
 
 @dataclass(frozen=True)
-class VeraConfig(Method):
+class VeraConfig(WeightDeltaMethod):
     r: int = 256
     target_modules: str | tuple[str, ...] = ("q_proj", "v_proj")
     layers_to_transform: tuple[int, ...] | None = None
@@ -60,7 +60,6 @@ class VeraConfig(Method):
 
     peft_type = "VERA"
     survey_branch = "reparameterized"  # a LoRA derivative: a low-rank update, here from shared random factors
-    mergeable = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -131,7 +130,7 @@ class VeraConfig(Method):
         return y + lambda_b * (h @ B.T)  # (..., out)
 
     # -- merging --------------------------------------------------------------
-    def _deltas(self, t: Tensors, block: Block) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def weight_deltas(self, t: Tensors, block: Block) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(W, its VeRA delta (out, in)) for each targeted linear; `t` holds the constants too."""
         for name, linear in block.linears().items():
             if f"{name}.vera_lambda_d" in t:
@@ -141,14 +140,6 @@ class VeraConfig(Method):
                 B = t["vera_B"][:d_out] * t[f"{name}.vera_lambda_b"][:, None]  # (out, r)
                 yield W, (B @ A).to(W.dtype)
 
-    def merge(self, t: Tensors, block: Block) -> Tensors:
-        for W, delta in self._deltas(t, block):
-            W.add_(delta)
-        return {}
-
-    def unmerge(self, t: Tensors, block: Block, undo: Tensors) -> None:
-        for W, delta in self._deltas(t, block):
-            W.sub_(delta)
 
 
 def _is_int(value: Any) -> bool:
