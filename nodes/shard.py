@@ -118,7 +118,8 @@ class Shard:
                                "versions, the edge's constants came from a saved adapter (a VeRA projection drawn by "
                                "another seed), or the Open was altered", code="FAILED_PRECONDITION")
         session = ShardSession(self, msg.session_id, methods, msg.methods_json, msg.adapter_codec, owner=msg.owner,
-                               reserved_bytes=self.session_bytes(msg), shapes=shapes, constants=constants)
+                               reserved_bytes=self.session_bytes(msg) + self.probe_bytes(methods), shapes=shapes,
+                               constants=constants)
         with self._lock:
             held = self.sessions.get(msg.session_id)
             if held is not None and held.owner != msg.owner:
@@ -144,6 +145,13 @@ class Shard:
 
         return session_bytes(self.part.config, self.end - self.start, msg.micro_batch_size, msg.seq_len,
                              msg.micro_batches, self.part.dtype.itemsize)
+
+    def probe_bytes(self, methods) -> int:
+        """What a calibration session's probes hold here beyond activations: per targeted weight entry an
+        fp32 probe, its gradient and the Fisher sum (12 bytes); 0 for a training session."""
+        probes = [m for m in methods if hasattr(m, "probe_tensors")]
+        return sum(12 * linear.weight.numel() for m in probes for block in self.part.layers
+                   for _, linear in m.targeted(block))
 
     def close_session(self, session_id: str, session: ShardSession | None = None) -> None:
         """Forget `session_id` (only if it is still `session`, when given: a reopened one stays)."""

@@ -74,7 +74,10 @@ def test_unipelt_gates_reach_metrics_locally_and_from_nodes(tiny64, data_file, t
         lines = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
         return [r["recorded"] for r in lines if "loss" in r]
 
+    from edgetune.commands.report import write_report
+
     got_local, got_remote = gates(local), gates(remote)
+    assert write_report(remote.out).gates_png.is_file()  # and `edgetune report` plots them
     assert len(got_local) == 2 and set(got_local[0]) == {f"gate.{kind}.{layer}" for kind in ("lora", "prefix", "adapter")
                                                          for layer in (0, 1)}
     for a, b in zip(got_local, got_remote):  # the nodes' gates, summed over both stages, equal the local ones
@@ -222,3 +225,30 @@ def test_a_node_refuses_hostile_sparse_pushes(tiny64, tmp_path):
         assert torch.equal(session.tensors[idx], good[idx]) and session.version == 2
     finally:
         route.stop()
+
+
+def test_a_calibration_session_is_admitted_by_its_probes_memory(tiny64, tmp_path):
+    """A Fisher probe holds an fp32 probe, its gradient and the Fisher sum per targeted weight entry on
+    the node: a node whose free memory cannot hold them refuses the session instead of running out."""
+    from edgetune.runtime.peft import FisherProbeConfig
+    from edgetune.runtime.peft.adapter import methods_to_json
+
+    probe = FisherProbeConfig(target_modules="all-linear", score="fisher", density=0.01)
+    methods = methods_to_json([probe])
+    for memory, admitted in ((300_000, False), (64 * 2**20, True)):  # the block alone is ~150 kB, its probes ~440 kB
+        route = start_route(tiny64, [1], tmp_path / f"route{memory}", memory_bytes=memory)
+        try:
+            shard = route.shards[0]
+            hop = wire.Hop(shard.name, "", shard.start, shard.end)
+            weights = sum(lin.weight.numel() for block in shard.part.layers for lin in block.linears().values())
+            assert shard.probe_bytes([probe]) == 12 * weights
+            msg = wire.Open("s", shard.model, shard.fingerprint, [hop], methods_json=methods, micro_batch_size=1,
+                            seq_len=8, micro_batches=1)
+            if admitted:
+                assert shard.open_session(msg).reserved_bytes >= 12 * weights
+            else:
+                with pytest.raises(SessionError, match="cannot admit") as err:
+                    shard.open_session(msg)
+                assert err.value.code == "RESOURCE_EXHAUSTED"
+        finally:
+            route.stop()

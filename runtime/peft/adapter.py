@@ -299,6 +299,7 @@ class Adapter:
         self.block_tensors = [{l: {n: move(t) for n, t in ts.items()} for l, ts in b.items()} for b in self.block_tensors]
         self.edge_tensors = [{n: move(t) for n, t in e.items()} for e in self.edge_tensors]
         self.constants = [{n: move(t) for n, t in c.items()} for c in self.constants]
+        self.state = [{n: t.to(device=device) for n, t in st.items()} for st in self.state]  # its own dtypes
         return self
 
     def train(self, mode: bool = True) -> Adapter:
