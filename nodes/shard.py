@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edgetune.runtime.compute.executor import BlockExecutor
-from edgetune.runtime.compute.quantize import check_methods, tensor_bytes
+from edgetune.runtime.compute.quantize import check_methods, plain_weight, tensor_bytes
 from edgetune.runtime.errors import ConfigError, SessionError
 from edgetune.runtime.model.transformer import CausalLM
 from edgetune.runtime.peft.adapter import block_adapters, constants_digest, methods_from_json, split_block_key
@@ -31,6 +31,11 @@ from edgetune.runtime.wire import messages as wire
 from edgetune.runtime.wire.serde import roundtrip as wire_roundtrip
 
 log = logging.getLogger("edgetune.node")
+
+
+def _constant_bytes(constants: list) -> int:
+    """Bytes of the methods' shared constants (VeRA's projections) a session holds."""
+    return sum(t.numel() * t.element_size() for c in constants for t in c.values())
 
 
 @dataclass
@@ -115,27 +120,27 @@ class Shard:
             raise SessionError(f"node {self.name} rebuilds other constants for these PEFT methods than the edge "
                                f"(digest {constants_digest(constants)[:16] or 'none'}... against the edge's "
                                f"{msg.constants_digest[:16] or 'none'}...): the two run different edgetune or torch "
-                               "versions, the edge's constants came from a saved adapter (a VeRA projection drawn by "
-                               "another seed), or the Open was altered", code="FAILED_PRECONDITION")
-        session = ShardSession(self, msg.session_id, methods, msg.methods_json, msg.adapter_codec, owner=msg.owner,
-                               reserved_bytes=self.session_bytes(msg) + self.probe_bytes(methods), shapes=shapes,
-                               constants=constants)
-        with self._lock:
+                               "versions, or the Open was altered", code="FAILED_PRECONDITION")
+        activations, extra = self.session_bytes(msg), self.probe_bytes(methods) + _constant_bytes(constants)
+        with self._lock:  # admitted by what it will hold before any of it is made
             held = self.sessions.get(msg.session_id)
             if held is not None and held.owner != msg.owner:
                 raise SessionError(f"session {msg.session_id!r} on node {self.name} belongs to another edge",
                                    code="PERMISSION_DENIED")
             others = sum(s.reserved_bytes for sid, s in self.sessions.items() if sid != msg.session_id)
             free = self.memory_bytes - self.loaded_bytes() - others
-            if self.memory_bytes and session.reserved_bytes > free:
+            if self.memory_bytes and activations + extra > free:
                 raise SessionError(
                     f"node {self.name} cannot admit session {msg.session_id!r}: its activations need "
-                    f"{session.reserved_bytes / 2**20:.1f} MiB ({msg.micro_batches} micro-batches of "
-                    f"{msg.micro_batch_size} x {msg.seq_len} tokens over blocks [{self.start}, {self.end})), "
+                    f"{activations / 2**20:.1f} MiB ({msg.micro_batches} micro-batches of "
+                    f"{msg.micro_batch_size} x {msg.seq_len} tokens over blocks [{self.start}, {self.end}))"
+                    + (f" and its methods' probes and constants {extra / 2**20:.1f} MiB" if extra else "") + ", "
                     f"{max(0, free) / 2**20:.1f} MiB are free ({self.memory_bytes / 2**20:.1f} MiB usable, "
                     f"{self.loaded_bytes() / 2**20:.1f} MiB of weights, {others / 2**20:.1f} MiB held by "
                     f"{len(self.sessions) - (held is not None)} other session(s)); use smaller micro-batches or "
                     "shorter sequences, or wait", code="RESOURCE_EXHAUSTED")
+            session = ShardSession(self, msg.session_id, methods, msg.methods_json, msg.adapter_codec, owner=msg.owner,
+                                   reserved_bytes=activations + extra, shapes=shapes, constants=constants)
             self.sessions[msg.session_id] = session
         return session
 
@@ -148,10 +153,12 @@ class Shard:
 
     def probe_bytes(self, methods) -> int:
         """What a calibration session's probes hold here beyond activations: per targeted weight entry an
-        fp32 probe, its gradient and the Fisher sum (12 bytes); 0 for a training session."""
+        fp32 probe, its gradient, the Fisher sum, the probe's copy in the blocks' dtype and the square
+        being added (20 bytes); at EndStep the ranking of the largest weight's scores (a sort: 12 bytes
+        an entry) comes on top. 0 for a training session."""
         probes = [m for m in methods if hasattr(m, "probe_tensors")]
-        return sum(12 * linear.weight.numel() for m in probes for block in self.part.layers
-                   for _, linear in m.targeted(block))
+        sizes = [linear.weight.numel() for m in probes for block in self.part.layers for _, linear in m.targeted(block)]
+        return 20 * sum(sizes) + 12 * max(sizes, default=0)
 
     def close_session(self, session_id: str, session: ShardSession | None = None) -> None:
         """Forget `session_id` (only if it is still `session`, when given: a reopened one stays)."""
@@ -258,6 +265,8 @@ class ShardSession:
             if frozen and t.numel() and (int(t.min()) < 0 or int(t.max()) >= self._index_limit(key)):
                 raise SessionError(f"adapter tensor {key!r} holds indices outside [0, {self._index_limit(key)})",
                                    code="INVALID_ARGUMENT")
+            if frozen and t.numel() > 1 and not bool((t.reshape(-1)[1:] > t.reshape(-1)[:-1]).all()):
+                raise SessionError(f"adapter tensor {key!r}: indices must be sorted and unique", code="INVALID_ARGUMENT")
             if msg.delta:
                 old = self.tensors.get(key)
                 if old is None or old.shape != t.shape:
@@ -265,6 +274,7 @@ class ShardSession:
                                        "that shape; send the whole adapter", code="FAILED_PRECONDITION")
         if not msg.delta:
             self._check_whole(msg.tensors)
+            self._check_frozen_held(msg.tensors)
         # frozen tensors (a sparse mask's indices) come once a session: later pushes leave them out
         mine = dict(self.tensors) if msg.delta else {k: t for k, t in self.tensors.items() if not t.is_floating_point()}
         for key, t in msg.tensors.items():
@@ -297,6 +307,17 @@ class ShardSession:
             raise SessionError(f"adapter push for node {self.shard.name} does not fit the session's PEFT methods "
                                f"on blocks [{self.shard.start}, {self.shard.end}): " + ", ".join(wrong[:4])
                                + (f" and {len(wrong) - 4} more" if len(wrong) > 4 else ""), code="INVALID_ARGUMENT")
+
+    def _check_frozen_held(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Every frozen tensor of the session's methods (a sparse mask's indices) is in this push or held
+        from an earlier one: without them, trained values would silently go nowhere."""
+        missing = [f"'{k}.{layer}.{name}'" for (k, layer), names in self.shapes.items() for name in names
+                   if self.methods[k].is_frozen(name) and f"{k}.{layer}.{name}" not in tensors
+                   and f"{k}.{layer}.{name}" not in self.tensors]
+        if missing:
+            raise SessionError(f"adapter push for node {self.shard.name} lacks {', '.join(missing[:4])}"
+                               + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+                               + ": a session's first push carries its frozen tensors", code="INVALID_ARGUMENT")
 
     def _into_buffer(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """The session's persistent leaf for `key`, holding `t`: a new version is copied into the
@@ -442,7 +463,7 @@ class ShardSession:
             module = name.rsplit(".", 1)[0]
             method = self.methods[k]
             weight = self.shard.part.block(layer).linears()[module].weight
-            scores = self.fisher.get(key) if method.score == "fisher" else weight.detach().float().abs()
+            scores = self.fisher.get(key) if method.score == "fisher" else plain_weight(weight).detach().float().abs()
             if scores is None:
                 raise SessionError(f"calibration on node {self.shard.name}: no gradient reached {key!r}; send "
                                    "the calibration sequences' forwards and backwards before EndStep",

@@ -194,8 +194,9 @@ def test_masks_from_nodes_are_checked_before_any_is_written(tiny64):
 
 
 def test_a_node_refuses_hostile_sparse_pushes(tiny64, tmp_path):
-    """Indices outside the weight, floats where indices belong, integers where values belong, and
-    indices sent as a delta are refused before the replica changes; the session goes on."""
+    """Indices outside the weight, unsorted or repeated, floats where indices belong, integers where
+    values belong, values without their indices, and indices sent as a delta are refused before the
+    replica changes; the session goes on."""
     from edgetune.runtime.peft import SparseConfig
     from edgetune.runtime.peft.adapter import methods_to_json
 
@@ -212,6 +213,9 @@ def test_a_node_refuses_hostile_sparse_pushes(tiny64, tmp_path):
             ({**good, idx: torch.arange(k, dtype=torch.int64) + 4096}, "outside"),
             ({**good, idx: torch.arange(k, dtype=torch.float32)}, "integer indices"),
             ({**good, val: torch.zeros(k, dtype=torch.int64)}, "floating point"),
+            ({**good, idx: torch.arange(k, dtype=torch.int64).flip(0)}, "sorted and unique"),
+            ({**good, idx: torch.zeros(k, dtype=torch.int64)}, "sorted and unique"),
+            ({val: torch.zeros(k)}, "first push carries its frozen tensors"),  # values that would go nowhere
         ]
         for tensors, message in hostile:
             with pytest.raises(SessionError, match=message) as err:
@@ -228,7 +232,7 @@ def test_a_node_refuses_hostile_sparse_pushes(tiny64, tmp_path):
 
 
 def test_a_calibration_session_is_admitted_by_its_probes_memory(tiny64, tmp_path):
-    """A Fisher probe holds an fp32 probe, its gradient and the Fisher sum per targeted weight entry on
+    """A Fisher probe holds an fp32 probe, its gradient, the Fisher sum and temporaries per targeted weight entry on
     the node: a node whose free memory cannot hold them refuses the session instead of running out."""
     from edgetune.runtime.peft import FisherProbeConfig
     from edgetune.runtime.peft.adapter import methods_to_json
@@ -241,11 +245,12 @@ def test_a_calibration_session_is_admitted_by_its_probes_memory(tiny64, tmp_path
             shard = route.shards[0]
             hop = wire.Hop(shard.name, "", shard.start, shard.end)
             weights = sum(lin.weight.numel() for block in shard.part.layers for lin in block.linears().values())
-            assert shard.probe_bytes([probe]) == 12 * weights
+            biggest = max(lin.weight.numel() for block in shard.part.layers for lin in block.linears().values())
+            assert shard.probe_bytes([probe]) == 20 * weights + 12 * biggest
             msg = wire.Open("s", shard.model, shard.fingerprint, [hop], methods_json=methods, micro_batch_size=1,
                             seq_len=8, micro_batches=1)
             if admitted:
-                assert shard.open_session(msg).reserved_bytes >= 12 * weights
+                assert shard.open_session(msg).reserved_bytes >= 20 * weights
             else:
                 with pytest.raises(SessionError, match="cannot admit") as err:
                     shard.open_session(msg)

@@ -102,6 +102,13 @@ def tensor_bytes(t) -> int:
     return sum(tensor_bytes(getattr(t, n)) for n in names)
 
 
+def plain_weight(weight):
+    """The ordinary tensor a (possibly quantized) weight stands for: what its forward multiplies by."""
+    if hasattr(weight, "get_original_weight"):  # torchao's NF4Tensor
+        return weight.get_original_weight()
+    return weight.dequantize()  # weight-only int8; a plain tensor returns itself
+
+
 def check_methods(methods, scheme: str, node: str) -> None:
     """ConfigError when a PEFT method cannot run on weights held as `scheme`."""
     if scheme == "none":

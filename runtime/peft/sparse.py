@@ -36,6 +36,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -69,12 +70,16 @@ def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().float()
 
 
-def random_indices(d_out: int, d_in: int, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k distinct flat positions into an (out, in) weight drawn uniformly, sorted ascending, int64 (k,)."""
+def random_indices(d_out: int, d_in: int, k: int, rng: np.random.Generator) -> torch.Tensor:
+    """k distinct flat positions into an (out, in) weight drawn uniformly, sorted ascending, int64 (k,).
+
+    numpy's sampler without replacement takes O(k) for a sparse draw (a 70B model's weights are
+    too many to permute each), is the same on every platform (PCG64), and works where torch would
+    only make shapes (a meta-device or fake-tensor context)."""
     n = d_out * d_in
     if not 0 < k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    return torch.sort(torch.randperm(n, generator=generator)[:k]).values
+    return torch.from_numpy(np.sort(rng.choice(n, k, replace=False, shuffle=False)).astype(np.int64))
 
 
 def entries(method: SparseMethod, d_out: int, d_in: int) -> int:
@@ -82,10 +87,10 @@ def entries(method: SparseMethod, d_out: int, d_in: int) -> int:
     return method.entries(d_out, d_in)
 
 
-def mask_generator(seed: int, layer: int, module: str) -> torch.Generator:
-    """The CPU generator of one module's random mask: a pure function of (seed, layer, module),
+def mask_generator(seed: int, layer: int, module: str) -> np.random.Generator:
+    """The generator of one module's random mask: a pure function of (seed, layer, module),
     independent of the adapter's own generator, so stacking methods never changes a mask."""
-    return torch.Generator().manual_seed(key_seed(("sparse_mask", seed, layer, module)))
+    return np.random.Generator(np.random.PCG64(key_seed(("sparse_mask", seed, layer, module))))
 
 
 # =============================================================== configs
@@ -251,7 +256,9 @@ class FisherProbeConfig(_Targeted):
         problems = super()._problems()
         if self.score not in ("fisher", "magnitude"):
             problems.append(f"score must be fisher or magnitude, got {self.score!r}")
-        if self.r < 0 or (self.r == 0 and not 0 < self.density <= 1):
+        if not _is_int(self.r) or isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
+            problems.append(f"r must be an int and density a number, got r={self.r!r}, density={self.density!r}")
+        elif self.r < 0 or (self.r == 0 and not 0 < self.density <= 1):
             problems.append(f"r must be positive, or density in (0, 1]; got r={self.r!r}, density={self.density!r}")
         return problems
 

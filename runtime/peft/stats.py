@@ -24,13 +24,14 @@ _current: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar("edge
 
 
 class Recorder:
-    """Sums and counts of the values recorded under each name."""
+    """Sums and counts of the values recorded under each name. A sum may stay a tensor on its device
+    until it is read (means / as_tensors), so recording never waits for a GPU."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, float | torch.Tensor] = {}
         self.counts: dict[str, float] = {}
 
-    def add(self, name: str, total: float, count: float) -> None:
+    def add(self, name: str, total: float | torch.Tensor, count: float) -> None:
         self.sums[name] = self.sums.get(name, 0.0) + total
         self.counts[name] = self.counts.get(name, 0.0) + count
 
@@ -39,11 +40,12 @@ class Recorder:
             self.add(name, total, other.counts[name])
 
     def means(self) -> dict[str, float]:
-        return {name: self.sums[name] / self.counts[name] for name in sorted(self.sums) if self.counts[name] > 0}
+        return {name: float(self.sums[name]) / self.counts[name] for name in sorted(self.sums) if self.counts[name] > 0}
 
     def as_tensors(self) -> dict[str, torch.Tensor]:
         """name -> (sum, count), float64: how a node sends them up with its gradients."""
-        return {name: torch.tensor([self.sums[name], self.counts[name]], dtype=torch.float64) for name in self.sums}
+        return {name: torch.tensor([float(self.sums[name]), self.counts[name]], dtype=torch.float64)
+                for name in self.sums}
 
     def add_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, pair in tensors.items():
@@ -67,4 +69,4 @@ def record(name: str, value: torch.Tensor) -> None:
     recorder = _current.get()
     if recorder is not None:
         v = value.detach()
-        recorder.add(name, float(v.float().sum()), float(v.numel()))
+        recorder.add(name, v.float().sum(dtype=torch.float64), float(v.numel()))

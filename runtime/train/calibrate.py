@@ -113,7 +113,7 @@ def choose_sparse_masks(engine, adapter: Adapter, examples, count: int, pad_id: 
             for key, t in kept.items():
                 if key.endswith(INDICES):
                     _, layer, name = split_block_key(key)
-                    chosen[(layer, name.removesuffix(INDICES))] = t.to(torch.int64)
+                    chosen[(layer, name.removesuffix(INDICES))] = t  # set_masks checks dtype, order and range
             set_masks(adapter, k, chosen)
         elif method.mask == "fisher":
             batches = [Batch(ids, labels, torch.ones_like(ids), int((labels != IGNORE_INDEX).sum()))

@@ -111,6 +111,21 @@ class TrainConfig:
                 problems.append(f"mask {self.mask!r} not in {', '.join(MASKS)}")
             if self.calibration_examples <= 0:
                 problems.append(f"calibration_examples must be positive, got {self.calibration_examples}")
+        if self.method == "adalora":
+            if not 0 < self.rank <= self.init_rank:
+                problems.append(f"adalora: --rank (the average rank it ends at, {self.rank}) must be in "
+                                f"[1, --init-rank = {self.init_rank}]")
+            if self.steps <= self.tinit + self.tfinal:
+                problems.append(f"adalora: --steps ({self.steps}) must exceed --tinit + --tfinal "
+                                f"({self.tinit} + {self.tfinal}): the ranks are pruned in between")
+        if self.method == "unipelt":
+            targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
+            if not set(targets) <= {"q_proj", "k_proj", "v_proj"}:
+                problems.append(f"unipelt: --target-modules (its gated LoRA) must be among q_proj, k_proj, v_proj, "
+                                f"got {','.join(targets)}")
+        if self.method == "mam" and self.layers_to_transform is not None:
+            problems.append("mam: --layers-to-transform would restrict its parallel adapter but not its prefix, "
+                            "which attends in every block; leave it out")
         for name in ("steps", "batch_size", "grad_accum", "max_seq_len"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")

@@ -96,7 +96,7 @@ class _StageGradients:
         stage = next((i for i, h in enumerate(self.hops) if all(h.start <= layer < h.end for layer in layers)), None)
         for key, g in msg.tensors.items():
             t = self.views.get(key)
-            if t is None or tuple(t.shape) != tuple(g.shape) or stage is None:
+            if t is None or not t.requires_grad or tuple(t.shape) != tuple(g.shape) or stage is None:
                 raise EdgetuneError(f"node {timing.name} returned a gradient for {key!r} {tuple(g.shape)} that matches "
                                     "no adapter tensor, or tensors of blocks of more than one stage")
             g = g.to(t.device, t.dtype)
