@@ -41,7 +41,7 @@ _FINETUNE_OPTIONS: list[tuple[str, type, str]] = [
     ("shira_rank", int, "sparse: instead of --density, train exactly r * (in + out) entries of each targeted weight "
                         "(as many numbers as a rank-r LoRA; saved in peft's SHIRA layout); 0: use --density"),
     ("calibration_examples", int, "sparse --mask fisher: training examples the Fisher is estimated on"),
-    ("init_rank", int, "adalora: every targeted module's rank at the start"),
+    ("init_rank", int, "adalora: every targeted module's rank at the start (0: 1.5 x --rank, peft's 12 for 8)"),
     ("tinit", int, "adalora: steps of warmup before ranks are reduced"),
     ("tfinal", int, "adalora: final steps at the target budget"),
     ("orth_reg_weight", float, "adalora: weight of the orthogonality regularizer of P and Q"),

@@ -257,3 +257,33 @@ def test_a_calibration_session_is_admitted_by_its_probes_memory(tiny64, tmp_path
                 assert err.value.code == "RESOURCE_EXHAUSTED"
         finally:
             route.stop()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "adalora", "rank": 16, "init_rank": 12}, "--rank (the average rank it ends at, 16) must be in [1, --init-rank = 12]"),
+    ({"method": "adalora", "steps": 5, "tinit": 3, "tfinal": 2}, "--steps (5) must exceed --tinit + --tfinal"),
+    ({"method": "unipelt", "target_modules": ("q_proj", "down_proj")}, "must be among q_proj, k_proj, v_proj"),
+    ({"method": "mam", "layers_to_transform": (0,)}, "mam: --layers-to-transform"),
+    ({"method": "sparse", "density": 0.0}, "--density must be in (0, 1]"),
+    ({"method": "sparse", "mask": "largest"}, "mask 'largest' not in fisher, magnitude, random"),
+])
+def test_method_options_are_checked_in_the_flags_terms(options, message):
+    from edgetune.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(data="d.jsonl", **options)
+    assert message in str(err.value)
+
+
+def test_method_presets_and_defaults():
+    from edgetune.runtime import peft
+
+    assert TrainConfig(data="d.jsonl", method="adalora").methods()[0].init_r == 12  # peft's 12 for --rank 8
+    assert TrainConfig(data="d.jsonl", method="adalora", rank=16).methods()[0].init_r == 24
+    prefix, parallel = TrainConfig(data="d.jsonl", method="mam", num_virtual_tokens=5, adapter_scaling=2.0).methods()
+    assert isinstance(prefix, peft.PrefixTuningConfig) and prefix.num_virtual_tokens == 5
+    assert isinstance(parallel, peft.ParallelAdapterConfig) and parallel.scaling == 2.0
+    [shira] = TrainConfig(data="d.jsonl", method="sparse", shira_rank=4, mask="random").methods()
+    assert isinstance(shira, peft.ShiraConfig) and shira.r == 4 and shira.mask == "random"
+    [sparse] = TrainConfig(data="d.jsonl", method="sparse").methods()
+    assert isinstance(sparse, peft.SparseConfig) and sparse.density == 0.01 and sparse.mask == "fisher"

@@ -48,7 +48,7 @@ class TrainConfig:
     density: float = 0.01  # sparse: fraction of each targeted weight trained (edgetune's own saved type)
     shira_rank: int = 0  # sparse: instead, exactly r * (in + out) entries per weight, saved in peft's SHIRA layout
     calibration_examples: int = 16  # sparse --mask fisher: training examples the Fisher is estimated on
-    init_rank: int = 12  # adalora: every targeted module's rank at the start (--rank is the average it ends at)
+    init_rank: int = 0  # adalora: every module's rank at the start; 0: 1.5 x --rank (peft's 12 for 8); --rank: the end
     tinit: int = 0  # adalora: steps before the first rank reduction
     tfinal: int = 0  # adalora: steps at the final budget at the end
     orth_reg_weight: float = 0.5  # adalora: weight of the orthogonality regularizer
@@ -112,9 +112,9 @@ class TrainConfig:
             if self.calibration_examples <= 0:
                 problems.append(f"calibration_examples must be positive, got {self.calibration_examples}")
         if self.method == "adalora":
-            if not 0 < self.rank <= self.init_rank:
+            if not 0 < self.rank <= self.adalora_init_rank:
                 problems.append(f"adalora: --rank (the average rank it ends at, {self.rank}) must be in "
-                                f"[1, --init-rank = {self.init_rank}]")
+                                f"[1, --init-rank = {self.adalora_init_rank}]")
             if self.steps <= self.tinit + self.tfinal:
                 problems.append(f"adalora: --steps ({self.steps}) must exceed --tinit + --tfinal "
                                 f"({self.tinit} + {self.tfinal}): the ranks are pruned in between")
@@ -173,6 +173,11 @@ class TrainConfig:
         """Train on a cluster: a coordinator is named, or a join string / credentials say which."""
         return bool(self.coordinator or self.join or self.credentials)
 
+    @property
+    def adalora_init_rank(self) -> int:
+        """AdaLoRA's starting rank: --init-rank, or half as much again as the --rank it ends at."""
+        return self.init_rank or max(1, (3 * self.rank) // 2)
+
     def to_dict(self) -> dict[str, Any]:
         """The options as recorded in the run folder: everything but the join string's secret."""
         return {k: v for k, v in asdict(self).items() if k != "join"}
@@ -214,7 +219,7 @@ class TrainConfig:
             return [peft.SparseConfig(density=self.density, mask=self.mask, seed=self.seed, target_modules=targets,
                                       layers_to_transform=layers)]
         if self.method == "adalora":
-            return [peft.AdaLoraConfig(init_r=self.init_rank, target_r=self.rank, alpha=self.alpha, dropout=self.dropout,
+            return [peft.AdaLoraConfig(init_r=self.adalora_init_rank, target_r=self.rank, alpha=self.alpha, dropout=self.dropout,
                                        target_modules=targets, layers_to_transform=layers, tinit=self.tinit,
                                        tfinal=self.tfinal, orth_reg_weight=self.orth_reg_weight, total_step=self.steps)]
         if self.method == "vera":
