@@ -48,7 +48,7 @@ MODULE = "edgetune.benchmarks.bench_methods"
 FAMILIES: dict[str, tuple[float, tuple[str, ...], str]] = {
     "low-rank": (2e-3, ("lora", "dora", "adalora", "lokr"),
                  "a product of two small matrices (one starting at zero) damps each step: the demo's LoRA lr"),
-    "sparse deltas": (1e-3, ("sparse", "shira"),
+    "sparse deltas": (1e-3, ("sparse",),
                       "trained numbers are base-weight entries themselves, with no product to damp a step"),
     "bottleneck": (1e-3, ("serial_adapter", "parallel_adapter"),
                    "64-wide down/up projections on every block's output (parallel: scaled by 4)"),
