@@ -352,10 +352,14 @@ def test_ia3_and_ln_tuning_target_the_modules_peft_targets(tiny_dir):
         tiny_dir, peft.LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm", "norm"]))
 
 
-@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_dropout_masks_are_reproducible(tiny_dir, use_dora):
+@pytest.mark.parametrize("method", [
+    LoraConfig(r=4, alpha=8, dropout=0.3, target_modules="all-linear"),
+    LoraConfig(r=4, alpha=8, dropout=0.3, target_modules="all-linear", use_dora=True),
+    VeraConfig(r=8, dropout=0.3, target_modules="all-linear"),
+], ids=["lora", "dora", "vera"])
+def test_dropout_masks_are_reproducible(tiny_dir, method):
     model = load_model(tiny_dir("llama"))
-    adapter = attach_adapter(model, LoraConfig(r=4, alpha=8, dropout=0.3, target_modules="all-linear", use_dora=use_dora))
+    adapter = attach_adapter(model, method)
     randomize(adapter)
     ids = token_ids()
     with torch.no_grad():

@@ -182,23 +182,7 @@ def test_constants_digest_follows_the_prng_key():
     assert constants_digest([VeraConfig(r=4).constants(mc)]) != constants_digest([VeraConfig(r=5).constants(mc)])
 
 
-# =================================================================== merging (exactness: test_peft_methods.py MERGEABLE)
-def test_dropout_masks_are_reproducible(tiny_dir):
-    model = load_model(tiny_dir("llama"))
-    adapter = attach_adapter(model, VeraConfig(r=8, dropout=0.3, target_modules="all-linear"))
-    randomize(adapter)
-    ids = token_ids()
-    with torch.no_grad():
-        adapter.train()
-        first = model(ids, dropout_key=(7, 1, 0))
-        same = model(ids, dropout_key=(7, 1, 0))
-        other = model(ids, dropout_key=(7, 2, 0))
-        adapter.eval()
-        no_dropout = model(ids, dropout_key=(7, 1, 0))
-    assert torch.equal(first, same)
-    assert max_diff(first, other) > 1e-4 and max_diff(first, no_dropout) > 1e-4
-
-
+# merging exactly and dropout masks: test_peft_methods.py (MERGEABLE, test_dropout_masks_are_reproducible)
 # =================================================================== configs
 def test_config_validation_reports_every_problem():
     with pytest.raises(ConfigError) as e:
