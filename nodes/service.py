@@ -120,11 +120,11 @@ class _Gate:
     def __exit__(self, *exc) -> None:
         self._lock.release()
 
-    def relay(self, item: serde.Opaque, frames: _Queue) -> None:
+    def relay(self, item: serde.Opaque, frames: _Queue, size: int | None = None) -> None:
         if item.first:
             self._lock.acquire()
             self._relaying = True
-        frames.put_frame(item.frame)
+        frames.put_frame(item.frame, size)
         if item.last:
             self._relaying = False
             self._lock.release()
@@ -184,8 +184,10 @@ class _Queue:
         if n_bytes or messages:
             self._backlog.add(n_bytes, messages)
 
-    def put_frame(self, frame) -> None:
-        self.put(frame, _frame_cost(frame))
+    def put_frame(self, frame, size: int | None = None) -> None:
+        """Queue `frame`, counting its encoded `size` (serde.frame_bytes; measured here when not given:
+        measuring re-encodes the frame, so callers that already did pass it on)."""
+        self.put(frame, _frame_cost(frame, size))
 
     def get(self):
         item, n_bytes, messages = self._q.get()
@@ -194,8 +196,8 @@ class _Queue:
         return item
 
 
-def _frame_cost(frame) -> int:
-    return serde.frame_bytes(frame) + FRAME_OVERHEAD_BYTES
+def _frame_cost(frame, size: int | None = None) -> int:
+    return (serde.frame_bytes(frame) if size is None else size) + FRAME_OVERHEAD_BYTES
 
 
 class _Abort(Exception):
@@ -330,11 +332,12 @@ class _Relay:
         try:
             for frame in frames:
                 msg = assembler.feed(frame)
-                self._count_in(frame)
-                held += _frame_cost(frame)
+                size = serde.frame_bytes(frame)  # once a frame: it re-encodes the frame
+                self._count_in(size)
+                held += _frame_cost(frame, size)
                 if isinstance(msg, serde.Opaque):
                     held = 0  # the frame counts on the next hop's queue instead
-                    refused = self._relay_push(msg)
+                    refused = self._relay_push(msg, size)
                     if refused is not None:
                         self.work_q.put(("abort", refused))
                         return
@@ -391,12 +394,13 @@ class _Relay:
         try:
             for frame in responses:
                 msg = assembler.feed(frame)
-                held += _frame_cost(frame)
+                size = serde.frame_bytes(frame)
+                held += _frame_cost(frame, size)
                 if msg is None:
                     continue
                 cost, held = held, 0  # what a message for the worker holds (frames up count on their queue)
                 if isinstance(msg, serde.Opaque):
-                    self._relay_up(msg)
+                    self._relay_up(msg, size)
                     if msg.last:
                         relayed += 1
                     # every later node's Gradients have gone up (each after its own backwards, so after
@@ -503,9 +507,7 @@ class _Relay:
         self._down_q = _Queue(self.backlog)
         self._call = node_client.open_session(self._channel, self._frames_down(), self.deadline_s)
         threading.Thread(target=self.read_downstream, args=(self._call,), daemon=True, name="edgetune-session-next").start()
-        self._down(wire.Open(msg.session_id, msg.model, msg.fingerprint, msg.route[1:], msg.codec, msg.methods_json,
-                             msg.adapter_codec, msg.owner, msg.micro_batch_size, msg.seq_len, msg.micro_batches,
-                             msg.constants_digest))
+        self._down(replace(msg, route=msg.route[1:]))  # the owner as this node set it
 
     # -- plumbing -----------------------------------------------------------------------
     def _me(self) -> wire.Hop:
@@ -516,15 +518,17 @@ class _Relay:
         adapter_codec = None if self.adapter_codec == "raw" else self.adapter_codec
         with self._up_gate:
             for frame in serde.up_frames(msg, codec=self.codec, adapter_codec=adapter_codec):
-                self._count_out(frame)
-                self.out.put_frame(frame)
+                size = serde.frame_bytes(frame)
+                self._count_out(size)
+                self.out.put_frame(frame, size)
 
-    def _relay_up(self, item: serde.Opaque) -> None:
+    def _relay_up(self, item: serde.Opaque, size: int | None = None) -> None:
         """One frame of a later node's Gradients, up as it came."""
-        self._count_out(item.frame)
-        self._up_gate.relay(item, self.out)
+        size = serde.frame_bytes(item.frame) if size is None else size
+        self._count_out(size)
+        self._up_gate.relay(item, self.out, size)
 
-    def _relay_push(self, item: serde.Opaque) -> _Abort | None:
+    def _relay_push(self, item: serde.Opaque, size: int | None = None) -> _Abort | None:
         """(Reader thread) one frame of an AdapterPush for a later node, straight down as it came, one
         hop nearer its node (once the worker has handled Open and so connected the next node); an
         _Abort to end the session with when there is no next node."""
@@ -537,7 +541,7 @@ class _Relay:
                 where = "before the session's Open" if self.session is None else f"past node {self.shard.name}, the last of the route"
                 return _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"an adapter push addressed {item.header.hops_ahead} hop(s) {where}")
             item.frame.adapter.hops_ahead -= 1
-        self._down_gate.relay(item, self._down_q)
+        self._down_gate.relay(item, self._down_q, size)
         return None
 
     def _down(self, msg) -> None:
@@ -552,13 +556,13 @@ class _Relay:
                 return
             yield frame
 
-    def _count_in(self, frame) -> None:
+    def _count_in(self, size: int) -> None:
         if self.session is not None:
-            self.session.timing.bytes_in += serde.frame_bytes(frame)
+            self.session.timing.bytes_in += size
 
-    def _count_out(self, frame) -> None:
+    def _count_out(self, size: int) -> None:
         if self.session is not None:
-            self.session.timing.bytes_out += serde.frame_bytes(frame)
+            self.session.timing.bytes_out += size
 
     def end(self, abort: _Abort) -> None:
         """End the session from outside the worker (the caller was revoked, the session overloaded): the

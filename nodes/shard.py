@@ -26,6 +26,7 @@ from edgetune.runtime.compute.quantize import check_methods, plain_weight, tenso
 from edgetune.runtime.errors import ConfigError, SessionError
 from edgetune.runtime.model.transformer import CausalLM
 from edgetune.runtime.peft.adapter import block_adapters, constants_digest, methods_from_json, split_block_key
+from edgetune.runtime.peft.sparse import INDICES, SCORES
 from edgetune.runtime.peft.stats import STAT_PREFIX, Recorder, recording
 from edgetune.runtime.wire import messages as wire
 from edgetune.runtime.wire.serde import roundtrip as wire_roundtrip
@@ -379,7 +380,6 @@ class ShardSession:
                 h_out = self._run_blocks(h_in, ctx, key)
             if not msg.recompute:  # a replayed micro-batch replaces what its first forward recorded
                 self.stats[(msg.step, msg.micro)] = seen
-            if not msg.recompute:
                 self._remember(msg.step, msg.micro, _Saved(h_in, h_out))
         else:
             with torch.no_grad():
@@ -469,8 +469,8 @@ class ShardSession:
                                    "the calibration sequences' forwards and backwards before EndStep",
                                    code="FAILED_PRECONDITION")
             indices, chosen = method.choose(scores)
-            out[f"{k}.{layer}.{module}.sparse_indices"] = indices.cpu()
-            out[f"{k}.{layer}.{module}.sparse_scores"] = chosen.float().cpu()
+            out[f"{k}.{layer}.{module}{INDICES}"] = indices.cpu()
+            out[f"{k}.{layer}.{module}{SCORES}"] = chosen.float().cpu()
         self.fisher = {}
         return out
 

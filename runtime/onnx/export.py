@@ -152,11 +152,10 @@ def merge_or_extract(adapter, model):
     if any(isinstance(m, PromptTuningConfig) for m in adapter.methods):
         extras.prefix = _prompt_keys_values(adapter, model)  # before merging: the whole adapter acts
     with torch.no_grad():
-        for method, blocks, edge, shared in zip(adapter.methods, adapter.block_tensors, adapter.edge_tensors,
-                                                adapter.constants):
+        for k, (method, blocks, edge) in enumerate(zip(adapter.methods, adapter.block_tensors, adapter.edge_tensors)):
             if method.mergeable:
-                for layer, t in blocks.items():
-                    method.merge({**shared, **t}, model.block(layer))  # the method's constants join, as in a forward
+                for layer, t in adapter.merge_views(k).items():
+                    method.merge(t, model.block(layer))
                 method.merge_edge(edge, model)
             elif isinstance(method, (SerialAdapterConfig, ParallelAdapterConfig)):
                 kind = "serial" if isinstance(method, SerialAdapterConfig) else "parallel"

@@ -355,6 +355,11 @@ class Adapter:
             weight = m.edge_norm_weight(e, weight)
         return weight
 
+    def merge_views(self, k: int) -> dict[int, Tensors]:
+        """Method k's tensors of each block joined by its constants, as a forward sees them
+        (block_adapters): what Method.merge / unmerge take."""
+        return {layer: {**self.constants[k], **t} for layer, t in self.block_tensors[k].items()}
+
     # -- the edge's side of a training step ---------------------------------------
     def regularizer(self) -> torch.Tensor | None:
         """The sum of the methods' regularizers (Method.regularizer), or None when none has one."""
@@ -373,8 +378,8 @@ class Adapter:
         return {f"m{k}.{name}": t.detach().clone() for k, st in enumerate(self.state) for name, t in st.items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        own = self.state_tensors()
-        if set(own) != set(tensors):
+        own = {f"m{k}.{name}" for k, st in enumerate(self.state) for name in st}
+        if own != set(tensors):
             raise AdapterError(f"method state does not match: expected {sorted(own)[:5]}, got {sorted(tensors)[:5]}")
         for k, st in enumerate(self.state):
             for name in st:
@@ -393,9 +398,8 @@ class Adapter:
         if self.merged:
             raise AdapterError("adapter is already merged")
         self._undo = []
-        for method, blocks, edge, shared in zip(self.methods, self.block_tensors, self.edge_tensors, self.constants):
-            # a block's tensors joined by the method's constants, as in a forward (block_adapters)
-            undo = {layer: method.merge({**shared, **t}, model.block(layer)) for layer, t in blocks.items()}
+        for k, (method, edge) in enumerate(zip(self.methods, self.edge_tensors)):
+            undo = {layer: method.merge(t, model.block(layer)) for layer, t in self.merge_views(k).items()}
             undo["edge"] = method.merge_edge(edge, model) if model.has_edge else {}
             self._undo.append(undo)
         self.merged = True
@@ -405,10 +409,10 @@ class Adapter:
         """Restore the base weights merge_into() changed."""
         if not self.merged:
             raise AdapterError("adapter is not merged")
-        stack = list(zip(self.methods, self.block_tensors, self.edge_tensors, self.constants, self._undo))
-        for method, blocks, edge, shared, undo in reversed(stack):
-            for layer, t in blocks.items():
-                method.unmerge({**shared, **t}, model.block(layer), undo[layer])
+        stack = list(enumerate(zip(self.methods, self.edge_tensors, self._undo)))
+        for k, (method, edge, undo) in reversed(stack):
+            for layer, t in self.merge_views(k).items():
+                method.unmerge(t, model.block(layer), undo[layer])
             if model.has_edge:
                 method.unmerge_edge(edge, model, undo["edge"])
         self.merged = False

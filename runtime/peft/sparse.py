@@ -51,6 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MASKS = ("fisher", "magnitude", "random")
 INDICES, VALUES, PROBE = ".sparse_indices", ".sparse_values", ".fisher_probe"
+SCORES = ".sparse_scores"  # what a calibrating node sends back beside the indices it keeps
 
 
 # =============================================================== mask selection (pure)

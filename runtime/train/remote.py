@@ -38,6 +38,7 @@ import torch
 
 from edgetune.runtime.errors import ConfigError, EdgetuneError
 from edgetune.runtime.peft.adapter import constants_digest
+from edgetune.runtime.peft.stats import STAT_PREFIX, Recorder
 from edgetune.runtime.security.access import Trust
 from edgetune.runtime.train.loss import head_loss_sum
 from edgetune.runtime.train.options import TrainConfig
@@ -71,8 +72,6 @@ class _StageGradients:
     """The adapter gradients of one step as the stages' Gradients arrive (one per node and EndStep)."""
 
     def __init__(self, views: dict[str, torch.Tensor], hops: list[wire.Hop], step: int, version: int) -> None:
-        from edgetune.runtime.peft.stats import Recorder
-
         self.views = views
         self.recorded = Recorder()  # what the nodes' methods recorded in the step's forwards (gates)
         self.hops = hops
@@ -87,8 +86,6 @@ class _StageGradients:
         if msg.step != self.step or msg.version != self.version or len(msg.timings) != 1:
             raise RouteFailure(f"gradients of step {msg.step} version {msg.version} from {len(msg.timings)} node(s), "
                                f"expected one node's of step {self.step} version {self.version}", [])
-        from edgetune.runtime.peft.stats import STAT_PREFIX
-
         timing = msg.timings[0]
         stats = {k: msg.tensors.pop(k) for k in [k for k in msg.tensors if k.startswith(STAT_PREFIX)]}
         self.recorded.add_tensors({k[len(STAT_PREFIX):]: t for k, t in stats.items()})
@@ -459,24 +456,37 @@ class RemoteEngine:
 
     # -- replay loop --------------------------------------------------------------------
     def _with_replays(self, attempt: Callable[[], Any]) -> Any:
+        """A step or evaluation on the session's stream, replayed on a new route when a node fails."""
+        def on_stream():
+            if self.stream is None:
+                self.stream = self._open()
+            started = time.monotonic()
+            result = attempt()
+            self._longest_s = max(self._longest_s, time.monotonic() - started)
+            self.stream.reply_timeout_s = self._silence_s()
+            return result
+
+        def drop_attempt():
+            for p in self.adapter.parameters():  # drop this attempt's partial gradients
+                p.grad = None
+            self._close_stream()
+
+        return self._replayed(on_stream, drop_attempt, "")
+
+    def _replayed(self, attempt: Callable[[], Any], after_failure: Callable[[], None], what: str) -> Any:
+        """attempt() until it succeeds: after each RouteFailure, after_failure() and a new route from the
+        coordinator, at most max_step_retries times."""
         failures = 0
         while True:
             try:
-                if self.stream is None:
-                    self.stream = self._open()
-                started = time.monotonic()
-                result = attempt()
-                self._longest_s = max(self._longest_s, time.monotonic() - started)
-                self.stream.reply_timeout_s = self._silence_s()
-                return result
+                return attempt()
             except RouteFailure as e:
                 failures += 1
-                for p in self.adapter.parameters():  # drop this attempt's partial gradients
-                    p.grad = None
-                self._close_stream()
+                after_failure()
                 if failures > self.cfg.max_step_retries:
-                    raise EdgetuneError(f"gave up after {failures} failed attempts: {e}") from None
-                log.warning("%s; replaying on a new route (attempt %d of %d)", e, failures + 1, self.cfg.max_step_retries + 1)
+                    raise EdgetuneError(f"{what}gave up after {failures} failed attempts: {e}") from None
+                log.warning("%s; %sreplaying on a new route (attempt %d of %d)", e, what, failures + 1,
+                            self.cfg.max_step_retries + 1)
                 self.trainer.new_route(e.failed)
 
     def _silence_s(self) -> float:
@@ -516,19 +526,8 @@ class RemoteEngine:
         goes forward and backward on its own, every node squares and sums its weights' gradients, and
         EndStep brings back only the kept entries: '{k}.{layer}.{module}.sparse_indices' / '.sparse_scores'
         with k = 0. Replayed on a new route when a node fails, like a step."""
-        return self._with_calibration_replays(lambda route: self._calibrate_on(route, probe, sequences))
-
-    def _with_calibration_replays(self, attempt: Callable) -> Any:
-        failures = 0
-        while True:
-            try:
-                return attempt(self.trainer.route)
-            except RouteFailure as e:
-                failures += 1
-                if failures > self.cfg.max_step_retries:
-                    raise EdgetuneError(f"calibration gave up after {failures} failed attempts: {e}") from None
-                log.warning("%s; calibrating again on a new route", e)
-                self.trainer.new_route(e.failed)
+        return self._replayed(lambda: self._calibrate_on(self.trainer.route, probe, sequences), lambda: None,
+                              "calibration ")
 
     def _calibrate_on(self, route: wire.Route, probe, sequences) -> dict[str, torch.Tensor]:
         from edgetune.runtime.peft.adapter import methods_to_json

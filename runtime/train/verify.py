@@ -188,12 +188,12 @@ class Verifier:
         worst = 0.0
         liars: list[str] = []
         for stage, hop in enumerate(self.route.hops):
+            tol = self._tolerance(stage)
             for micro in sorted(self._checks):
                 echo = self._echoes.get((stage, micro))
                 if echo is None:
                     raise RouteFailure(f"node {hop.name} sent no output of verified micro-batch {micro}", [hop.address])
                 err = relative_error(echo, results[(stage, micro)])
-                tol = self._tolerance(stage)
                 worst = max(worst, err / tol)
                 if err > tol:
                     self._report(step, micro, stage, err, tol)
