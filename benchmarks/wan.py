@@ -383,11 +383,16 @@ def measure(host: str, port: int, seconds: float = 2.0, pings: int = 20, dev: st
     return statistics.median(rtts), 8 * received / elapsed
 
 
+def rtt_tolerance_s(rtt_s: float) -> float:
+    """How far a measured round trip may be from the setting: 1 ms or 5% of it, whichever is larger
+    (a shared 2-core machine under load jitters the base RTT that much)."""
+    return max(0.001, 0.05 * rtt_s)
+
+
 def self_check(lab: Lab, hop: Hop, seconds: float = 2.0, port: int = 17001) -> tuple[float, float, float]:
     """(RTT s, throughput bits/s, proxy p99 lateness s) of `hop` through a delay proxy, measured from its
-    client namespace; raises when the RTT is off by more than RTT_TOLERANCE (1 ms or 5% of the setting,
-    whichever is larger: a shared 2-core machine under load jitters the base RTT that much) or the
-    throughput under 95%.
+    client namespace; raises when the RTT is off by more than rtt_tolerance_s or the throughput is
+    under 95%.
 
     First it measures the hop's round trip with a proxy that adds nothing (lab.base_rtt_s), so the
     proxies then add what makes the whole round trip the setting."""
@@ -396,7 +401,7 @@ def self_check(lab: Lab, hop: Hop, seconds: float = 2.0, port: int = 17001) -> t
     lab.base_rtt_s = base
     rtt, rate, lateness = _measure_hop(lab, hop, lab.proxy_delay_s, port, seconds)
     problems = []
-    if abs(rtt - lab.rtt_s) > max(0.001, 0.05 * lab.rtt_s):
+    if abs(rtt - lab.rtt_s) > rtt_tolerance_s(lab.rtt_s):
         problems.append(f"RTT {rtt * 1e3:.2f} ms, set {lab.rtt_s * 1e3:.2f} ms")
     if rate < 0.95 * lab.rate_bits:
         problems.append(f"throughput {rate / 1e6:.2f} Mbit/s < 95% of {lab.rate_bits / 1e6:.2f}")

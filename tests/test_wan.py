@@ -83,7 +83,8 @@ def test_links_name_their_namespaces_within_15_characters():
 def test_the_self_check_measures_the_configured_link(no_leftovers):
     with wan.Lab(nodes=1, rate_bits=20e6, rtt_s=0.03) as lab:
         rtt, rate, late = wan.self_check(lab, lab.hops[0], seconds=2.0)
-        assert abs(rtt - 0.03) <= 0.001 and rate >= 0.95 * 20e6 and late <= 0.002
+        # the harness's own tolerance (1.5 ms at 30 ms): a fresh-clone CI run measured 31.03 ms once
+        assert abs(rtt - 0.03) <= wan.rtt_tolerance_s(0.03) and rate >= 0.95 * 20e6 and late <= 0.002
 
 
 @needs_netns
