@@ -354,7 +354,8 @@ class RayProcess:
             raise RayStartError(f"{self.label}: launch() first")
         ready = self.temp_dir / READY_FILE
         try:
-            while not ready.exists():
+            # Ray creates the file, then writes the address into it: wait for the address, not the file
+            while not (ready.exists() and ready.read_text().strip()):
                 code = _exit_code(self._popen.pid)
                 if code is not None and code < 0 and crash_retries > 0:
                     logger.warning("%s: ray start died of signal %d while starting; starting it again",
